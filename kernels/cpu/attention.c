@@ -1,0 +1,149 @@
+/*
+ * attention.c - dense causal attention of one sequence on the CPU.
+ *
+ * Work is split into (kv head, block of query rows) tasks; the query heads of
+ * one group share the task so each K/V row is loaded once per group. Each
+ * query row keeps a running max, denominator and output accumulator while it
+ * walks the keys in chunks (online softmax), so memory use is independent of
+ * the context length.
+ */
+#include "kernels/kernels.h"
+
+#include <math.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define KEY_CHUNK 128
+#define MAX_HEAD_DIM KERN_ATTN_MAX_HEAD_DIM
+#define MAX_GROUP KERN_ATTN_MAX_GROUP
+#define PARALLEL_MIN_WORK (1 << 16)
+
+typedef struct {
+    const kern_attn_args *a;
+    int rows_per_task;
+    int n_row_blocks;
+} attn_job;
+
+static void attend_row(const kern_attn_args *a, int kvh, int r)
+{
+    const int hd = a->head_dim;
+    const int group = a->n_heads / a->n_kv_heads;
+    const int pos = a->ctx_len - a->n_q + r; /* causal: keys 0..pos */
+    const float scale = 1.0f / sqrtf((float)hd);
+    float m[MAX_GROUP], l[MAX_GROUP];
+    float acc[MAX_GROUP][MAX_HEAD_DIM];
+    float s[MAX_GROUP][KEY_CHUNK];
+    const float *qrow = a->q + (size_t)r * a->n_heads * hd;
+    for (int g = 0; g < group; g++) {
+        m[g] = -INFINITY;
+        l[g] = 0.0f;
+        memset(acc[g], 0, sizeof(float) * (size_t)hd);
+    }
+    for (int j0 = 0; j0 <= pos; j0 += KEY_CHUNK) {
+        const int j1 = j0 + KEY_CHUNK <= pos + 1 ? j0 + KEY_CHUNK : pos + 1;
+        for (int g = 0; g < group; g++) {
+            const float *q = qrow + (size_t)(kvh * group + g) * hd;
+            float cmax = -INFINITY;
+            for (int j = j0; j < j1; j++) {
+                const float *k = a->k + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+                for (int i = 0; i < hd; i++)
+                    d += q[i] * k[i];
+                d *= scale;
+                s[g][j - j0] = d;
+                if (d > cmax)
+                    cmax = d;
+            }
+            const float m_new = cmax > m[g] ? cmax : m[g];
+            const float corr = expf(m[g] - m_new); /* 0 on the first chunk */
+            l[g] *= corr;
+            for (int i = 0; i < hd; i++)
+                acc[g][i] *= corr;
+            for (int j = j0; j < j1; j++) {
+                const float p = expf(s[g][j - j0] - m_new);
+                const float *v = a->v + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                l[g] += p;
+#pragma omp simd
+                for (int i = 0; i < hd; i++)
+                    acc[g][i] += p * v[i];
+            }
+            m[g] = m_new;
+        }
+    }
+    float *orow = a->out + (size_t)r * a->n_heads * hd;
+    for (int g = 0; g < group; g++) {
+        float *o = orow + (size_t)(kvh * group + g) * hd;
+        const float inv = 1.0f / l[g];
+        for (int i = 0; i < hd; i++)
+            o[i] = acc[g][i] * inv;
+    }
+}
+
+static void attn_task(void *ctx, int t, int n_tasks)
+{
+    const attn_job *j = ctx;
+    const int kvh = t / j->n_row_blocks;
+    const int r0 = (t % j->n_row_blocks) * j->rows_per_task;
+    int r1 = r0 + j->rows_per_task;
+    if (r1 > j->a->n_q)
+        r1 = j->a->n_q;
+    for (int r = r0; r < r1; r++)
+        attend_row(j->a, kvh, r);
+}
+
+void kern_attention_f32(kern_pool *pool, const kern_attn_args *a)
+{
+    if (a->n_q <= 0)
+        return;
+    attn_job j = {a, a->n_q, 1};
+    const long work = (long)a->n_q * a->ctx_len * a->n_heads * a->head_dim;
+    const int threads = kern_pool_size(pool);
+    if (threads > 1 && work >= PARALLEL_MIN_WORK) {
+        /* Enough tasks for balance: later rows see more keys than earlier. */
+        int want = threads * 8 / a->n_kv_heads + 1;
+        if (want > a->n_q)
+            want = a->n_q;
+        j.rows_per_task = (a->n_q + want - 1) / want;
+        j.n_row_blocks = (a->n_q + j.rows_per_task - 1) / j.rows_per_task;
+    }
+    kern_pool_run(pool, attn_task, &j, a->n_kv_heads * j.n_row_blocks);
+}
+
+void kern_attention_ref(const kern_attn_args *a)
+{
+    const int hd = a->head_dim;
+    const int group = a->n_heads / a->n_kv_heads;
+    double *sc = malloc(sizeof(double) * (size_t)(a->ctx_len > 0 ? a->ctx_len : 1));
+    if (!sc)
+        return;
+    for (int r = 0; r < a->n_q; r++) {
+        const int pos = a->ctx_len - a->n_q + r;
+        for (int h = 0; h < a->n_heads; h++) {
+            const int kvh = h / group;
+            const float *q = a->q + ((size_t)r * a->n_heads + h) * hd;
+            double mx = -INFINITY, sum = 0.0;
+            for (int j = 0; j <= pos; j++) {
+                const float *k = a->k + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                double d = 0.0;
+                for (int i = 0; i < hd; i++)
+                    d += (double)q[i] * k[i];
+                sc[j] = d / sqrt((double)hd);
+                if (sc[j] > mx)
+                    mx = sc[j];
+            }
+            for (int j = 0; j <= pos; j++) {
+                sc[j] = exp(sc[j] - mx);
+                sum += sc[j];
+            }
+            float *o = a->out + ((size_t)r * a->n_heads + h) * hd;
+            for (int i = 0; i < hd; i++) {
+                double acc = 0.0;
+                for (int j = 0; j <= pos; j++)
+                    acc += sc[j] * a->v[(size_t)j * a->kv_stride + (size_t)kvh * hd + i];
+                o[i] = (float)(acc / sum);
+            }
+        }
+    }
+    free(sc);
+}

@@ -1,0 +1,129 @@
+/*
+ * forward.c - one forward step of a Llama-family model over a flat batch.
+ *
+ * The tokens of every sequence in the batch are stacked into one [T, dim]
+ * residual stream, so projections and the FFN are single matrix products over
+ * all of them (GEMM for T > 1); attention runs per sequence over its own KV
+ * cache. All buffers come from the model's scratch, allocated at load.
+ */
+#include "runtime/model_internal.h"
+
+#include <stdio.h>
+#include <string.h>
+
+static int check_batch(const rt_model *m, const rt_seq_batch *seqs, int n_seqs, char *err,
+                       size_t errlen)
+{
+    long total = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        const rt_seq_batch *b = &seqs[i];
+        if (!b->kv || b->n_tokens <= 0 || !b->tokens) {
+            snprintf(err, errlen, "forward: sequence %d has no tokens", i);
+            return -1;
+        }
+        if (b->kv->len + b->n_tokens > b->kv->capacity) {
+            snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %d", i,
+                     b->kv->len + b->n_tokens, b->kv->capacity);
+            return -1;
+        }
+        for (int t = 0; t < b->n_tokens; t++)
+            if (b->tokens[t] < 0 || b->tokens[t] >= m->hp.n_vocab) {
+                snprintf(err, errlen, "forward: token id %d is outside the vocabulary [0, %d)",
+                         b->tokens[t], m->hp.n_vocab);
+                return -1;
+            }
+        total += b->n_tokens;
+    }
+    if (total > m->max_batch_tokens) {
+        snprintf(err, errlen, "forward: %ld tokens exceed the step limit of %d", total,
+                 m->max_batch_tokens);
+        return -1;
+    }
+    return 0;
+}
+
+int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen)
+{
+    if (n_seqs <= 0)
+        return 0;
+    if (check_batch(m, seqs, n_seqs, err, errlen) != 0)
+        return -1;
+    const rt_hparams *hp = &m->hp;
+    rt_scratch *s = &m->s;
+    const int dim = hp->dim, hd = hp->head_dim;
+    const int qd = hp->n_heads * hd, kvd = hp->n_kv_heads * hd, ffn = hp->ffn_dim;
+
+    /* Embeddings and positions, sequence after sequence. */
+    int T = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        for (int t = 0; t < seqs[i].n_tokens; t++, T++) {
+            memcpy(s->x + (size_t)T * dim, m->tok_embd + (size_t)seqs[i].tokens[t] * dim,
+                   sizeof(float) * (size_t)dim);
+            s->pos[T] = seqs[i].kv->len + t;
+        }
+    }
+
+    for (int l = 0; l < hp->n_layers; l++) {
+        const rt_layer *L = &m->layers[l];
+        kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
+        kern_matmul_f32(m->pool, s->q, qd, s->xb, dim, L->wq, T, qd, dim);
+        kern_matmul_f32(m->pool, s->k, kvd, s->xb, dim, L->wk, T, kvd, dim);
+        kern_matmul_f32(m->pool, s->v, kvd, s->xb, dim, L->wv, T, kvd, dim);
+        kern_rope_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
+        kern_rope_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
+
+        int row = 0;
+        for (int i = 0; i < n_seqs; i++) {
+            rt_kv *kv = seqs[i].kv;
+            const int n = seqs[i].n_tokens;
+            const size_t layer_off = (size_t)l * (size_t)kv->capacity * (size_t)kvd;
+            float *kc = kv->k + layer_off, *vc = kv->v + layer_off;
+            memcpy(kc + (size_t)kv->len * kvd, s->k + (size_t)row * kvd,
+                   sizeof(float) * (size_t)n * (size_t)kvd);
+            memcpy(vc + (size_t)kv->len * kvd, s->v + (size_t)row * kvd,
+                   sizeof(float) * (size_t)n * (size_t)kvd);
+            kern_attn_args a = {
+                .q = s->q + (size_t)row * qd,
+                .k = kc,
+                .v = vc,
+                .out = s->att + (size_t)row * qd,
+                .n_q = n,
+                .ctx_len = kv->len + n,
+                .n_heads = hp->n_heads,
+                .n_kv_heads = hp->n_kv_heads,
+                .head_dim = hd,
+                .kv_stride = kvd,
+            };
+            kern_attention_f32(m->pool, &a);
+            row += n;
+        }
+        kern_matmul_f32(m->pool, s->proj, dim, s->att, qd, L->wo, T, dim, qd);
+        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+
+        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, T, dim, hp->norm_eps);
+        kern_matmul_f32(m->pool, s->gate, ffn, s->xb, dim, L->w_gate, T, ffn, dim);
+        kern_matmul_f32(m->pool, s->up, ffn, s->xb, dim, L->w_up, T, ffn, dim);
+        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)T * ffn);
+        kern_matmul_f32(m->pool, s->proj, dim, s->gate, ffn, L->w_down, T, dim, ffn);
+        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+    }
+
+    /* Logits only for the last token of the sequences that ask for them. */
+    int n_out = 0, row = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        row += seqs[i].n_tokens;
+        if (seqs[i].logits)
+            kern_rmsnorm_f32(s->last + (size_t)n_out++ * dim, s->x + (size_t)(row - 1) * dim,
+                             m->output_norm, 1, dim, hp->norm_eps);
+    }
+    kern_matmul_f32(m->pool, s->logits, hp->n_vocab, s->last, dim, m->output, n_out, hp->n_vocab,
+                    dim);
+    n_out = 0;
+    for (int i = 0; i < n_seqs; i++) {
+        seqs[i].kv->len += seqs[i].n_tokens;
+        if (seqs[i].logits)
+            memcpy(seqs[i].logits, s->logits + (size_t)n_out++ * hp->n_vocab,
+                   sizeof(float) * (size_t)hp->n_vocab);
+    }
+    return 0;
+}

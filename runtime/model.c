@@ -1,0 +1,342 @@
+/*
+ * model.c - loads a Llama-family model from GGUF: hyperparameters, tensors
+ * (checked for presence, shape and type), the tokenizer, the thread pool and
+ * the scratch of one forward step; and the per-sequence KV cache.
+ *
+ * F32 tensors are used in place from the mapping; F16 and BF16 ones are
+ * widened to f32 once at load. Any other tensor type is refused by name until
+ * the quantized kernels exist.
+ */
+#include "runtime/model_internal.h"
+
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+
+#define ERR(...) (snprintf(err, errlen, __VA_ARGS__), -1)
+
+static int get_hparam_u(const rt_gguf *g, const char *arch, const char *suffix, bool required,
+                        uint64_t dflt, uint64_t max, int *out, char *err, size_t errlen)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    uint64_t v;
+    int rc = rt_gguf_get_uint(g, key, &v);
+    if (rc == -1) {
+        if (required)
+            return ERR("model: missing hyperparameter '%s'", key);
+        v = dflt;
+    } else if (rc != 0) {
+        return ERR("model: hyperparameter '%s' has the wrong type (expected an integer)", key);
+    }
+    if (v == 0 || v > max)
+        return ERR("model: hyperparameter '%s' = %llu is out of range [1, %llu]", key,
+                   (unsigned long long)v, (unsigned long long)max);
+    *out = (int)v;
+    return 0;
+}
+
+static int get_hparam_f(const rt_gguf *g, const char *arch, const char *suffix, bool required,
+                        double dflt, double lo, double hi, float *out, char *err, size_t errlen)
+{
+    char key[128];
+    snprintf(key, sizeof(key), "%s.%s", arch, suffix);
+    double v;
+    int rc = rt_gguf_get_float(g, key, &v);
+    if (rc == -1) {
+        if (required)
+            return ERR("model: missing hyperparameter '%s'", key);
+        v = dflt;
+    } else if (rc != 0) {
+        return ERR("model: hyperparameter '%s' has the wrong type (expected a float)", key);
+    }
+    if (!(v >= lo && v <= hi))
+        return ERR("model: hyperparameter '%s' = %g is out of range [%g, %g]", key, v, lo, hi);
+    *out = (float)v;
+    return 0;
+}
+
+static int read_hparams(rt_model *m, char *err, size_t errlen)
+{
+    const rt_gguf *g = m->gguf;
+    rt_hparams *hp = &m->hp;
+    rt_gguf_str arch;
+    if (rt_gguf_get_str(g, "general.architecture", &arch) != 0)
+        return ERR("model: missing 'general.architecture'");
+    if (arch.len >= sizeof(hp->arch))
+        return ERR("model: unsupported architecture (name of %llu bytes)",
+                   (unsigned long long)arch.len);
+    memcpy(hp->arch, arch.ptr, arch.len);
+    hp->arch[arch.len] = 0;
+    if (strcmp(hp->arch, "llama") != 0)
+        return ERR("model: unsupported architecture '%s' (supported: llama)", hp->arch);
+    rt_gguf_str name;
+    if (rt_gguf_get_str(g, "general.name", &name) == 0 && name.len < sizeof(hp->name)) {
+        memcpy(hp->name, name.ptr, name.len);
+        hp->name[name.len] = 0;
+    }
+    const char *a = hp->arch;
+    if (get_hparam_u(g, a, "embedding_length", true, 0, 1 << 16, &hp->dim, err, errlen) ||
+        get_hparam_u(g, a, "block_count", true, 0, 1024, &hp->n_layers, err, errlen) ||
+        get_hparam_u(g, a, "feed_forward_length", true, 0, 1 << 20, &hp->ffn_dim, err, errlen) ||
+        get_hparam_u(g, a, "attention.head_count", true, 0, 1024, &hp->n_heads, err, errlen) ||
+        get_hparam_u(g, a, "context_length", true, 0, 1 << 24, &hp->n_ctx_train, err, errlen))
+        return -1;
+    if (get_hparam_u(g, a, "attention.head_count_kv", false, (uint64_t)hp->n_heads, 1024,
+                     &hp->n_kv_heads, err, errlen))
+        return -1;
+    if (hp->dim % hp->n_heads != 0)
+        return ERR("model: embedding_length %d is not a multiple of head_count %d", hp->dim,
+                   hp->n_heads);
+    hp->head_dim = hp->dim / hp->n_heads;
+    if (hp->n_heads % hp->n_kv_heads != 0)
+        return ERR("model: head_count %d is not a multiple of head_count_kv %d", hp->n_heads,
+                   hp->n_kv_heads);
+    if (hp->head_dim > KERN_ATTN_MAX_HEAD_DIM || hp->n_heads / hp->n_kv_heads > KERN_ATTN_MAX_GROUP)
+        return ERR("model: head size %d or query group %d is larger than supported (%d, %d)",
+                   hp->head_dim, hp->n_heads / hp->n_kv_heads, KERN_ATTN_MAX_HEAD_DIM,
+                   KERN_ATTN_MAX_GROUP);
+    if (get_hparam_u(g, a, "rope.dimension_count", false, (uint64_t)hp->head_dim,
+                     (uint64_t)hp->head_dim, &hp->rope_dim, err, errlen))
+        return -1;
+    if (hp->rope_dim % 2 != 0)
+        return ERR("model: rope.dimension_count %d is odd", hp->rope_dim);
+    if (get_hparam_f(g, a, "rope.freq_base", false, 10000.0, 1.0, 1e12, &hp->rope_base, err,
+                     errlen) ||
+        get_hparam_f(g, a, "attention.layer_norm_rms_epsilon", true, 0, 0.0, 1.0, &hp->norm_eps,
+                     err, errlen))
+        return -1;
+    return 0;
+}
+
+/* Finds a tensor, checks its shape (innermost first) and returns its data as
+ * f32, widening F16/BF16 into an owned copy. */
+static int get_tensor(rt_model *m, const char *name, uint64_t ne0, uint64_t ne1, bool optional,
+                      const float **out, char *err, size_t errlen)
+{
+    const rt_gguf_tensor *t = rt_gguf_find_tensor(m->gguf, name);
+    *out = NULL;
+    if (!t) {
+        if (optional)
+            return 0;
+        return ERR("model: missing tensor '%s'", name);
+    }
+    const uint32_t want_dims = ne1 > 1 ? 2 : 1;
+    bool ok = t->ne[0] == ne0 && t->ne[1] == ne1 && t->ne[2] == 1 && t->ne[3] == 1;
+    if (!ok || (t->n_dims != want_dims && !(t->n_dims == 2 && ne1 == 1)))
+        return ERR("model: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu, %llu]",
+                   name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                   (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],
+                   (unsigned long long)ne0, (unsigned long long)ne1);
+    const size_t n = (size_t)(ne0 * ne1);
+    if (t->type == RT_GGML_F32) {
+        *out = t->data;
+        return 0;
+    }
+    if (t->type != RT_GGML_F16 && t->type != RT_GGML_BF16)
+        return ERR("model: tensor '%s' has type %s, which this build cannot run yet "
+                   "(supported: F32, F16, BF16)",
+                   name, rt_ggml_type_name(t->type));
+    float *buf = malloc(n * sizeof(float));
+    float **owned = realloc(m->owned, sizeof(float *) * (size_t)(m->n_owned + 1));
+    if (!buf || !owned) {
+        free(buf);
+        if (owned)
+            m->owned = owned;
+        return ERR("model: out of memory widening tensor '%s'", name);
+    }
+    m->owned = owned;
+    m->owned[m->n_owned++] = buf;
+    /* The data may be only 2-byte aligned; read it through memcpy-safe rows. */
+    uint16_t tmp[256];
+    const uint8_t *src = t->data;
+    for (size_t i = 0; i < n; i += 256) {
+        const size_t c = n - i < 256 ? n - i : 256;
+        memcpy(tmp, src + i * 2, c * 2);
+        if (t->type == RT_GGML_F16)
+            kern_f16_to_f32_row(buf + i, tmp, c);
+        else
+            kern_bf16_to_f32_row(buf + i, tmp, c);
+    }
+    *out = buf;
+    return 0;
+}
+
+static int load_tensors(rt_model *m, char *err, size_t errlen)
+{
+    const rt_hparams *hp = &m->hp;
+    const uint64_t dim = (uint64_t)hp->dim, vocab = (uint64_t)hp->n_vocab;
+    const uint64_t qd = (uint64_t)hp->n_heads * (uint64_t)hp->head_dim;
+    const uint64_t kvd = (uint64_t)hp->n_kv_heads * (uint64_t)hp->head_dim;
+    const uint64_t ffn = (uint64_t)hp->ffn_dim;
+    if (get_tensor(m, "token_embd.weight", dim, vocab, false, &m->tok_embd, err, errlen) ||
+        get_tensor(m, "output_norm.weight", dim, 1, false, &m->output_norm, err, errlen) ||
+        get_tensor(m, "output.weight", dim, vocab, true, &m->output, err, errlen))
+        return -1;
+    if (!m->output) /* tied embeddings */
+        m->output = m->tok_embd;
+    m->layers = calloc((size_t)hp->n_layers, sizeof(rt_layer));
+    if (!m->layers)
+        return ERR("model: out of memory");
+    for (int l = 0; l < hp->n_layers; l++) {
+        rt_layer *L = &m->layers[l];
+        struct {
+            const char *suffix;
+            uint64_t ne0, ne1;
+            const float **dst;
+        } want[] = {
+            {"attn_norm", dim, 1, &L->attn_norm}, {"attn_q", dim, qd, &L->wq},
+            {"attn_k", dim, kvd, &L->wk},         {"attn_v", dim, kvd, &L->wv},
+            {"attn_output", qd, dim, &L->wo},     {"ffn_norm", dim, 1, &L->ffn_norm},
+            {"ffn_gate", dim, ffn, &L->w_gate},   {"ffn_up", dim, ffn, &L->w_up},
+            {"ffn_down", ffn, dim, &L->w_down},
+        };
+        for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
+            char name[96];
+            snprintf(name, sizeof(name), "blk.%d.%s.weight", l, want[i].suffix);
+            if (get_tensor(m, name, want[i].ne0, want[i].ne1, false, want[i].dst, err, errlen))
+                return -1;
+        }
+    }
+    return 0;
+}
+
+static int alloc_scratch(rt_model *m, char *err, size_t errlen)
+{
+    const rt_hparams *hp = &m->hp;
+    const size_t T = (size_t)m->max_batch_tokens;
+    const size_t qd = (size_t)hp->n_heads * (size_t)hp->head_dim;
+    const size_t kvd = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
+    rt_scratch *s = &m->s;
+    s->x = calloc(T * (size_t)hp->dim, sizeof(float));
+    s->xb = calloc(T * (size_t)hp->dim, sizeof(float));
+    s->q = calloc(T * qd, sizeof(float));
+    s->k = calloc(T * kvd, sizeof(float));
+    s->v = calloc(T * kvd, sizeof(float));
+    s->att = calloc(T * qd, sizeof(float));
+    s->proj = calloc(T * (size_t)hp->dim, sizeof(float));
+    s->gate = calloc(T * (size_t)hp->ffn_dim, sizeof(float));
+    s->up = calloc(T * (size_t)hp->ffn_dim, sizeof(float));
+    s->pos = calloc(T, sizeof(int32_t));
+    s->last = calloc(T * (size_t)hp->dim, sizeof(float));
+    s->logits = calloc(T * (size_t)hp->n_vocab, sizeof(float));
+    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->proj || !s->gate || !s->up ||
+        !s->pos || !s->last || !s->logits)
+        return ERR("model: out of memory for the scratch of %zu batch tokens", T);
+    return 0;
+}
+
+int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, char *err,
+                  size_t errlen)
+{
+    *out = NULL;
+    rt_model *m = calloc(1, sizeof(*m));
+    if (!m)
+        return ERR("model: out of memory");
+    char inner[512];
+    if (rt_gguf_open(&m->gguf, path, inner, sizeof(inner)) != 0) {
+        snprintf(err, errlen, "%s", inner);
+        rt_model_destroy(m);
+        return -1;
+    }
+    if (read_hparams(m, err, errlen) != 0)
+        goto fail;
+    if (rt_tokenizer_from_gguf(&m->tok, m->gguf, inner, sizeof(inner)) != 0) {
+        snprintf(err, errlen, "%s", inner);
+        goto fail;
+    }
+    m->hp.n_vocab = (int)rt_tokenizer_n_vocab(m->tok);
+    if (load_tensors(m, err, errlen) != 0)
+        goto fail;
+    m->n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx : m->hp.n_ctx_train;
+    m->max_batch_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 512;
+    const int threads = opts && opts->n_threads > 0 ? opts->n_threads : 1;
+    m->pool = kern_pool_create(threads);
+    if (!m->pool) {
+        snprintf(err, errlen, "model: cannot start %d compute threads", threads);
+        goto fail;
+    }
+    kern_set_blas_threads(threads);
+    if (alloc_scratch(m, err, errlen) != 0)
+        goto fail;
+    *out = m;
+    return 0;
+fail:
+    rt_model_destroy(m);
+    return -1;
+}
+
+void rt_model_destroy(rt_model *m)
+{
+    if (!m)
+        return;
+    kern_pool_destroy(m->pool);
+    rt_scratch *s = &m->s;
+    free(s->x);
+    free(s->xb);
+    free(s->q);
+    free(s->k);
+    free(s->v);
+    free(s->att);
+    free(s->proj);
+    free(s->gate);
+    free(s->up);
+    free(s->pos);
+    free(s->last);
+    free(s->logits);
+    for (int i = 0; i < m->n_owned; i++)
+        free(m->owned[i]);
+    free(m->owned);
+    free(m->layers);
+    rt_tokenizer_destroy(m->tok);
+    rt_gguf_close(m->gguf);
+    free(m);
+}
+
+const rt_hparams *rt_model_hparams(const rt_model *m) { return &m->hp; }
+const rt_tokenizer *rt_model_tokenizer(const rt_model *m) { return m->tok; }
+int rt_model_n_ctx(const rt_model *m) { return m->n_ctx; }
+int rt_model_max_batch_tokens(const rt_model *m) { return m->max_batch_tokens; }
+
+rt_kv *rt_kv_create(const rt_model *m, int capacity)
+{
+    if (capacity <= 0 || capacity > m->n_ctx)
+        return NULL;
+    rt_kv *kv = calloc(1, sizeof(*kv));
+    if (!kv)
+        return NULL;
+    kv->n_layers = m->hp.n_layers;
+    kv->kv_dim = m->hp.n_kv_heads * m->hp.head_dim;
+    kv->capacity = capacity;
+    const size_t n = (size_t)kv->n_layers * (size_t)capacity * (size_t)kv->kv_dim;
+    kv->k = malloc(n * sizeof(float));
+    kv->v = malloc(n * sizeof(float));
+    if (!kv->k || !kv->v) {
+        rt_kv_destroy(kv);
+        return NULL;
+    }
+    return kv;
+}
+
+void rt_kv_destroy(rt_kv *kv)
+{
+    if (!kv)
+        return;
+    free(kv->k);
+    free(kv->v);
+    free(kv);
+}
+
+int rt_kv_len(const rt_kv *kv) { return kv->len; }
+int rt_kv_capacity(const rt_kv *kv) { return kv->capacity; }
+
+void rt_kv_truncate(rt_kv *kv, int n)
+{
+    if (n >= 0 && n < kv->len)
+        kv->len = n;
+}
+
+size_t rt_kv_bytes(const rt_kv *kv)
+{
+    return 2 * sizeof(float) * (size_t)kv->n_layers * (size_t)kv->capacity * (size_t)kv->kv_dim;
+}

@@ -1,0 +1,81 @@
+/*
+ * model.h - a loaded Llama-family model and its forward pass.
+ *
+ * rt_model_load maps a GGUF file, checks the architecture, hyperparameters
+ * and every tensor's presence, shape and type, builds the tokenizer and
+ * allocates the scratch buffers of one forward step (nothing is allocated on
+ * the hot path). A model is used by one thread at a time (the engine thread);
+ * rt_kv caches belong to sequences and are passed to each step.
+ */
+#ifndef SIEVE_RUNTIME_MODEL_H
+#define SIEVE_RUNTIME_MODEL_H
+
+#include <stdbool.h>
+#include <stddef.h>
+#include <stdint.h>
+
+#include "runtime/tokenizer.h"
+
+typedef struct {
+    char arch[32];
+    char name[128];      /* general.name, or "" */
+    int n_vocab;
+    int dim;             /* embedding_length */
+    int n_layers;        /* block_count */
+    int n_heads;
+    int n_kv_heads;
+    int head_dim;
+    int rope_dim;
+    int ffn_dim;
+    int n_ctx_train;     /* the model's context_length */
+    float rope_base;
+    float norm_eps;
+} rt_hparams;
+
+typedef struct {
+    int n_threads;        /* compute threads; <= 0 means 1 */
+    int max_batch_tokens; /* tokens in one forward step; <= 0 means 512 */
+    int n_ctx;            /* context length used; <= 0 means the model's */
+} rt_model_opts;
+
+typedef struct rt_model rt_model;
+
+int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, char *err,
+                  size_t errlen);
+void rt_model_destroy(rt_model *m);
+
+const rt_hparams *rt_model_hparams(const rt_model *m);
+const rt_tokenizer *rt_model_tokenizer(const rt_model *m);
+int rt_model_n_ctx(const rt_model *m);
+int rt_model_max_batch_tokens(const rt_model *m);
+
+/* The key/value cache of one sequence: capacity positions for every layer. */
+typedef struct rt_kv rt_kv;
+
+rt_kv *rt_kv_create(const rt_model *m, int capacity);
+void rt_kv_destroy(rt_kv *kv);
+int rt_kv_len(const rt_kv *kv);
+int rt_kv_capacity(const rt_kv *kv);
+/* Forgets every position from n on (n <= len). */
+void rt_kv_truncate(rt_kv *kv, int n);
+/* Bytes held by the cache. */
+size_t rt_kv_bytes(const rt_kv *kv);
+
+/* One sequence's share of a forward step: n_tokens new tokens appended at
+ * positions kv->len.. . When logits is non-NULL it receives the n_vocab
+ * logits of the last new token. */
+typedef struct {
+    rt_kv *kv;
+    const int32_t *tokens;
+    int n_tokens;
+    float *logits;
+} rt_seq_batch;
+
+/* Runs one step over a flat batch of sequences: the projections and FFN of all
+ * their tokens are computed together, attention per sequence over its cache.
+ * The total token count must be <= max_batch_tokens and each sequence must fit
+ * its cache; tokens must be < n_vocab. Returns 0, or -1 with err (and changes
+ * no cache) when an argument is out of range. */
+int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen);
+
+#endif

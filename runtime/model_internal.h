@@ -1,0 +1,52 @@
+/*
+ * model_internal.h - the rt_model and rt_kv structs, shared by the loader
+ * (model.c) and the forward pass (forward.c). Private to runtime/.
+ */
+#ifndef SIEVE_RUNTIME_MODEL_INTERNAL_H
+#define SIEVE_RUNTIME_MODEL_INTERNAL_H
+
+#include "kernels/kernels.h"
+#include "runtime/gguf.h"
+#include "runtime/model.h"
+
+typedef struct {
+    const float *attn_norm, *wq, *wk, *wv, *wo;
+    const float *ffn_norm, *w_gate, *w_up, *w_down;
+} rt_layer;
+
+/* Scratch of one forward step, sized for max_batch_tokens at load. */
+typedef struct {
+    float *x;      /* [T, dim] residual stream */
+    float *xb;     /* [T, dim] normed input */
+    float *q;      /* [T, n_heads * head_dim] */
+    float *k, *v;  /* [T, kv_dim] */
+    float *att;    /* [T, n_heads * head_dim] attention output */
+    float *proj;   /* [T, dim] */
+    float *gate;   /* [T, ffn_dim] */
+    float *up;     /* [T, ffn_dim] */
+    int32_t *pos;  /* [T] */
+    float *last;   /* [T, dim] final hidden rows of sequences that want logits */
+    float *logits; /* [T, n_vocab] */
+} rt_scratch;
+
+struct rt_model {
+    rt_hparams hp;
+    rt_gguf *gguf;
+    rt_tokenizer *tok;
+    const float *tok_embd, *output_norm, *output;
+    rt_layer *layers;
+    float **owned; /* f32 copies of F16/BF16 tensors */
+    int n_owned;
+    int n_ctx;
+    int max_batch_tokens;
+    kern_pool *pool;
+    rt_scratch s;
+};
+
+struct rt_kv {
+    int n_layers, kv_dim, capacity, len;
+    float *k; /* [n_layers][capacity][kv_dim] */
+    float *v;
+};
+
+#endif

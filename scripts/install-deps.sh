@@ -1,0 +1,20 @@
+#!/usr/bin/env bash
+# Installs what sieve needs to build and test on Debian 12 (run as root, or with sudo
+# available). Does nothing when everything is already there, so it is cheap to call
+# from every other script.
+set -euo pipefail
+
+PKGS=(build-essential cmake pkg-config libmicrohttpd-dev libuv1-dev libjansson-dev
+      libopenblas-dev libcmocka-dev curl python3)
+
+missing=()
+for p in "${PKGS[@]}"; do
+  dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
+done
+if [ ${#missing[@]} -gt 0 ]; then
+  echo "install-deps: installing ${missing[*]}"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  $SUDO apt-get update -qq
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
+fi
