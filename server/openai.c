@@ -292,7 +292,8 @@ static int refuse_unsupported(json_t *root, srv_error *err)
             if (same)
                 continue;
         }
-        if (json_is_object(v) && json_object_size(v) == 0)
+        if (strcmp(fields[i].key, "logit_bias") == 0 && json_is_object(v) &&
+            json_object_size(v) == 0)
             continue;
         srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", fields[i].key,
                       "'%s' is not supported by this server yet", fields[i].key);
@@ -321,7 +322,7 @@ int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
     memset(out, 0, sizeof(*out));
     rt_sampling_defaults(&out->sampling);
     json_error_t jerr;
-    json_t *root = json_loadb(body, len, 0, &jerr);
+    json_t *root = json_loadb(body, len, JSON_DECODE_ANY, &jerr);
     if (!root) {
         srv_error_set(err, 400, "invalid_request_error", NULL, NULL,
                       "The request body is not valid JSON: %s (line %d, column %d)", jerr.text,
@@ -384,6 +385,10 @@ int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
             goto done;
         }
         out->user = strdup(json_string_value(user));
+        if (!out->user) {
+            srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+            goto done;
+        }
     }
     if (parse_stop(root, out, err) != 0 || parse_prompt(root, lim, out, err) != 0)
         goto done;
