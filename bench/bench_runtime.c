@@ -98,7 +98,8 @@ int main(int argc, char **argv)
         double t0 = sched_now();
         for (int i = 0; i < n_prompt; i += batch) {
             int n = n_prompt - i < batch ? n_prompt - i : batch;
-            rt_seq_batch b = {kv, prompt + i, n, i + n == n_prompt ? logits : NULL};
+            rt_seq_batch b = {.kv = kv, .tokens = prompt + i, .n_tokens = n,
+                              .logits = i + n == n_prompt ? logits : NULL};
             if (rt_forward(m, &b, 1, err, sizeof(err)) != 0) {
                 fprintf(stderr, "bench_runtime: %s\n", err);
                 return 1;
@@ -109,12 +110,12 @@ int main(int argc, char **argv)
 
         /* Decode: 16-token prompt, then n_gen greedy tokens one at a time. */
         kv = rt_kv_create(m, 16 + n_gen);
-        rt_seq_batch b = {kv, prompt, 16, logits};
+        rt_seq_batch b = {.kv = kv, .tokens = prompt, .n_tokens = 16, .logits = logits};
         rt_forward(m, &b, 1, err, sizeof(err));
         t0 = sched_now();
         for (int t = 0; t < n_gen; t++) {
             int32_t tok = rt_argmax(logits, n_vocab);
-            b = (rt_seq_batch){kv, &tok, 1, logits};
+            b = (rt_seq_batch){.kv = kv, .tokens = &tok, .n_tokens = 1, .logits = logits};
             rt_forward(m, &b, 1, err, sizeof(err));
         }
         decode[r] = n_gen / (sched_now() - t0);

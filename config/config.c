@@ -52,6 +52,10 @@ static const key_def keys[] = {
     INT(connection_timeout_s, "--connection-timeout", 1, 86400),
     INT(max_connections, "--max-connections", 1, 1 << 20),
     BOOL(log_requests, "--log-requests"),
+    STR(chat_template, "--chat-template"),
+    INT64(kv_cache_bytes, "--kv-cache-bytes", 0, (int64_t)1 << 46),
+    INT(kv_block_size, "--kv-block-size", 1, 4096),
+    BOOL(prefix_caching, "--prefix-caching"),
 };
 #define N_KEYS (sizeof(keys) / sizeof(keys[0]))
 
@@ -72,6 +76,9 @@ void cfg_defaults(cfg_config *c)
     c->connection_timeout_s = 600;
     c->max_connections = 1024;
     c->log_requests = false;
+    c->kv_cache_bytes = 0;
+    c->kv_block_size = 16;
+    c->prefix_caching = true;
 }
 
 static size_t levenshtein(const char *a, const char *b)
@@ -271,6 +278,11 @@ const char *cfg_usage(void)
            "  --connection-timeout S    idle connection timeout in seconds\n"
            "  --max-connections N       concurrent connection limit\n"
            "  --log-requests true|false one log line per request\n"
+           "  --kv-cache-bytes N        KV cache budget in bytes (0 = auto)\n"
+           "  --kv-block-size N         tokens per KV block (default 16)\n"
+           "  --prefix-caching BOOL     reuse KV of identical prompt prefixes (default true)\n"
+           "  --chat-template NAME      plain, chatml, llama2, llama3, mistral, gemma, phi3,\n"
+           "                            zephyr (default: detected from the model, else plain)\n"
            "  --help, --version\n";
 }
 
@@ -310,7 +322,10 @@ int cfg_parse_args(cfg_config *c, int argc, char **argv, char *err, size_t errle
             printf("sieve %s\n", SIEVE_VERSION);
             return 1;
         }
-        if (strcmp(argv[i], "--config") == 0) {
+        if (strncmp(argv[i], "--config=", 9) == 0) {
+            if (cfg_load_file(c, argv[i] + 9, err, errlen) != 0)
+                return -1;
+        } else if (strcmp(argv[i], "--config") == 0) {
             if (i + 1 >= argc) {
                 snprintf(err, errlen, "--config needs a file name");
                 return -1;
@@ -325,6 +340,8 @@ int cfg_parse_args(cfg_config *c, int argc, char **argv, char *err, size_t errle
             i++;
             continue;
         }
+        if (strncmp(a, "--config=", 9) == 0)
+            continue;
         const char *eq = strchr(a, '=');
         size_t name_len = eq ? (size_t)(eq - a) : strlen(a);
         const key_def *k = NULL;
@@ -363,6 +380,13 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen)
                      (long long)v, (long long)k->min, (long long)k->max);
             return -1;
         }
+    }
+    if (c->max_batch_tokens < c->max_running_seqs) {
+        snprintf(err, errlen,
+                 "config key 'max_batch_tokens': %d is less than max_running_seqs (%d); every "
+                 "running sequence needs a token in each step",
+                 c->max_batch_tokens, c->max_running_seqs);
+        return -1;
     }
     if (!c->model[0]) {
         snprintf(err, errlen, "config key 'model': a model path is required");

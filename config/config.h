@@ -32,6 +32,10 @@ typedef struct {
     int connection_timeout_s;      /* idle HTTP connection timeout */
     int max_connections;           /* concurrent HTTP connections */
     bool log_requests;             /* one log line per finished request */
+    char chat_template[64];        /* family name; "" = from the model, else "plain" */
+    int64_t kv_cache_bytes;        /* KV pool budget; 0 = auto */
+    int kv_block_size;             /* tokens per KV block */
+    bool prefix_caching;           /* reuse KV blocks of identical prompt prefixes */
 } cfg_config;
 
 /* Fills c with the built-in defaults. */

@@ -81,7 +81,20 @@ typedef struct {
     int n_q, ctx_len;
     int n_heads, n_kv_heads, head_dim;
     int kv_stride;
+    /* Paged KV: when blocks is non-NULL, key/value position j lives in row
+     * blocks[j / block_size] * block_size + j % block_size of k and v. */
+    const int32_t *blocks;
+    int block_size;
 } kern_attn_args;
+
+/* Row of k (or v) holding position j. */
+static inline size_t kern_attn_row(const kern_attn_args *a, int j)
+{
+    if (!a->blocks)
+        return (size_t)j;
+    return (size_t)a->blocks[j / a->block_size] * (size_t)a->block_size +
+           (size_t)(j % a->block_size);
+}
 
 void kern_attention_f32(kern_pool *pool, const kern_attn_args *a);
 /* Reference: explicit scores and a two-pass softmax in double, one thread. */

@@ -11,21 +11,36 @@
 #include <stdio.h>
 #include <string.h>
 
-static int check_batch(const rt_model *m, const rt_seq_batch *seqs, int n_seqs, char *err,
+/* Resolves each sequence's cache view: a private rt_kv becomes its one-block
+ * pool; then checks every count against what the cache can hold. */
+static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err,
                        size_t errlen)
 {
     long total = 0;
     for (int i = 0; i < n_seqs; i++) {
-        const rt_seq_batch *b = &seqs[i];
-        if (!b->kv || b->n_tokens <= 0 || !b->tokens) {
-            snprintf(err, errlen, "forward: sequence %d has no tokens", i);
+        rt_seq_batch *b = &seqs[i];
+        if (b->kv) {
+            b->pool = b->kv->pool;
+            b->blocks = &b->kv->block0;
+            b->n_blocks = 1;
+            b->n_past = b->kv->len;
+        }
+        if (!b->pool || !b->blocks || b->n_tokens <= 0 || !b->tokens || b->n_past < 0) {
+            snprintf(err, errlen, "forward: sequence %d has no tokens or no cache", i);
             return -1;
         }
-        if (b->kv->len + b->n_tokens > b->kv->capacity) {
-            snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %d", i,
-                     b->kv->len + b->n_tokens, b->kv->capacity);
+        const long slots = (long)b->n_blocks * b->pool->block_size;
+        if ((long)b->n_past + b->n_tokens > slots) {
+            snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %ld",
+                     i, b->n_past + b->n_tokens, slots);
             return -1;
         }
+        for (int j = 0; j < b->n_blocks; j++)
+            if (b->blocks[j] < 0 || b->blocks[j] >= b->pool->n_blocks) {
+                snprintf(err, errlen, "forward: sequence %d: block %d is not in the pool", i,
+                         b->blocks[j]);
+                return -1;
+            }
         for (int t = 0; t < b->n_tokens; t++)
             if (b->tokens[t] < 0 || b->tokens[t] >= m->hp.n_vocab) {
                 snprintf(err, errlen, "forward: token id %d is outside the vocabulary [0, %d)",
@@ -40,6 +55,13 @@ static int check_batch(const rt_model *m, const rt_seq_batch *seqs, int n_seqs, 
         return -1;
     }
     return 0;
+}
+
+/* Row of the pool's layer holding position pos of a sequence. */
+static inline size_t slot_row(const rt_seq_batch *b, int pos)
+{
+    const int bs = b->pool->block_size;
+    return (size_t)b->blocks[pos / bs] * (size_t)bs + (size_t)(pos % bs);
 }
 
 int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen)
@@ -59,7 +81,7 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
         for (int t = 0; t < seqs[i].n_tokens; t++, T++) {
             memcpy(s->x + (size_t)T * dim, m->tok_embd + (size_t)seqs[i].tokens[t] * dim,
                    sizeof(float) * (size_t)dim);
-            s->pos[T] = seqs[i].kv->len + t;
+            s->pos[T] = seqs[i].n_past + t;
         }
     }
 
@@ -74,25 +96,29 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
 
         int row = 0;
         for (int i = 0; i < n_seqs; i++) {
-            rt_kv *kv = seqs[i].kv;
-            const int n = seqs[i].n_tokens;
-            const size_t layer_off = (size_t)l * (size_t)kv->capacity * (size_t)kvd;
-            float *kc = kv->k + layer_off, *vc = kv->v + layer_off;
-            memcpy(kc + (size_t)kv->len * kvd, s->k + (size_t)row * kvd,
-                   sizeof(float) * (size_t)n * (size_t)kvd);
-            memcpy(vc + (size_t)kv->len * kvd, s->v + (size_t)row * kvd,
-                   sizeof(float) * (size_t)n * (size_t)kvd);
+            const rt_seq_batch *b = &seqs[i];
+            const int n = b->n_tokens;
+            const size_t layer_off = (size_t)l * (size_t)b->pool->n_blocks *
+                                     (size_t)b->pool->block_size * (size_t)kvd;
+            float *kc = b->pool->k + layer_off, *vc = b->pool->v + layer_off;
+            for (int t = 0; t < n; t++) {
+                const size_t r = slot_row(b, b->n_past + t);
+                memcpy(kc + r * kvd, s->k + (size_t)(row + t) * kvd, sizeof(float) * (size_t)kvd);
+                memcpy(vc + r * kvd, s->v + (size_t)(row + t) * kvd, sizeof(float) * (size_t)kvd);
+            }
             kern_attn_args a = {
                 .q = s->q + (size_t)row * qd,
                 .k = kc,
                 .v = vc,
                 .out = s->att + (size_t)row * qd,
                 .n_q = n,
-                .ctx_len = kv->len + n,
+                .ctx_len = b->n_past + n,
                 .n_heads = hp->n_heads,
                 .n_kv_heads = hp->n_kv_heads,
                 .head_dim = hd,
                 .kv_stride = kvd,
+                .blocks = b->blocks,
+                .block_size = b->pool->block_size,
             };
             kern_attention_f32(m->pool, &a);
             row += n;
@@ -120,7 +146,8 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
                     dim);
     n_out = 0;
     for (int i = 0; i < n_seqs; i++) {
-        seqs[i].kv->len += seqs[i].n_tokens;
+        if (seqs[i].kv)
+            seqs[i].kv->len += seqs[i].n_tokens;
         if (seqs[i].logits)
             memcpy(seqs[i].logits, s->logits + (size_t)n_out++ * hp->n_vocab,
                    sizeof(float) * (size_t)hp->n_vocab);

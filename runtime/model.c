@@ -296,7 +296,71 @@ void rt_model_destroy(rt_model *m)
 const rt_hparams *rt_model_hparams(const rt_model *m) { return &m->hp; }
 const rt_tokenizer *rt_model_tokenizer(const rt_model *m) { return m->tok; }
 int rt_model_n_ctx(const rt_model *m) { return m->n_ctx; }
+
+const char *rt_model_chat_template(const rt_model *m, size_t *len)
+{
+    rt_gguf_str s;
+    if (rt_gguf_get_str(m->gguf, "tokenizer.chat_template", &s) != 0 || s.len == 0) {
+        *len = 0;
+        return NULL;
+    }
+    *len = (size_t)s.len;
+    return s.ptr;
+}
 int rt_model_max_batch_tokens(const rt_model *m) { return m->max_batch_tokens; }
+
+size_t rt_kv_bytes_per_token(const rt_model *m)
+{
+    return 2 * sizeof(float) * (size_t)m->hp.n_layers * (size_t)m->hp.n_kv_heads *
+           (size_t)m->hp.head_dim;
+}
+
+rt_kv_pool *rt_kv_pool_create(const rt_model *m, int n_blocks, int block_size)
+{
+    if (n_blocks <= 0 || block_size <= 0)
+        return NULL;
+    rt_kv_pool *p = calloc(1, sizeof(*p));
+    if (!p)
+        return NULL;
+    p->n_layers = m->hp.n_layers;
+    p->kv_dim = m->hp.n_kv_heads * m->hp.head_dim;
+    p->block_size = block_size;
+    p->n_blocks = n_blocks;
+    const size_t n = (size_t)p->n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)p->kv_dim;
+    p->k = malloc(n * sizeof(float));
+    p->v = malloc(n * sizeof(float));
+    if (!p->k || !p->v) {
+        rt_kv_pool_destroy(p);
+        return NULL;
+    }
+    return p;
+}
+
+void rt_kv_pool_destroy(rt_kv_pool *p)
+{
+    if (!p)
+        return;
+    free(p->k);
+    free(p->v);
+    free(p);
+}
+
+int rt_kv_pool_blocks(const rt_kv_pool *p) { return p->n_blocks; }
+int rt_kv_pool_block_size(const rt_kv_pool *p) { return p->block_size; }
+
+void rt_kv_pool_copy_block(rt_kv_pool *p, int src, int dst)
+{
+    if (src < 0 || dst < 0 || src >= p->n_blocks || dst >= p->n_blocks || src == dst)
+        return;
+    const size_t block = (size_t)p->block_size * (size_t)p->kv_dim;
+    const size_t layer = (size_t)p->n_blocks * block;
+    for (int l = 0; l < p->n_layers; l++) {
+        memcpy(p->k + l * layer + (size_t)dst * block, p->k + l * layer + (size_t)src * block,
+               block * sizeof(float));
+        memcpy(p->v + l * layer + (size_t)dst * block, p->v + l * layer + (size_t)src * block,
+               block * sizeof(float));
+    }
+}
 
 rt_kv *rt_kv_create(const rt_model *m, int capacity)
 {
@@ -305,14 +369,9 @@ rt_kv *rt_kv_create(const rt_model *m, int capacity)
     rt_kv *kv = calloc(1, sizeof(*kv));
     if (!kv)
         return NULL;
-    kv->n_layers = m->hp.n_layers;
-    kv->kv_dim = m->hp.n_kv_heads * m->hp.head_dim;
-    kv->capacity = capacity;
-    const size_t n = (size_t)kv->n_layers * (size_t)capacity * (size_t)kv->kv_dim;
-    kv->k = malloc(n * sizeof(float));
-    kv->v = malloc(n * sizeof(float));
-    if (!kv->k || !kv->v) {
-        rt_kv_destroy(kv);
+    kv->pool = rt_kv_pool_create(m, 1, capacity);
+    if (!kv->pool) {
+        free(kv);
         return NULL;
     }
     return kv;
@@ -322,13 +381,12 @@ void rt_kv_destroy(rt_kv *kv)
 {
     if (!kv)
         return;
-    free(kv->k);
-    free(kv->v);
+    rt_kv_pool_destroy(kv->pool);
     free(kv);
 }
 
 int rt_kv_len(const rt_kv *kv) { return kv->len; }
-int rt_kv_capacity(const rt_kv *kv) { return kv->capacity; }
+int rt_kv_capacity(const rt_kv *kv) { return kv->pool->block_size; }
 
 void rt_kv_truncate(rt_kv *kv, int n)
 {
@@ -338,5 +396,6 @@ void rt_kv_truncate(rt_kv *kv, int n)
 
 size_t rt_kv_bytes(const rt_kv *kv)
 {
-    return 2 * sizeof(float) * (size_t)kv->n_layers * (size_t)kv->capacity * (size_t)kv->kv_dim;
+    return 2 * sizeof(float) * (size_t)kv->pool->n_layers * (size_t)kv->pool->block_size *
+           (size_t)kv->pool->kv_dim;
 }

@@ -47,9 +47,28 @@ void rt_model_destroy(rt_model *m);
 const rt_hparams *rt_model_hparams(const rt_model *m);
 const rt_tokenizer *rt_model_tokenizer(const rt_model *m);
 int rt_model_n_ctx(const rt_model *m);
+/* tokenizer.chat_template from the file (Jinja source, not NUL-terminated),
+ * or NULL when the model has none. */
+const char *rt_model_chat_template(const rt_model *m, size_t *len);
 int rt_model_max_batch_tokens(const rt_model *m);
 
-/* The key/value cache of one sequence: capacity positions for every layer. */
+/* A paged KV pool: n_blocks blocks of block_size positions for every layer,
+ * allocated once. Which block holds which positions of which sequence is the
+ * scheduler's business (scheduler/block_manager.h); the forward pass only
+ * follows block tables. */
+typedef struct rt_kv_pool rt_kv_pool;
+
+rt_kv_pool *rt_kv_pool_create(const rt_model *m, int n_blocks, int block_size);
+void rt_kv_pool_destroy(rt_kv_pool *p);
+int rt_kv_pool_blocks(const rt_kv_pool *p);
+int rt_kv_pool_block_size(const rt_kv_pool *p);
+/* Copies every layer's keys and values of block src into block dst (copy-on-write). */
+void rt_kv_pool_copy_block(rt_kv_pool *p, int src, int dst);
+/* Bytes of KV cache one token takes (all layers, keys and values). */
+size_t rt_kv_bytes_per_token(const rt_model *m);
+
+/* A private, contiguous cache for one sequence (tests, benchmarks): a pool of
+ * one block of `capacity` positions plus its length. */
 typedef struct rt_kv rt_kv;
 
 rt_kv *rt_kv_create(const rt_model *m, int capacity);
@@ -61,14 +80,20 @@ void rt_kv_truncate(rt_kv *kv, int n);
 /* Bytes held by the cache. */
 size_t rt_kv_bytes(const rt_kv *kv);
 
-/* One sequence's share of a forward step: n_tokens new tokens appended at
- * positions kv->len.. . When logits is non-NULL it receives the n_vocab
- * logits of the last new token. */
+/* One sequence's share of a forward step: n_tokens new tokens at positions
+ * n_past.. . Either kv is set (a private cache; n_past is its length, and the
+ * step appends to it), or pool/blocks/n_blocks/n_past describe the sequence's
+ * pages in a shared pool (slots for the new positions must be reserved). When
+ * logits is non-NULL it receives the n_vocab logits of the last new token. */
 typedef struct {
     rt_kv *kv;
     const int32_t *tokens;
     int n_tokens;
     float *logits;
+    rt_kv_pool *pool;
+    const int32_t *blocks;
+    int n_blocks;
+    int n_past;
 } rt_seq_batch;
 
 /* Runs one step over a flat batch of sequences: the projections and FFN of all

@@ -43,10 +43,16 @@ struct rt_model {
     rt_scratch s;
 };
 
-struct rt_kv {
-    int n_layers, kv_dim, capacity, len;
-    float *k; /* [n_layers][capacity][kv_dim] */
+struct rt_kv_pool {
+    int n_layers, kv_dim, block_size, n_blocks;
+    float *k; /* [n_layers][n_blocks * block_size][kv_dim] */
     float *v;
+};
+
+struct rt_kv {
+    rt_kv_pool *pool; /* one block of `capacity` positions */
+    int32_t block0;   /* the block table: just block 0 */
+    int len;
 };
 
 #endif

@@ -6,7 +6,9 @@
 #include "runtime/sampler.h"
 
 #include <math.h>
+#include <stdbool.h>
 #include <stdlib.h>
+#include <string.h>
 
 void rt_sampling_defaults(rt_sampling *p)
 {
@@ -15,21 +17,130 @@ void rt_sampling_defaults(rt_sampling *p)
     p->top_p = 1.0f;
     p->min_p = 0.0f;
     p->seed = 0;
+    p->presence_penalty = 0.0f;
+    p->frequency_penalty = 0.0f;
+    p->repetition_penalty = 1.0f;
+    p->logit_bias = NULL;
+    p->n_logit_bias = 0;
+}
+
+static bool has_penalties(const rt_sampling *p)
+{
+    return p->presence_penalty != 0.0f || p->frequency_penalty != 0.0f ||
+           p->repetition_penalty != 1.0f;
 }
 
 int rt_sampler_init(rt_sampler *s, const rt_sampling *p, int n_vocab)
 {
+    memset(s, 0, sizeof(*s));
     s->p = *p;
     s->rng = p->seed;
     s->n_vocab = n_vocab;
     s->cand = malloc(sizeof(rt_candidate) * (size_t)n_vocab);
-    return s->cand ? 0 : -1;
+    s->work = malloc(sizeof(float) * (size_t)n_vocab);
+    bool ok = s->cand && s->work;
+    if (ok && has_penalties(p)) {
+        s->counts = calloc((size_t)n_vocab, sizeof(uint32_t));
+        s->seen = calloc((size_t)n_vocab, 1);
+        ok = s->counts && s->seen;
+    }
+    if (ok && p->n_logit_bias > 0) {
+        s->bias = malloc(sizeof(rt_logit_bias) * (size_t)p->n_logit_bias);
+        ok = s->bias != NULL;
+        if (ok)
+            memcpy(s->bias, p->logit_bias, sizeof(rt_logit_bias) * (size_t)p->n_logit_bias);
+    }
+    s->p.logit_bias = s->bias;
+    if (!ok) {
+        rt_sampler_free(s);
+        return -1;
+    }
+    return 0;
 }
 
 void rt_sampler_free(rt_sampler *s)
 {
     free(s->cand);
+    free(s->work);
+    free(s->counts);
+    free(s->seen);
+    free(s->bias);
     s->cand = NULL;
+    s->work = NULL;
+    s->counts = NULL;
+    s->seen = NULL;
+    s->bias = NULL;
+}
+
+void rt_sampler_set_prompt(rt_sampler *s, const int32_t *tokens, int n)
+{
+    if (!s->seen)
+        return;
+    for (int i = 0; i < n; i++)
+        if (tokens[i] >= 0 && tokens[i] < s->n_vocab)
+            s->seen[tokens[i]] = 1;
+}
+
+void rt_sampler_accept(rt_sampler *s, int32_t token)
+{
+    if (!s->counts || token < 0 || token >= s->n_vocab)
+        return;
+    s->counts[token]++;
+    s->seen[token] = 1;
+}
+
+/* logit_bias and the penalties, into s->work; returns the logits to sample. */
+static const float *process_logits(rt_sampler *s, const float *logits)
+{
+    const rt_sampling *p = &s->p;
+    if (!s->counts && p->n_logit_bias == 0)
+        return logits;
+    memcpy(s->work, logits, sizeof(float) * (size_t)s->n_vocab);
+    float *w = s->work;
+    for (int i = 0; i < p->n_logit_bias; i++) {
+        const int32_t id = p->logit_bias[i].id;
+        if (id >= 0 && id < s->n_vocab)
+            w[id] += p->logit_bias[i].bias;
+    }
+    if (s->counts) {
+        const float rp = p->repetition_penalty;
+        for (int i = 0; i < s->n_vocab; i++) {
+            if (s->seen[i] && rp != 1.0f)
+                w[i] = w[i] > 0.0f ? w[i] / rp : w[i] * rp;
+            if (s->counts[i])
+                w[i] -= (float)s->counts[i] * p->frequency_penalty + p->presence_penalty;
+        }
+    }
+    return w;
+}
+
+float rt_logprobs(const float *logits, int n_vocab, int32_t token, int top_n, int32_t *top_ids,
+                  float *top_lps)
+{
+    float mx = logits[0];
+    for (int i = 1; i < n_vocab; i++)
+        if (logits[i] > mx)
+            mx = logits[i];
+    double sum = 0.0;
+    for (int i = 0; i < n_vocab; i++)
+        sum += exp((double)(logits[i] - mx));
+    const double lse = (double)mx + log(sum);
+    /* Insertion into a sorted list of top_n: top_n is small (<= 20). */
+    int have = 0;
+    for (int i = 0; i < n_vocab && top_n > 0; i++) {
+        const float v = logits[i];
+        if (have == top_n && !(v > logits[top_ids[have - 1]]))
+            continue;
+        int k = have < top_n ? have++ : top_n - 1;
+        while (k > 0 && v > logits[top_ids[k - 1]]) {
+            top_ids[k] = top_ids[k - 1];
+            k--;
+        }
+        top_ids[k] = i;
+    }
+    for (int k = 0; k < have; k++)
+        top_lps[k] = (float)((double)logits[top_ids[k]] - lse);
+    return (float)((double)logits[token] - lse);
 }
 
 static uint64_t splitmix64(uint64_t *state)
@@ -65,6 +176,7 @@ int rt_sample(rt_sampler *s, const float *logits)
 {
     const int n = s->n_vocab;
     const rt_sampling *p = &s->p;
+    logits = process_logits(s, logits);
     if (p->temperature <= 0.0f || p->top_k == 1)
         return rt_argmax(logits, n);
 

@@ -1,25 +1,36 @@
 /*
- * scheduler.c - the engine thread: admission, continuous batching with
- * chunked prefill, sampling, stop conditions and notification.
+ * scheduler.c - the engine: admission, continuous batching over a paged KV
+ * pool with chunked prefill, prefix caching and preemption, sampling, stop
+ * conditions, notification and metrics.
  *
  * Invariants:
  * - A request is in exactly one place: the inbox (submitted, not yet seen by
- *   the engine), the waiting list, the running array, or nowhere (finished).
- *   Only the engine thread moves it out of the inbox.
- * - Engine-private fields (kv, sampler, logits, n_prefilled, last_token) are
- *   touched only on the engine thread. Output fields (text, tokens, finish)
- *   are written by the engine under the request's mutex and read by others
- *   under it.
+ *   the engine), the waiting list (sorted by priority, then arrival), the
+ *   running array (sorted the same way), or nowhere (finished). Only the
+ *   engine thread moves it out of the inbox.
+ * - A running request owns a block table whose slots cover its computed
+ *   tokens; a waiting one owns none (a preempted request gave its blocks back
+ *   and will recompute, usually hitting its own blocks in the prefix cache).
+ * - seq = prompt + generated tokens; n_computed of them have KV in the pool.
+ *   A running request computes seq[n_computed..] in chunks; when n_computed
+ *   reaches the length of seq the step's logits give the next token.
+ * - Engine-private fields are touched only on the engine thread. Output fields
+ *   (text, tokens, finish) are written by the engine under the request's mutex
+ *   and read by others under it.
  * - The engine holds one reference from submit until the request finishes.
  */
 #include "scheduler/scheduler.h"
 
+#include <math.h>
 #include <pthread.h>
 #include <stdatomic.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
 #include <time.h>
+#include <unistd.h>
+
+#include "scheduler/block_manager.h"
 
 struct sched_request {
     atomic_int refs;
@@ -28,47 +39,68 @@ struct sched_request {
     sched_notify_fn notify;
     void *user;
     struct sched_request *next; /* inbox / waiting list link */
+    uint64_t arrival_seq;       /* FCFS order among equal priorities */
+    sched_request *leader;      /* first choice of the same HTTP request, or NULL */
 
     pthread_mutex_t mu; /* guards the output fields below */
     char *text;         /* raw generated text (stop strings not yet cut) */
     size_t text_raw, text_cap;
     size_t text_final; /* bytes that are final */
-    int32_t *tokens;   /* capacity max_tokens */
+    int32_t *tokens;   /* generated; capacity max_tokens */
     int n_tokens;
+    float *lp;         /* logprobs >= 0: max_tokens entries */
+    int32_t *top_ids;  /* max_tokens * logprobs */
+    float *top_lps;
+    size_t *tok_end;   /* max_tokens entries */
     sched_finish finish;
     char error[256];
     double t_arrival, t_first, t_finish;
 
     /* engine thread only */
-    rt_kv *kv;
+    int32_t *seq; /* prompt then generated tokens; capacity n_prompt + max_tokens */
+    int n_seq;
+    int n_computed;
+    int n_preempted;
+    bool started; /* sampler and logits exist */
+    bool running;
+    sched_block_table bt;
     rt_sampler sampler;
     float *logits;
-    int n_prefilled;
-    int32_t last_token;
+    double t_last_token;
 };
 
 struct sched_engine {
     rt_model *model;
     sched_opts opts;
-    int n_ctx, n_vocab;
+    int n_ctx, n_vocab, max_batch_tokens;
     int32_t eos;
+    const rt_tokenizer *tok;
+    sched_forward_fn forward;
+    void *forward_ctx;
+    rt_kv_pool *pool;
+    bool own_pool;
+    sched_bm *bm;
+    int watermark_blocks;
     pthread_t thread;
-    pthread_mutex_t mu; /* guards inbox, n_inbox, stop, stats */
+    bool has_thread;
+    pthread_mutex_t mu; /* guards inbox, n_inbox, n_outstanding, stop, cancel_all, stats */
     pthread_cond_t cv;
     sched_request *inbox, *inbox_tail;
     int n_inbox;
     int n_outstanding; /* submitted and not yet finished */
+    uint64_t next_arrival;
     bool stop;
     bool cancel_all;
     sched_stats stats;
 
     /* engine thread only */
-    sched_request *waiting, *waiting_tail;
+    sched_request *waiting;
     int n_waiting;
     sched_request **running;
     int n_running;
     rt_seq_batch *batch;
     sched_request **batch_req;
+    int n_batch;
 };
 
 double sched_now(void)
@@ -78,58 +110,117 @@ double sched_now(void)
     return (double)ts.tv_sec + (double)ts.tv_nsec * 1e-9;
 }
 
+/* ---- histograms ----------------------------------------------------------- */
+
+static void hist_init(sched_hist *h, const double *bounds, int n)
+{
+    memset(h, 0, sizeof(*h));
+    h->n_bounds = n < SCHED_HIST_MAX ? n : SCHED_HIST_MAX;
+    memcpy(h->bounds, bounds, sizeof(double) * (size_t)h->n_bounds);
+}
+
+void sched_hist_observe(sched_hist *h, double v)
+{
+    int i = 0;
+    while (i < h->n_bounds && v > h->bounds[i])
+        i++;
+    h->counts[i]++;
+    h->sum += v;
+    h->count++;
+}
+
+static void init_stats(sched_engine *e)
+{
+    static const double lat[] = {0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25,
+                                 0.5,   1,      2.5,   5,    10,    30,   60,  120};
+    static const double tok[] = {0.0005, 0.001, 0.002, 0.005, 0.01, 0.02, 0.05,
+                                 0.1,    0.2,   0.5,   1,     2.5,  5};
+    static const double step[] = {0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01,
+                                  0.025,  0.05,    0.1,    0.25,  0.5,    1,     2.5};
+    static const double batch[] = {1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192};
+    hist_init(&e->stats.ttft, lat, sizeof(lat) / sizeof(lat[0]));
+    hist_init(&e->stats.e2e, lat, sizeof(lat) / sizeof(lat[0]));
+    hist_init(&e->stats.tpot, tok, sizeof(tok) / sizeof(tok[0]));
+    hist_init(&e->stats.step_time, step, sizeof(step) / sizeof(step[0]));
+    hist_init(&e->stats.batch_tokens, batch, sizeof(batch) / sizeof(batch[0]));
+}
+
 /* ---- requests ----------------------------------------------------------- */
 
 static void free_params(sched_params *p)
 {
+    free((void *)p->sampling.logit_bias);
     free(p->prompt);
     for (int i = 0; i < p->n_stop; i++)
         free(p->stop[i]);
-}
-
-sched_request *sched_request_create(const sched_params *p, sched_notify_fn notify, void *user)
-{
-    if (p->n_prompt <= 0 || p->max_tokens <= 0 || p->n_stop < 0 || p->n_stop > SCHED_MAX_STOP)
-        return NULL;
-    sched_request *r = calloc(1, sizeof(*r));
-    if (!r)
-        return NULL;
-    atomic_init(&r->refs, 1);
-    atomic_init(&r->cancel, false);
-    r->p = *p;
-    r->p.prompt = malloc(sizeof(int32_t) * (size_t)p->n_prompt);
-    r->tokens = malloc(sizeof(int32_t) * (size_t)p->max_tokens);
-    bool ok = r->p.prompt && r->tokens;
-    r->p.n_stop = 0;
-    for (int i = 0; ok && i < p->n_stop; i++) {
-        r->p.stop[i] = strdup(p->stop[i]);
-        ok = r->p.stop[i] != NULL;
-        r->p.n_stop = i + 1;
-    }
-    if (!ok) {
-        free_params(&r->p);
-        free(r->tokens);
-        free(r);
-        return NULL;
-    }
-    memcpy(r->p.prompt, p->prompt, sizeof(int32_t) * (size_t)p->n_prompt);
-    r->notify = notify;
-    r->user = user;
-    pthread_mutex_init(&r->mu, NULL);
-    r->t_arrival = sched_now();
-    return r;
 }
 
 static void request_free(sched_request *r)
 {
     free_params(&r->p);
     free(r->tokens);
+    free(r->tok_end);
+    free(r->lp);
+    free(r->top_ids);
+    free(r->top_lps);
     free(r->text);
-    rt_kv_destroy(r->kv);
+    free(r->seq);
     rt_sampler_free(&r->sampler);
     free(r->logits);
     pthread_mutex_destroy(&r->mu);
     free(r);
+}
+
+sched_request *sched_request_create(const sched_params *p, sched_notify_fn notify, void *user)
+{
+    if (p->n_prompt <= 0 || p->max_tokens <= 0 || p->n_stop < 0 || p->n_stop > SCHED_MAX_STOP ||
+        p->logprobs > SCHED_MAX_LOGPROBS || p->sampling.n_logit_bias < 0 ||
+        p->sampling.n_logit_bias > RT_MAX_LOGIT_BIAS || p->n_prompt > INT32_MAX - p->max_tokens)
+        return NULL;
+    sched_request *r = calloc(1, sizeof(*r));
+    if (!r)
+        return NULL;
+    atomic_init(&r->refs, 1);
+    atomic_init(&r->cancel, false);
+    pthread_mutex_init(&r->mu, NULL);
+    r->p = *p;
+    r->p.n_stop = 0;
+    r->p.sampling.logit_bias = NULL;
+    r->p.prompt = malloc(sizeof(int32_t) * (size_t)p->n_prompt);
+    r->seq = malloc(sizeof(int32_t) * ((size_t)p->n_prompt + (size_t)p->max_tokens));
+    r->tokens = malloc(sizeof(int32_t) * (size_t)p->max_tokens);
+    r->tok_end = malloc(sizeof(size_t) * (size_t)p->max_tokens);
+    bool ok = r->p.prompt && r->seq && r->tokens && r->tok_end;
+    if (ok && p->logprobs >= 0) {
+        const size_t k = (size_t)p->max_tokens * (size_t)(p->logprobs > 0 ? p->logprobs : 1);
+        r->lp = malloc(sizeof(float) * (size_t)p->max_tokens);
+        r->top_ids = malloc(sizeof(int32_t) * k);
+        r->top_lps = malloc(sizeof(float) * k);
+        ok = r->lp && r->top_ids && r->top_lps;
+    }
+    if (ok && p->sampling.n_logit_bias > 0) {
+        rt_logit_bias *b = malloc(sizeof(*b) * (size_t)p->sampling.n_logit_bias);
+        ok = b != NULL;
+        if (ok)
+            memcpy(b, p->sampling.logit_bias, sizeof(*b) * (size_t)p->sampling.n_logit_bias);
+        r->p.sampling.logit_bias = b;
+    }
+    for (int i = 0; ok && i < p->n_stop; i++) {
+        r->p.stop[i] = strdup(p->stop[i]);
+        ok = r->p.stop[i] != NULL;
+        r->p.n_stop = i + 1;
+    }
+    if (!ok) {
+        request_free(r);
+        return NULL;
+    }
+    memcpy(r->p.prompt, p->prompt, sizeof(int32_t) * (size_t)p->n_prompt);
+    memcpy(r->seq, p->prompt, sizeof(int32_t) * (size_t)p->n_prompt);
+    r->n_seq = p->n_prompt;
+    r->notify = notify;
+    r->user = user;
+    r->t_arrival = sched_now();
+    return r;
 }
 
 void sched_request_release(sched_request *r)
@@ -139,6 +230,9 @@ void sched_request_release(sched_request *r)
 }
 
 void sched_request_cancel(sched_request *r) { atomic_store(&r->cancel, true); }
+
+int sched_request_n_computed(const sched_request *r) { return r->n_computed; }
+int sched_request_n_preempted(const sched_request *r) { return r->n_preempted; }
 
 int sched_request_output(sched_request *r, size_t text_from, sched_output *out)
 {
@@ -155,6 +249,11 @@ int sched_request_output(sched_request *r, size_t text_from, sched_output *out)
     out->text_len = r->text_final;
     out->tokens = r->tokens;
     out->n_tokens = r->n_tokens;
+    out->lp = r->lp;
+    out->top_ids = r->top_ids;
+    out->top_lps = r->top_lps;
+    out->top_n = r->p.logprobs > 0 ? r->p.logprobs : 0;
+    out->tok_end = r->tok_end;
     out->n_prompt = r->p.n_prompt;
     out->finish = r->finish;
     memcpy(out->error, r->error, sizeof(out->error));
@@ -229,75 +328,153 @@ static bool append_text(sched_request *r, const char *bytes, size_t n)
     return false;
 }
 
-/* ---- engine ------------------------------------------------------------- */
+/* ---- engine: bookkeeping ------------------------------------------------ */
+
+/* Priority first (lower first), then arrival. */
+static bool runs_before(const sched_request *a, const sched_request *b)
+{
+    if (a->p.priority != b->p.priority)
+        return a->p.priority < b->p.priority;
+    return a->arrival_seq < b->arrival_seq;
+}
+
+static void waiting_insert(sched_engine *e, sched_request *r)
+{
+    sched_request **pp = &e->waiting;
+    while (*pp && !runs_before(r, *pp))
+        pp = &(*pp)->next;
+    r->next = *pp;
+    *pp = r;
+    e->n_waiting++;
+}
+
+static void running_insert(sched_engine *e, sched_request *r)
+{
+    int i = e->n_running;
+    while (i > 0 && runs_before(r, e->running[i - 1])) {
+        e->running[i] = e->running[i - 1];
+        i--;
+    }
+    e->running[i] = r;
+    e->n_running++;
+    r->running = true;
+}
+
+static void running_remove(sched_engine *e, sched_request *r)
+{
+    for (int i = 0; i < e->n_running; i++)
+        if (e->running[i] == r) {
+            memmove(&e->running[i], &e->running[i + 1],
+                    sizeof(*e->running) * (size_t)(e->n_running - i - 1));
+            e->n_running--;
+            break;
+        }
+    r->running = false;
+}
 
 static void finish_request(sched_engine *e, sched_request *r, sched_finish why, const char *msg)
 {
+    const double now = sched_now();
     pthread_mutex_lock(&r->mu);
     r->finish = why;
     r->text_final = r->text_raw; /* held-back bytes are final now */
-    r->t_finish = sched_now();
+    r->t_finish = now;
     if (msg)
         snprintf(r->error, sizeof(r->error), "%s", msg);
+    const int n_tokens = r->n_tokens;
     pthread_mutex_unlock(&r->mu);
-    rt_kv_destroy(r->kv);
-    r->kv = NULL;
+    if (r->running)
+        running_remove(e, r);
+    sched_bm_release(e->bm, &r->bt);
     free(r->logits);
     r->logits = NULL;
     rt_sampler_free(&r->sampler);
     pthread_mutex_lock(&e->mu);
     e->n_outstanding--;
     e->stats.requests_finished++;
-    e->stats.generated_tokens += (uint64_t)r->n_tokens;
+    e->stats.finished_by_reason[why]++;
+    if (why == SCHED_FINISH_STOP || why == SCHED_FINISH_LENGTH) {
+        sched_hist_observe(&e->stats.e2e, now - r->t_arrival);
+        if (n_tokens > 1)
+            sched_hist_observe(&e->stats.tpot, (now - r->t_first) / (n_tokens - 1));
+    }
     pthread_mutex_unlock(&e->mu);
     if (r->notify)
         r->notify(r, true, r->user);
     sched_request_release(r);
 }
 
+/* Gives the request's blocks back; it returns to the waiting list (in its
+ * original place: its arrival order is kept) and will recompute. */
+static void preempt(sched_engine *e, sched_request *r)
+{
+    running_remove(e, r);
+    sched_bm_release(e->bm, &r->bt);
+    r->n_computed = 0;
+    r->n_preempted++;
+    waiting_insert(e, r);
+    pthread_mutex_lock(&e->mu);
+    e->stats.preemptions++;
+    pthread_mutex_unlock(&e->mu);
+}
+
+/* Samples the next token from r->logits: logprobs come from the model's raw
+ * distribution; min_tokens bans EOS before the draw. */
+static int32_t choose_token(sched_engine *e, sched_request *r)
+{
+    const int i = r->n_tokens; /* only the engine writes n_tokens */
+    if (r->p.min_tokens > i && e->eos >= 0 && !r->p.ignore_eos)
+        r->logits[e->eos] = -INFINITY;
+    const int32_t tok = (int32_t)rt_sample(&r->sampler, r->logits);
+    if (r->lp) {
+        const int k = r->p.logprobs;
+        r->lp[i] = rt_logprobs(r->logits, e->n_vocab, tok, k, r->top_ids + (size_t)i * (size_t)k,
+                               r->top_lps + (size_t)i * (size_t)k);
+    }
+    rt_sampler_accept(&r->sampler, tok);
+    return tok;
+}
+
 /* Records a sampled token and applies the stop conditions. */
 static void accept_token(sched_engine *e, sched_request *r, int32_t tok)
 {
-    const rt_tokenizer *tk = rt_model_tokenizer(e->model);
     char piece[256];
-    size_t n = rt_token_to_bytes(tk, tok, piece, sizeof(piece));
+    size_t n = e->tok ? rt_token_to_bytes(e->tok, tok, piece, sizeof(piece)) : 0;
     if (n > sizeof(piece))
         n = sizeof(piece);
+    const double now = sched_now();
     sched_finish why = SCHED_FINISH_NONE;
     pthread_mutex_lock(&r->mu);
     r->tokens[r->n_tokens++] = tok;
-    if (r->n_tokens == 1)
-        r->t_first = sched_now();
+    const bool first = r->n_tokens == 1;
+    if (first)
+        r->t_first = now;
     if (tok == e->eos && !r->p.ignore_eos)
         why = SCHED_FINISH_STOP;
     else if (append_text(r, piece, n))
         why = SCHED_FINISH_STOP;
     else if (r->n_tokens >= r->p.max_tokens)
         why = SCHED_FINISH_LENGTH;
+    r->tok_end[r->n_tokens - 1] = r->text_raw;
     pthread_mutex_unlock(&r->mu);
-    r->last_token = tok;
+    r->seq[r->n_seq++] = tok;
+    if (first) {
+        pthread_mutex_lock(&e->mu);
+        sched_hist_observe(&e->stats.ttft, now - r->t_arrival);
+        pthread_mutex_unlock(&e->mu);
+    }
     if (why != SCHED_FINISH_NONE)
         finish_request(e, r, why, NULL);
     else if (r->notify)
         r->notify(r, false, r->user);
 }
 
-static bool admit(sched_engine *e, sched_request *r)
-{
-    const int cap = r->p.n_prompt + r->p.max_tokens;
-    r->kv = rt_kv_create(e->model, cap);
-    r->logits = malloc(sizeof(float) * (size_t)e->n_vocab);
-    if (!r->kv || !r->logits || rt_sampler_init(&r->sampler, &r->p.sampling, e->n_vocab) != 0) {
-        finish_request(e, r, SCHED_FINISH_ERROR, "out of memory for the KV cache");
-        return false;
-    }
-    return true;
-}
+/* ---- engine: one step ----------------------------------------------------- */
 
-static void take_inbox(sched_engine *e)
+static void take_inbox(sched_engine *e, bool block)
 {
     pthread_mutex_lock(&e->mu);
-    while (!e->stop && !e->inbox && e->n_running == 0 && !e->waiting)
+    while (block && !e->stop && !e->cancel_all && !e->inbox && e->n_running == 0 && !e->waiting)
         pthread_cond_wait(&e->cv, &e->mu);
     sched_request *in = e->inbox;
     e->inbox = e->inbox_tail = NULL;
@@ -305,150 +482,341 @@ static void take_inbox(sched_engine *e)
     pthread_mutex_unlock(&e->mu);
     while (in) {
         sched_request *next = in->next;
-        in->next = NULL;
-        if (e->waiting_tail)
-            e->waiting_tail->next = in;
-        else
-            e->waiting = in;
-        e->waiting_tail = in;
-        e->n_waiting++;
+        waiting_insert(e, in);
         in = next;
     }
 }
 
 static void drop_cancelled(sched_engine *e, bool all)
 {
-    sched_request **pp = &e->waiting;
-    e->waiting_tail = NULL;
-    while (*pp) {
+    for (sched_request **pp = &e->waiting; *pp;) {
         sched_request *r = *pp;
         if (all || atomic_load(&r->cancel)) {
             *pp = r->next;
             e->n_waiting--;
             finish_request(e, r, SCHED_FINISH_CANCELLED, NULL);
         } else {
-            e->waiting_tail = r;
             pp = &r->next;
         }
     }
-    int j = 0;
-    for (int i = 0; i < e->n_running; i++) {
+    for (int i = e->n_running - 1; i >= 0; i--) {
         sched_request *r = e->running[i];
         if (all || atomic_load(&r->cancel))
             finish_request(e, r, SCHED_FINISH_CANCELLED, NULL);
-        else
-            e->running[j++] = r;
     }
-    e->n_running = j;
 }
 
-static void engine_step(sched_engine *e)
+/* The first choice of a request computes the shared prompt; its siblings wait
+ * until that is done and then find the prompt's full blocks in the prefix
+ * cache instead of computing them again. */
+static bool sibling_must_wait(const sched_engine *e, const sched_request *r)
 {
-    while (e->waiting && e->n_running < e->opts.max_running_seqs) {
-        sched_request *r = e->waiting;
-        e->waiting = r->next;
-        if (!e->waiting)
-            e->waiting_tail = NULL;
+    const sched_request *l = r->leader;
+    return e->opts.prefix_caching && l && l->running && l->n_computed < l->p.n_prompt &&
+           r->n_preempted == 0;
+}
+
+static void admit(sched_engine *e)
+{
+    for (sched_request **pp = &e->waiting; *pp && e->n_running < e->opts.max_running_seqs;) {
+        sched_request *r = *pp;
+        if (sibling_must_wait(e, r)) {
+            pp = &r->next;
+            continue;
+        }
+        const int need = sched_bm_blocks_needed(e->bm, r->seq, r->n_seq);
+        /* New work keeps a small reserve so running sequences can still grow;
+         * a preempted sequence may use it, or it might never come back. */
+        const int reserve = r->n_preempted ? 0 : e->watermark_blocks;
+        if (need < 0 || need + reserve > sched_bm_free_count(e->bm))
+            break; /* first come, first served: nothing behind it jumps the queue */
+        if (!r->started) {
+            r->logits = malloc(sizeof(float) * (size_t)e->n_vocab);
+            if (!r->logits || rt_sampler_init(&r->sampler, &r->p.sampling, e->n_vocab) != 0) {
+                *pp = r->next;
+                e->n_waiting--;
+                finish_request(e, r, SCHED_FINISH_ERROR, "out of memory");
+                continue;
+            }
+            rt_sampler_set_prompt(&r->sampler, r->p.prompt, r->p.n_prompt);
+            r->started = true;
+        }
+        if (sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq) != 0)
+            break;
+        r->n_computed = r->bt.n_cached;
+        *pp = r->next;
         e->n_waiting--;
         r->next = NULL;
-        if (admit(e, r))
-            e->running[e->n_running++] = r;
+        running_insert(e, r);
     }
-    int budget = rt_model_max_batch_tokens(e->model);
-    int nb = 0;
+}
+
+/* Reserves the slots for n more tokens of r, preempting the sequences that run
+ * after it (youngest / lowest priority first) while blocks are short. Returns
+ * false when r itself had to be preempted. */
+static bool reserve_slots(sched_engine *e, sched_request *r, int n)
+{
+    const int need = r->n_computed + n - r->bt.n_tokens;
+    if (need <= 0)
+        return true;
+    for (;;) {
+        sched_bm_copy cow = {-1, -1};
+        if (sched_bm_append(e->bm, &r->bt, need, &cow) == 0) {
+            if (cow.src >= 0)
+                rt_kv_pool_copy_block(e->pool, cow.src, cow.dst);
+            return true;
+        }
+        sched_request *victim = e->running[e->n_running - 1];
+        for (int i = 0; i < e->n_batch; i++)
+            if (e->batch_req[i] == victim)
+                victim = r; /* never take blocks from a sequence already in this batch */
+        preempt(e, victim);
+        if (victim == r)
+            return false;
+    }
+}
+
+static void add_to_batch(sched_engine *e, sched_request *r, int n)
+{
+    const bool last = r->n_computed + n == r->n_seq;
+    e->batch[e->n_batch] = (rt_seq_batch){
+        .tokens = r->seq + r->n_computed,
+        .n_tokens = n,
+        .logits = last ? r->logits : NULL,
+        .pool = e->pool,
+        .blocks = r->bt.blocks,
+        .n_blocks = r->bt.n_blocks,
+        .n_past = r->n_computed,
+    };
+    e->batch_req[e->n_batch++] = r;
+}
+
+static void build_batch(sched_engine *e)
+{
+    int budget = e->max_batch_tokens;
+    e->n_batch = 0;
     /* Decodes first: a running stream gets its token every step. */
     for (int i = 0; i < e->n_running && budget > 0; i++) {
         sched_request *r = e->running[i];
-        if (r->n_prefilled < r->p.n_prompt)
+        if (r->n_seq - r->n_computed != 1 || r->n_computed < r->p.n_prompt)
             continue;
-        e->batch[nb] = (rt_seq_batch){r->kv, &r->last_token, 1, r->logits};
-        e->batch_req[nb++] = r;
+        if (!reserve_slots(e, r, 1)) {
+            i--; /* r left the running array */
+            continue;
+        }
+        add_to_batch(e, r, 1);
         budget--;
     }
+    /* Then prompt chunks (and the recomputation of preempted sequences). */
     for (int i = 0; i < e->n_running && budget > 0; i++) {
         sched_request *r = e->running[i];
-        const int left = r->p.n_prompt - r->n_prefilled;
-        if (left <= 0)
+        const int left = r->n_seq - r->n_computed;
+        if (left <= 0 || (left == 1 && r->n_computed >= r->p.n_prompt))
             continue;
         const int n = left < budget ? left : budget;
-        e->batch[nb] = (rt_seq_batch){r->kv, r->p.prompt + r->n_prefilled, n,
-                                      n == left ? r->logits : NULL};
-        e->batch_req[nb++] = r;
+        if (!reserve_slots(e, r, n)) {
+            i--;
+            continue;
+        }
+        add_to_batch(e, r, n);
         budget -= n;
     }
-    if (nb == 0)
-        return;
+}
+
+int sched_engine_step(sched_engine *e)
+{
+    take_inbox(e, false);
+    pthread_mutex_lock(&e->mu);
+    const bool all = e->stop || e->cancel_all;
+    e->cancel_all = false;
+    pthread_mutex_unlock(&e->mu);
+    drop_cancelled(e, all);
+    admit(e);
+    build_batch(e);
+    const int nb = e->n_batch;
+    if (nb == 0) {
+        if (e->n_running == 0 && e->waiting && sched_bm_used_count(e->bm) == 0) {
+            /* Nothing runs and the head still does not fit: it never will. */
+            sched_request *r = e->waiting;
+            e->waiting = r->next;
+            e->n_waiting--;
+            finish_request(e, r, SCHED_FINISH_ERROR, "the prompt does not fit the KV cache");
+        }
+        return 0;
+    }
+    const double t0 = sched_now();
     char err[256];
-    uint64_t prompt_tokens = 0;
-    if (rt_forward(e->model, e->batch, nb, err, sizeof(err)) != 0) {
-        /* Each request is in the batch once; finishing clears its kv. */
+    int total = 0;
+    for (int i = 0; i < nb; i++)
+        total += e->batch[i].n_tokens;
+    if (e->forward(e->forward_ctx, e->batch, nb, err, sizeof(err)) != 0) {
         for (int i = 0; i < nb; i++)
             finish_request(e, e->batch_req[i], SCHED_FINISH_ERROR, err);
-        nb = 0;
+        return nb;
+    }
+    uint64_t prompt_tokens = 0;
+    for (int i = 0; i < nb; i++) {
+        sched_request *r = e->batch_req[i];
+        r->n_computed += e->batch[i].n_tokens;
+        if (r->n_computed <= r->p.n_prompt)
+            prompt_tokens += (uint64_t)e->batch[i].n_tokens;
+        sched_bm_commit(e->bm, &r->bt, r->seq, r->n_computed);
     }
     for (int i = 0; i < nb; i++) {
         sched_request *r = e->batch_req[i];
-        if (r->n_prefilled < r->p.n_prompt) {
-            r->n_prefilled += e->batch[i].n_tokens;
-            prompt_tokens += (uint64_t)e->batch[i].n_tokens;
-        }
         if (e->batch[i].logits)
-            accept_token(e, r, rt_sample(&r->sampler, r->logits));
+            accept_token(e, r, choose_token(e, r));
     }
-    /* Compact the running array: finished requests have kv == NULL. */
-    int j = 0;
-    for (int i = 0; i < e->n_running; i++)
-        if (e->running[i]->kv)
-            e->running[j++] = e->running[i];
-    e->n_running = j;
+    const double dt = sched_now() - t0;
+    uint64_t q, h;
+    sched_bm_prefix_stats(e->bm, &q, &h);
     pthread_mutex_lock(&e->mu);
     e->stats.steps++;
     e->stats.prompt_tokens += prompt_tokens;
     e->stats.running = e->n_running;
     e->stats.waiting = e->n_waiting + e->n_inbox;
+    e->stats.prefix_query_tokens = q;
+    e->stats.prefix_hit_tokens = h;
+    e->stats.kv_blocks_used = sched_bm_used_count(e->bm);
+    e->stats.kv_blocks_cached = sched_bm_cached_count(e->bm);
+    sched_hist_observe(&e->stats.step_time, dt);
+    sched_hist_observe(&e->stats.batch_tokens, total);
     pthread_mutex_unlock(&e->mu);
+    return nb;
+}
+
+int sched_engine_last_batch(sched_engine *e, sched_request **reqs, int *n_tokens, int cap)
+{
+    int n = e->n_batch < cap ? e->n_batch : cap;
+    for (int i = 0; i < n; i++) {
+        reqs[i] = e->batch_req[i];
+        n_tokens[i] = e->batch[i].n_tokens;
+    }
+    return n;
 }
 
 static void *engine_main(void *arg)
 {
     sched_engine *e = arg;
     for (;;) {
-        take_inbox(e);
+        take_inbox(e, true);
         pthread_mutex_lock(&e->mu);
-        const bool stop = e->stop, all = e->cancel_all;
-        e->cancel_all = false;
+        const bool stop = e->stop;
         pthread_mutex_unlock(&e->mu);
-        drop_cancelled(e, stop || all);
-        if (stop)
+        if (stop) {
+            drop_cancelled(e, true);
             return NULL;
-        engine_step(e);
+        }
+        if (sched_engine_step(e) == 0 && (e->n_running > 0 || e->waiting)) {
+            /* Blocked on memory with nothing to run: wait for a change. */
+            pthread_mutex_lock(&e->mu);
+            if (!e->inbox && !e->stop && !e->cancel_all) {
+                struct timespec ts;
+                clock_gettime(CLOCK_REALTIME, &ts);
+                ts.tv_nsec += 10 * 1000 * 1000;
+                if (ts.tv_nsec >= 1000000000L) {
+                    ts.tv_sec++;
+                    ts.tv_nsec -= 1000000000L;
+                }
+                pthread_cond_timedwait(&e->cv, &e->mu, &ts);
+            }
+            pthread_mutex_unlock(&e->mu);
+        }
     }
 }
 
-sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts)
+static int model_forward(void *ctx, rt_seq_batch *seqs, int n, char *err, size_t errlen)
+{
+    return rt_forward(ctx, seqs, n, err, errlen);
+}
+
+/* Blocks for the configured budget; 0 means enough for every running
+ * sequence's full context, capped at a quarter of the available memory. */
+static int64_t pool_blocks(const sched_opts *o, size_t bytes_per_token, int block_size, int n_ctx)
+{
+    const int64_t block_bytes = (int64_t)bytes_per_token * block_size;
+    int64_t budget = o->kv_cache_bytes;
+    if (budget <= 0) {
+        budget = (int64_t)o->max_running_seqs * n_ctx * (int64_t)bytes_per_token;
+        long pages = sysconf(_SC_AVPHYS_PAGES), page = sysconf(_SC_PAGESIZE);
+        if (pages > 0 && page > 0 && budget > (int64_t)pages * page / 4)
+            budget = (int64_t)pages * page / 4;
+    }
+    return budget / block_bytes;
+}
+
+sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char *err,
+                                  size_t errlen)
 {
     sched_engine *e = calloc(1, sizeof(*e));
-    if (!e)
+    if (!e) {
+        snprintf(err, errlen, "out of memory");
         return NULL;
+    }
     e->model = model;
     e->opts = *opts;
     if (e->opts.max_running_seqs < 1)
         e->opts.max_running_seqs = 1;
-    e->n_ctx = rt_model_n_ctx(model);
-    e->n_vocab = rt_model_hparams(model)->n_vocab;
-    e->eos = rt_tokenizer_eos(rt_model_tokenizer(model));
+    const int bs = opts->kv_block_size > 0 ? opts->kv_block_size : 16;
+    if (model) {
+        e->n_ctx = rt_model_n_ctx(model);
+        e->n_vocab = rt_model_hparams(model)->n_vocab;
+        e->tok = rt_model_tokenizer(model);
+        e->eos = rt_tokenizer_eos(e->tok);
+        e->max_batch_tokens = rt_model_max_batch_tokens(model);
+        e->forward = model_forward;
+        e->forward_ctx = model;
+        const int64_t nb = pool_blocks(&e->opts, rt_kv_bytes_per_token(model), bs, e->n_ctx);
+        const int64_t min_blocks = (e->n_ctx + bs - 1) / bs;
+        if (nb < min_blocks) {
+            snprintf(err, errlen,
+                     "the KV cache budget holds %lld blocks of %d tokens; one full context "
+                     "needs %lld (raise kv_cache_bytes or lower context_length)",
+                     (long long)nb, bs, (long long)min_blocks);
+            free(e);
+            return NULL;
+        }
+        e->pool = rt_kv_pool_create(model, nb > INT32_MAX ? INT32_MAX : (int)nb, bs);
+        e->own_pool = true;
+        e->stats.kv_bytes_per_token = rt_kv_bytes_per_token(model);
+    } else {
+        e->n_ctx = opts->n_ctx;
+        e->n_vocab = opts->n_vocab;
+        e->eos = opts->eos;
+        e->max_batch_tokens = opts->max_batch_tokens;
+        e->forward = opts->forward;
+        e->forward_ctx = opts->forward_ctx;
+        e->pool = opts->pool;
+    }
+    if (opts->max_batch_tokens > 0 && opts->max_batch_tokens < e->max_batch_tokens)
+        e->max_batch_tokens = opts->max_batch_tokens;
+    if (!e->pool || !e->forward || e->max_batch_tokens < 1) {
+        snprintf(err, errlen, "cannot allocate the KV cache pool");
+        if (e->own_pool)
+            rt_kv_pool_destroy(e->pool);
+        free(e);
+        return NULL;
+    }
+    const int n_blocks = rt_kv_pool_blocks(e->pool);
+    e->bm = sched_bm_create(n_blocks, rt_kv_pool_block_size(e->pool), opts->prefix_caching);
+    e->watermark_blocks = n_blocks / 100;
+    e->stats.kv_blocks_total = n_blocks;
+    e->stats.kv_block_size = rt_kv_pool_block_size(e->pool);
+    init_stats(e);
     const int max_batch = e->opts.max_running_seqs + 1;
-    e->running = calloc((size_t)e->opts.max_running_seqs, sizeof(*e->running));
+    e->running = calloc((size_t)e->opts.max_running_seqs + 1, sizeof(*e->running));
     e->batch = calloc((size_t)max_batch, sizeof(*e->batch));
     e->batch_req = calloc((size_t)max_batch, sizeof(*e->batch_req));
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
-    if (!e->running || !e->batch || !e->batch_req ||
-        pthread_create(&e->thread, NULL, engine_main, e) != 0) {
-        free(e->running);
-        free(e->batch);
-        free(e->batch_req);
-        free(e);
+    bool ok = e->bm && e->running && e->batch && e->batch_req;
+    if (ok && !opts->manual) {
+        ok = pthread_create(&e->thread, NULL, engine_main, e) == 0;
+        e->has_thread = ok;
+    }
+    if (!ok) {
+        snprintf(err, errlen, "cannot start the engine");
+        sched_engine_destroy(e);
         return NULL;
     }
     return e;
@@ -462,12 +830,17 @@ void sched_engine_destroy(sched_engine *e)
     e->stop = true;
     pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
-    pthread_join(e->thread, NULL);
+    if (e->has_thread)
+        pthread_join(e->thread, NULL);
+    else if (e->bm)
+        drop_cancelled(e, true);
     /* Requests submitted after the engine saw stop are still in the inbox. */
-    for (sched_request *r = e->inbox, *next; r; r = next) {
-        next = r->next;
-        finish_request(e, r, SCHED_FINISH_CANCELLED, NULL);
-    }
+    take_inbox(e, false);
+    if (e->bm)
+        drop_cancelled(e, true);
+    sched_bm_destroy(e->bm);
+    if (e->own_pool)
+        rt_kv_pool_destroy(e->pool);
     free(e->running);
     free(e->batch);
     free(e->batch_req);
@@ -476,20 +849,27 @@ void sched_engine_destroy(sched_engine *e)
     free(e);
 }
 
-int sched_submit(sched_engine *e, sched_request *r)
+int sched_submit_many(sched_engine *e, sched_request **rs, int n)
 {
-    if ((long)r->p.n_prompt + r->p.max_tokens > e->n_ctx)
-        return SCHED_E_TOO_LONG;
+    const long slots = (long)rt_kv_pool_blocks(e->pool) * rt_kv_pool_block_size(e->pool);
+    for (int i = 0; i < n; i++) {
+        const long need = (long)rs[i]->p.n_prompt + rs[i]->p.max_tokens;
+        if (need > e->n_ctx || need > slots)
+            return SCHED_E_TOO_LONG;
+    }
     pthread_mutex_lock(&e->mu);
     int rc = SCHED_OK;
     if (e->stop)
         rc = SCHED_E_STOPPING;
-    else if (e->n_outstanding >= e->opts.max_waiting + e->opts.max_running_seqs)
+    else if (e->n_outstanding + n > e->opts.max_waiting + e->opts.max_running_seqs)
         rc = SCHED_E_QUEUE_FULL;
-    if (rc == SCHED_OK) {
+    for (int i = 0; rc == SCHED_OK && i < n; i++) {
+        sched_request *r = rs[i];
         atomic_fetch_add(&r->refs, 1);
         e->n_outstanding++;
         e->stats.waiting++;
+        r->arrival_seq = e->next_arrival++;
+        r->leader = i > 0 ? rs[0] : NULL;
         r->t_arrival = sched_now();
         r->next = NULL;
         if (e->inbox_tail)
@@ -498,11 +878,14 @@ int sched_submit(sched_engine *e, sched_request *r)
             e->inbox = r;
         e->inbox_tail = r;
         e->n_inbox++;
-        pthread_cond_signal(&e->cv);
     }
+    if (rc == SCHED_OK)
+        pthread_cond_signal(&e->cv);
     pthread_mutex_unlock(&e->mu);
     return rc;
 }
+
+int sched_submit(sched_engine *e, sched_request *r) { return sched_submit_many(e, &r, 1); }
 
 void sched_engine_cancel_all(sched_engine *e)
 {

@@ -40,7 +40,12 @@ typedef struct {
     char *stop[SCHED_MAX_STOP]; /* copied; n_stop used */
     int n_stop;
     bool ignore_eos;
+    int min_tokens; /* EOS is suppressed until this many tokens exist */
+    int logprobs;   /* -1: none; k >= 0: each token's logprob and the top k */
+    int priority;   /* lower runs first (vLLM's convention); ties: first come first served */
 } sched_params;
+
+#define SCHED_MAX_LOGPROBS 20
 
 typedef struct sched_request sched_request;
 typedef struct sched_engine sched_engine;
@@ -49,13 +54,44 @@ typedef struct sched_engine sched_engine;
  * finished (finished is then true, and this is the last call). */
 typedef void (*sched_notify_fn)(sched_request *r, bool finished, void *user);
 
+/* The forward pass the engine calls; rt_forward bound to the model unless a
+ * test substitutes its own. */
+typedef int (*sched_forward_fn)(void *ctx, rt_seq_batch *seqs, int n_seqs, char *err,
+                                size_t errlen);
+
 typedef struct {
     int max_running_seqs;
     int max_waiting;
+    int max_batch_tokens;   /* 0: the model's */
+    int64_t kv_cache_bytes; /* KV pool budget; 0: enough for max_running_seqs full contexts,
+                               capped at a quarter of available memory */
+    int kv_block_size;      /* tokens per block; 0: 16 */
+    bool prefix_caching;
+    bool manual;            /* no engine thread: the caller runs sched_engine_step (tests) */
+    /* Tests only (model == NULL): the geometry and the forward to use. */
+    sched_forward_fn forward;
+    void *forward_ctx;
+    rt_kv_pool *pool;
+    int n_vocab, n_ctx;
+    int32_t eos;
 } sched_opts;
 
-/* Starts the engine thread over a loaded model (the engine does not own it). */
-sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts);
+/* Starts the engine over a loaded model (the engine does not own it): the KV
+ * pool is allocated here from opts. Returns NULL with err on failure. */
+sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char *err,
+                                  size_t errlen);
+
+/* Manual mode: runs one engine step (admission, one batch, sampling) and
+ * returns the number of sequences in the batch. */
+int sched_engine_step(sched_engine *e);
+
+/* What the last step ran, for tests: the request and token count of each
+ * batch entry, in batch order. Returns the entry count (<= cap). */
+int sched_engine_last_batch(sched_engine *e, sched_request **reqs, int *n_tokens, int cap);
+
+/* Bookkeeping of a request, for tests: tokens computed and preemptions. */
+int sched_request_n_computed(const sched_request *r);
+int sched_request_n_preempted(const sched_request *r);
 /* Cancels everything still queued or running, stops and joins the thread. */
 void sched_engine_destroy(sched_engine *e);
 
@@ -68,6 +104,10 @@ enum { SCHED_OK = 0, SCHED_E_QUEUE_FULL = -1, SCHED_E_TOO_LONG = -2, SCHED_E_STO
 /* Cancels every queued and running request at the engine's next step (their
  * owners are notified with SCHED_FINISH_CANCELLED); new submits still work. */
 void sched_engine_cancel_all(sched_engine *e);
+
+/* Queues n requests all together or none of them (the choices of one HTTP
+ * request); same return codes as sched_submit. */
+int sched_submit_many(sched_engine *e, sched_request **rs, int n);
 
 /* Queues the request. SCHED_E_TOO_LONG when prompt + max_tokens exceed the
  * context, SCHED_E_QUEUE_FULL when max_waiting requests already wait. */
@@ -86,6 +126,14 @@ typedef struct {
     size_t text_len;       /* total bytes of final text (stop strings removed) */
     const int32_t *tokens; /* generated token ids */
     int n_tokens;
+    /* With logprobs >= 0 (else NULL): per generated token i, its logprob lp[i],
+     * and top_ids / top_lps[i * top_n .. + top_n); tok_end[i] is the length of
+     * the raw text after token i (before stop strings were cut). */
+    const float *lp;
+    const int32_t *top_ids;
+    const float *top_lps;
+    int top_n;
+    const size_t *tok_end;
     int n_prompt;
     sched_finish finish;   /* NONE while running */
     char error[256];       /* for SCHED_FINISH_ERROR */
@@ -95,14 +143,34 @@ typedef struct {
 /* Returns 0, or -1 when the copy cannot be allocated. */
 int sched_request_output(sched_request *r, size_t text_from, sched_output *out);
 
+/* A histogram with fixed bucket bounds (Prometheus style: counts[i] holds the
+ * observations <= bounds[i]; the last count is +Inf). */
+#define SCHED_HIST_MAX 24
+typedef struct {
+    int n_bounds;
+    double bounds[SCHED_HIST_MAX];
+    uint64_t counts[SCHED_HIST_MAX + 1];
+    double sum;
+    uint64_t count;
+} sched_hist;
+
+void sched_hist_observe(sched_hist *h, double v);
+
 /* Per-engine counters, read from any thread. */
 typedef struct {
     int running;
     int waiting;
     uint64_t requests_finished;
-    uint64_t prompt_tokens;
+    uint64_t finished_by_reason[5]; /* indexed by sched_finish */
+    uint64_t prompt_tokens;          /* prompt tokens computed (prefix hits excluded) */
     uint64_t generated_tokens;
     uint64_t steps;
+    uint64_t preemptions;
+    uint64_t prefix_query_tokens, prefix_hit_tokens;
+    int kv_blocks_total, kv_blocks_used, kv_blocks_cached;
+    int kv_block_size;
+    size_t kv_bytes_per_token;
+    sched_hist ttft, tpot, e2e, step_time, batch_tokens;
 } sched_stats;
 
 void sched_engine_stats(sched_engine *e, sched_stats *out);

@@ -18,6 +18,8 @@
 #include "server/server.h"
 
 #include <arpa/inet.h>
+#include <errno.h>
+#include <sys/socket.h>
 #include <microhttpd.h>
 #include <netinet/in.h>
 #include <pthread.h>
@@ -30,12 +32,15 @@
 #include <uv.h>
 
 #include "runtime/tokenizer.h"
+#include "runtime/chat_template.h"
+#include "server/metrics.h"
 #include "server/openai.h"
 
 typedef enum {
     CONN_READING,    /* collecting the body */
     CONN_WORKING,    /* tokenizing or with the engine; the connection is suspended */
-    CONN_RESPONDING, /* response ready to queue */
+    CONN_RESPONDING, /* a complete response is ready to queue */
+    CONN_STREAMING,  /* an SSE stream is (about to be) queued; chunks flow through out */
 } conn_phase;
 
 typedef struct conn {
@@ -46,16 +51,37 @@ typedef struct conn {
     size_t len, cap;
     bool too_large;
     srv_completion_req creq;
-    sched_request *req;
     uv_work_t work;
-    int32_t *tokens; /* from the worker pool */
+    int32_t *tokens; /* the prompt, tokenized on the worker pool */
     size_t n_tokens;
-    int status; /* response */
+    char *echo_text; /* completions with echo: the prompt as text */
+    size_t echo_len;
+    srv_error work_err; /* set by the worker when rendering fails */
+    bool work_failed;
+
+    int n_choices;
+    sched_request *reqs[SRV_MAX_CHOICES];
+    size_t sent_text[SRV_MAX_CHOICES]; /* streaming: bytes already sent per choice */
+    int sent_tokens[SRV_MAX_CHOICES];  /* streaming: tokens whose logprobs were sent */
+    bool sent_final[SRV_MAX_CHOICES];
+    int n_done; /* finish notifications received (guarded by srv->done_mu) */
+    bool queued; /* on srv->ready (guarded by srv->done_mu) */
+    struct conn *next_ready;
+
+    /* streaming output, loop thread only */
+    char *out;
+    size_t out_len, out_off, out_cap;
+    bool stream_done;
+    bool reader_suspended;
+    bool failed_alloc;
+
+    int status; /* complete response */
     char *resp;
     char id[40];
+    long created;
     double t_start;
-    struct conn *next_done;
     bool closed; /* MHD finished with it while the engine still ran */
+    uv_poll_t *peer; /* watches a suspended connection's socket for a hang-up */
 } conn;
 
 struct srv_server {
@@ -63,6 +89,7 @@ struct srv_server {
     rt_model *model;
     sched_engine *engine;
     const rt_tokenizer *tok;
+    int chat_family;
     srv_limits limits;
     char model_name[256];
     long created;
@@ -74,9 +101,9 @@ struct srv_server {
     uv_signal_t sigint, sigterm;
     uv_timer_t drain_timer;
     pthread_mutex_t done_mu;
-    conn *done; /* connections whose engine request finished */
+    conn *ready; /* connections with engine output to handle */
     int port;
-    int active; /* connections in CONN_WORKING */
+    int active; /* connections whose requests are with the worker pool or engine */
     bool draining;
     int idle_ticks; /* drain ticks in a row with nothing in flight */
     MHD_socket listen_fd; /* returned by MHD_quiesce_daemon; closed after stop */
@@ -95,6 +122,9 @@ static void set_json_response(conn *c, int status, json_t *j)
 }
 
 static void set_error(conn *c, const srv_error *e) { set_json_response(c, e->status, srv_error_json(e)); }
+
+/* Extra header of an error response: Retry-After for 429 and 503. */
+static const char *retry_header(int status) { return status == 429 || status == 503 ? "Retry-After" : NULL; }
 
 static enum MHD_Result queue_body(struct MHD_Connection *mc, int status, char *body,
                                   const char *extra_header, const char *extra_value)
@@ -117,8 +147,9 @@ static enum MHD_Result queue_error(struct MHD_Connection *mc, const srv_error *e
     json_t *j = srv_error_json(e);
     char *body = json_dumps(j, JSON_COMPACT);
     json_decref(j);
-    const char *allow = e->status == 405 ? "Allow" : NULL;
-    enum MHD_Result ret = queue_body(mc, e->status, body, allow, allow ? e->param : NULL);
+    const char *name = e->status == 405 ? "Allow" : retry_header(e->status);
+    const char *value = e->status == 405 ? e->param : "1";
+    enum MHD_Result ret = queue_body(mc, e->status, body, name, name ? value : NULL);
     free(body);
     return ret;
 }
@@ -143,66 +174,338 @@ static void run_mhd(srv_server *s)
 
 /* ---- engine hand-off ---------------------------------------------------- */
 
+/* Engine thread. A conn stays alive until every choice's finish notification
+ * has been counted here, so this never touches freed memory. */
 static void on_engine_notify(sched_request *r, bool finished, void *user)
 {
-    if (!finished)
-        return;
     conn *c = user;
     srv_server *s = c->srv;
+    if (!finished && !c->creq.stream)
+        return;
     pthread_mutex_lock(&s->done_mu);
-    c->next_done = s->done;
-    s->done = c;
+    if (finished)
+        c->n_done++;
+    if (!c->queued) {
+        c->queued = true;
+        c->next_ready = s->ready;
+        s->ready = c;
+    }
     pthread_mutex_unlock(&s->done_mu);
     uv_async_send(&s->async);
 }
 
-static void build_completion_response(conn *c)
+static void free_conn(conn *c);
+
+static void free_handle(uv_handle_t *h) { free(h); }
+
+static void unwatch_peer(conn *c)
 {
-    sched_output o;
-    if (sched_request_output(c->req, 0, &o) != 0) {
-        srv_error e;
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
-        set_error(c, &e);
-        free(o.text);
+    if (!c->peer)
+        return;
+    uv_poll_stop(c->peer);
+    uv_close((uv_handle_t *)c->peer, free_handle); /* freed by libuv's close callback */
+    c->peer = NULL;
+}
+
+/* A suspended connection is invisible to MHD, so a client that hangs up while
+ * its completion is computed would go unnoticed until the answer is written.
+ * Peeking at the socket finds the hang-up, and its sequences are cancelled at
+ * the engine's next step, freeing their KV blocks. */
+static void on_peer_event(uv_poll_t *h, int status, int events)
+{
+    conn *c = h->data;
+    int fd;
+    if (uv_fileno((uv_handle_t *)h, &fd) != 0)
+        return;
+    char b;
+    const ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+    if (n == 0 || status < 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
+        for (int i = 0; i < c->n_choices; i++)
+            sched_request_cancel(c->reqs[i]);
+        unwatch_peer(c);
+    } else if (n > 0) {
+        unwatch_peer(c); /* pipelined bytes: nothing to learn until we answer */
+    }
+}
+
+static void watch_peer(conn *c)
+{
+    const union MHD_ConnectionInfo *ci =
+        MHD_get_connection_info(c->mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+    if (!ci || c->peer)
+        return;
+    c->peer = malloc(sizeof(*c->peer));
+    if (!c->peer)
+        return;
+    if (uv_poll_init_socket(c->srv->loop, c->peer, ci->connect_fd) != 0) {
+        free(c->peer);
+        c->peer = NULL;
         return;
     }
-    srv_server *s = c->srv;
-    if (o.finish == SCHED_FINISH_ERROR || o.finish == SCHED_FINISH_CANCELLED) {
-        srv_error e;
-        if (o.finish == SCHED_FINISH_ERROR)
-            srv_error_set(&e, 500, "server_error", NULL, NULL, "generation failed: %s", o.error);
-        else
-            srv_error_set(&e, 503, "server_error", "server_shutting_down", NULL,
-                          "the server is shutting down; retry on another replica");
-        set_error(c, &e);
-    } else {
-        json_t *j = srv_completion_json(c->id, s->model_name, (long)time(NULL), o.text,
-                                        o.text_len, srv_finish_reason(o.finish), o.n_prompt,
-                                        o.n_tokens);
-        set_json_response(c, 200, j);
-        if (s->cfg.log_requests)
-            fprintf(stderr,
-                    "sieve: %s prompt %d tokens, completion %d tokens (%s), ttft %.1f ms, "
-                    "total %.1f ms\n",
-                    c->id, o.n_prompt, o.n_tokens, srv_finish_reason(o.finish),
-                    (o.t_first_token - o.t_arrival) * 1e3, (o.t_finish - c->t_start) * 1e3);
+    c->peer->data = c;
+    uv_poll_start(c->peer, UV_READABLE | UV_DISCONNECT, on_peer_event);
+}
+
+static void release_reqs(conn *c)
+{
+    for (int i = 0; i < c->n_choices; i++) {
+        sched_request_release(c->reqs[i]);
+        c->reqs[i] = NULL;
     }
-    free(o.text);
+    c->n_choices = 0;
+}
+
+static const char *finish_name(const sched_output *o) { return srv_finish_reason(o->finish); }
+
+/* A failed or cancelled choice turns the whole response into an error. */
+static bool output_error(const sched_output *o, srv_error *e)
+{
+    if (o->finish == SCHED_FINISH_ERROR) {
+        srv_error_set(e, 500, "server_error", NULL, NULL, "generation failed: %s", o->error);
+        return true;
+    }
+    if (o->finish == SCHED_FINISH_CANCELLED) {
+        srv_error_set(e, 503, "server_error", "server_shutting_down", NULL,
+                      "the request was cancelled: the server is shutting down");
+        return true;
+    }
+    return false;
+}
+
+static void build_full_response(conn *c)
+{
+    srv_server *s = c->srv;
+    const srv_kind kind = c->creq.kind;
+    json_t *choices = json_array();
+    int prompt_tokens = 0, completion_tokens = 0;
+    srv_error e;
+    for (int i = 0; i < c->n_choices; i++) {
+        sched_output o;
+        if (sched_request_output(c->reqs[i], 0, &o) != 0) {
+            free(o.text);
+            json_decref(choices);
+            srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+            set_error(c, &e);
+            return;
+        }
+        if (output_error(&o, &e)) {
+            free(o.text);
+            json_decref(choices);
+            set_error(c, &e);
+            return;
+        }
+        json_t *lp = c->creq.logprobs >= 0
+                         ? srv_logprobs_json(kind, s->tok, &o, 0, o.n_tokens, c->echo_len)
+                         : NULL;
+        json_t *choice;
+        if (c->echo_text) {
+            char *t = malloc(c->echo_len + o.text_len + 1);
+            if (t) {
+                memcpy(t, c->echo_text, c->echo_len);
+                memcpy(t + c->echo_len, o.text, o.text_len);
+            }
+            choice = srv_choice_json(kind, false, i, t ? t : "", t ? c->echo_len + o.text_len : 0,
+                                     false, finish_name(&o), lp);
+            free(t);
+        } else {
+            choice = srv_choice_json(kind, false, i, o.text, o.text_len, false, finish_name(&o), lp);
+        }
+        json_array_append_new(choices, choice);
+        prompt_tokens = o.n_prompt;
+        completion_tokens += o.n_tokens;
+        if (s->cfg.log_requests)
+            fprintf(stderr, "sieve: %s[%d] prompt %d, completion %d tokens (%s), ttft %.1f ms, "
+                            "total %.1f ms\n",
+                    c->id, i, o.n_prompt, o.n_tokens, finish_name(&o),
+                    (o.t_first_token - o.t_arrival) * 1e3, (o.t_finish - c->t_start) * 1e3);
+        free(o.text);
+    }
+    set_json_response(c, 200,
+                      srv_response_json(kind, false, c->id, s->model_name, c->created, choices,
+                                        srv_usage_json(prompt_tokens, completion_tokens)));
+}
+
+/* ---- server-sent events ----------------------------------------------- */
+
+static void out_append(conn *c, const char *data, size_t n)
+{
+    if (c->out_len + n > c->out_cap) {
+        size_t cap = c->out_cap ? c->out_cap : 4096;
+        while (cap < c->out_len + n)
+            cap *= 2;
+        char *b = realloc(c->out, cap);
+        if (!b) {
+            c->failed_alloc = true;
+            return;
+        }
+        c->out = b;
+        c->out_cap = cap;
+    }
+    memcpy(c->out + c->out_len, data, n);
+    c->out_len += n;
+}
+
+static void out_event(conn *c, json_t *j)
+{
+    char *text = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    if (!text) {
+        c->failed_alloc = true;
+        return;
+    }
+    out_append(c, "data: ", 6);
+    out_append(c, text, strlen(text));
+    out_append(c, "\n\n", 2);
+    free(text);
+}
+
+static void out_chunk(conn *c, json_t *choice)
+{
+    srv_server *s = c->srv;
+    json_t *choices = json_array();
+    json_array_append_new(choices, choice);
+    json_t *chunk = srv_response_json(c->creq.kind, true, c->id, s->model_name, c->created,
+                                      choices, NULL);
+    if (c->creq.include_usage)
+        json_object_set_new(chunk, "usage", json_null());
+    out_event(c, chunk);
+}
+
+/* Appends the chunks for whatever the engine produced since the last call. */
+static void stream_progress(conn *c)
+{
+    srv_server *s = c->srv;
+    const srv_kind kind = c->creq.kind;
+    bool all_final = true;
+    int prompt_tokens = 0, completion_tokens = 0;
+    for (int i = 0; i < c->n_choices; i++) {
+        if (c->sent_final[i]) {
+            sched_output o;
+            if (sched_request_output(c->reqs[i], (size_t)-1, &o) == 0) {
+                prompt_tokens = o.n_prompt;
+                completion_tokens += o.n_tokens;
+            }
+            free(o.text);
+            continue;
+        }
+        sched_output o;
+        if (sched_request_output(c->reqs[i], c->sent_text[i], &o) != 0) {
+            free(o.text);
+            c->failed_alloc = true;
+            return;
+        }
+        srv_error e;
+        if (output_error(&o, &e)) {
+            /* Too late for a status code: the stream carries the error object. */
+            out_event(c, srv_error_json(&e));
+            c->sent_final[i] = true;
+            free(o.text);
+            continue;
+        }
+        const size_t new_len = o.text_len - c->sent_text[i];
+        const int tok_to = o.finish != SCHED_FINISH_NONE ? o.n_tokens : o.n_tokens;
+        const bool new_tokens = c->creq.logprobs >= 0 && tok_to > c->sent_tokens[i];
+        if (new_len > 0 || new_tokens) {
+            json_t *lp = new_tokens ? srv_logprobs_json(kind, s->tok, &o, c->sent_tokens[i],
+                                                        tok_to, c->echo_len)
+                                    : NULL;
+            out_chunk(c, srv_choice_json(kind, true, i, o.text, new_len, false, NULL, lp));
+            c->sent_text[i] = o.text_len;
+            if (new_tokens)
+                c->sent_tokens[i] = tok_to;
+        }
+        if (o.finish != SCHED_FINISH_NONE) {
+            out_chunk(c, srv_choice_json(kind, true, i, "", 0, false, finish_name(&o), NULL));
+            c->sent_final[i] = true;
+            prompt_tokens = o.n_prompt;
+            completion_tokens += o.n_tokens;
+        } else {
+            all_final = false;
+        }
+        free(o.text);
+    }
+    if (all_final && !c->stream_done) {
+        if (c->creq.include_usage)
+            out_event(c, srv_response_json(kind, true, c->id, s->model_name, c->created,
+                                           json_array(),
+                                           srv_usage_json(prompt_tokens, completion_tokens)));
+        out_append(c, "data: [DONE]\n\n", 14);
+        c->stream_done = true;
+    }
+}
+
+/* The opening chunks: the assistant role (chat) or the echoed prompt. */
+static void stream_start(conn *c)
+{
+    for (int i = 0; i < c->n_choices; i++) {
+        if (c->creq.kind == SRV_CHAT)
+            out_chunk(c, srv_choice_json(SRV_CHAT, true, i, "", 0, true, NULL, NULL));
+        else if (c->echo_text)
+            out_chunk(c, srv_choice_json(SRV_COMPLETION, true, i, c->echo_text, c->echo_len,
+                                         false, NULL, NULL));
+    }
+}
+
+static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
+{
+    conn *c = cls;
+    if (c->failed_alloc)
+        return MHD_CONTENT_READER_END_WITH_ERROR;
+    if (c->out_off < c->out_len) {
+        size_t n = c->out_len - c->out_off;
+        if (n > max)
+            n = max;
+        memcpy(buf, c->out + c->out_off, n);
+        c->out_off += n;
+        if (c->out_off == c->out_len)
+            c->out_off = c->out_len = 0;
+        return (ssize_t)n;
+    }
+    if (c->stream_done)
+        return MHD_CONTENT_READER_END_OF_STREAM;
+    /* Nothing to send yet: park the connection until the engine posts. */
+    c->reader_suspended = true;
+    MHD_suspend_connection(c->mc);
+    return 0;
 }
 
 static void on_async(uv_async_t *a)
 {
     srv_server *s = a->data;
     pthread_mutex_lock(&s->done_mu);
-    conn *list = s->done;
-    s->done = NULL;
+    conn *list = s->ready;
+    s->ready = NULL;
+    for (conn *c = list; c; c = c->next_ready)
+        c->queued = false;
     pthread_mutex_unlock(&s->done_mu);
     while (list) {
         conn *c = list;
-        list = c->next_done;
-        build_completion_response(c);
-        sched_request_release(c->req);
-        c->req = NULL;
+        list = c->next_ready;
+        pthread_mutex_lock(&s->done_mu);
+        const bool all_done = c->n_done == c->n_choices;
+        pthread_mutex_unlock(&s->done_mu);
+        if (c->closed) {
+            /* The client is gone; free once the engine is done with it. */
+            if (all_done) {
+                s->active--;
+                free_conn(c);
+            }
+            continue;
+        }
+        if (c->creq.stream) {
+            if (c->phase == CONN_STREAMING)
+                stream_progress(c);
+            if (c->reader_suspended) {
+                c->reader_suspended = false;
+                MHD_resume_connection(c->mc);
+            }
+            continue;
+        }
+        if (!all_done)
+            continue;
+        unwatch_peer(c);
+        build_full_response(c);
+        release_reqs(c);
         c->phase = CONN_RESPONDING;
         s->active--;
         MHD_resume_connection(c->mc);
@@ -210,17 +513,55 @@ static void on_async(uv_async_t *a)
     run_mhd(s);
 }
 
-/* Worker pool: tokenizing a long prompt must not stall the loop. */
+/* Worker pool: rendering a chat and tokenizing a long prompt must not stall
+ * the loop. */
 static void tokenize_work(uv_work_t *w)
 {
     conn *c = w->data;
     srv_server *s = c->srv;
-    if (c->creq.prompt_text) {
-        if (rt_tokenize(s->tok, c->creq.prompt_text, c->creq.prompt_len, true, true, &c->tokens,
-                        &c->n_tokens) != 0) {
-            c->tokens = NULL;
-            c->n_tokens = 0;
+    const srv_completion_req *q = &c->creq;
+    if (q->kind == SRV_CHAT) {
+        rt_chat_msg *msgs = calloc((size_t)q->n_msgs, sizeof(*msgs));
+        char *text = NULL;
+        size_t len = 0;
+        char err[256];
+        if (!msgs) {
+            c->work_failed = true;
+            srv_error_set(&c->work_err, 500, "server_error", NULL, NULL, "out of memory");
+            return;
         }
+        for (int i = 0; i < q->n_msgs; i++)
+            msgs[i] = (rt_chat_msg){q->msgs[i].role, strlen(q->msgs[i].role),
+                                    q->msgs[i].content, q->msgs[i].content_len};
+        const int32_t bos = rt_tokenizer_bos(s->tok), eos = rt_tokenizer_eos(s->tok);
+        size_t bl = 0, el = 0;
+        const char *bp = bos >= 0 ? rt_token_piece(s->tok, bos, &bl) : NULL;
+        const char *ep = eos >= 0 ? rt_token_piece(s->tok, eos, &el) : NULL;
+        char bos_s[64] = "", eos_s[64] = "";
+        if (bp && bl < sizeof(bos_s))
+            memcpy(bos_s, bp, bl), bos_s[bl] = 0;
+        if (ep && el < sizeof(eos_s))
+            memcpy(eos_s, ep, el), eos_s[el] = 0;
+        int rc = rt_chat_render((rt_chat_family)s->chat_family, msgs, (size_t)q->n_msgs, true,
+                                bos_s, eos_s, &text, &len, err, sizeof(err));
+        free(msgs);
+        if (rc != 0) {
+            c->work_failed = true;
+            srv_error_set(&c->work_err, 400, "invalid_request_error", NULL, "messages", "%s", err);
+            return;
+        }
+        const bool add_bos = !rt_chat_template_includes_bos((rt_chat_family)s->chat_family);
+        if (rt_tokenize(s->tok, text, len, add_bos, true, &c->tokens, &c->n_tokens) != 0)
+            c->tokens = NULL;
+        free(text);
+    } else if (q->prompt_text) {
+        if (rt_tokenize(s->tok, q->prompt_text, q->prompt_len, true, true, &c->tokens,
+                        &c->n_tokens) != 0)
+            c->tokens = NULL;
+    }
+    if (!c->tokens && (q->kind == SRV_CHAT || q->prompt_text) && !c->work_failed) {
+        c->work_failed = true;
+        srv_error_set(&c->work_err, 500, "server_error", NULL, NULL, "tokenization failed");
     }
 }
 
@@ -233,66 +574,124 @@ static void fail_working(conn *c, const srv_error *e)
     run_mhd(c->srv);
 }
 
+/* The prompt as text for echo: the request's own string, or its token ids
+ * decoded (without the BOS). */
+static void make_echo(conn *c, const int32_t *prompt, int n_prompt)
+{
+    const srv_completion_req *q = &c->creq;
+    if (q->prompt_text) {
+        c->echo_text = malloc(q->prompt_len + 1);
+        if (c->echo_text) {
+            memcpy(c->echo_text, q->prompt_text, q->prompt_len + 1);
+            c->echo_len = q->prompt_len;
+        }
+        return;
+    }
+    size_t cap = 64, len = 0;
+    char *t = malloc(cap);
+    for (int i = 0; t && i < n_prompt; i++) {
+        char piece[256];
+        size_t n = rt_token_to_bytes(c->srv->tok, prompt[i], piece, sizeof(piece));
+        n = n < sizeof(piece) ? n : sizeof(piece);
+        if (len + n + 1 > cap) {
+            while (len + n + 1 > cap)
+                cap *= 2;
+            char *nt = realloc(t, cap);
+            if (!nt) {
+                free(t);
+                t = NULL;
+                break;
+            }
+            t = nt;
+        }
+        memcpy(t + len, piece, n);
+        len += n;
+    }
+    c->echo_text = t;
+    c->echo_len = t ? len : 0;
+}
+
 static void tokenize_done(uv_work_t *w, int status)
 {
     conn *c = w->data;
     srv_server *s = c->srv;
+    const srv_completion_req *q = &c->creq;
     srv_error e;
-    const int32_t *prompt = c->creq.prompt_text ? c->tokens : c->creq.prompt_tokens;
-    const int n_prompt = c->creq.prompt_text ? (int)c->n_tokens : c->creq.n_prompt_tokens;
-    if (status != 0 || (c->creq.prompt_text && !c->tokens)) {
+    if (c->work_failed) {
+        fail_working(c, &c->work_err);
+        return;
+    }
+    const bool from_text = q->kind == SRV_CHAT || q->prompt_text;
+    const int32_t *prompt = from_text ? c->tokens : q->prompt_tokens;
+    const int n_prompt = from_text ? (int)c->n_tokens : q->n_prompt_tokens;
+    if (status != 0) {
         srv_error_set(&e, 500, "server_error", NULL, NULL, "tokenization failed");
         fail_working(c, &e);
         return;
     }
     if (n_prompt == 0) {
-        srv_error_set(&e, 400, "invalid_request_error", NULL, "prompt",
-                      "'prompt' produced no tokens");
+        srv_error_set(&e, 400, "invalid_request_error", NULL,
+                      q->kind == SRV_CHAT ? "messages" : "prompt", "the prompt produced no tokens");
         fail_working(c, &e);
         return;
     }
     const int n_ctx = sched_engine_n_ctx(s->engine);
-    int max_tokens = c->creq.max_tokens;
+    int max_tokens = q->max_tokens;
     if (n_prompt >= n_ctx || (max_tokens > 0 && n_prompt + max_tokens > n_ctx)) {
-        srv_error_set(&e, 400, "invalid_request_error", "context_length_exceeded", "prompt",
+        srv_error_set(&e, 400, "invalid_request_error", "context_length_exceeded",
+                      q->kind == SRV_CHAT ? "messages" : "prompt",
                       "This model's maximum context length is %d tokens. However, you requested "
-                      "%d tokens (%d in the prompt, %d for the completion). Please reduce the "
-                      "prompt or max_tokens.",
+                      "%d tokens (%d in the %s, %d for the completion). Please reduce the "
+                      "length of the %s or max_tokens.",
                       n_ctx, n_prompt + (max_tokens > 0 ? max_tokens : 1), n_prompt,
-                      max_tokens > 0 ? max_tokens : 1);
+                      q->kind == SRV_CHAT ? "messages" : "prompt",
+                      max_tokens > 0 ? max_tokens : 1, q->kind == SRV_CHAT ? "messages" : "prompt");
         fail_working(c, &e);
         return;
     }
     if (max_tokens == 0) {
-        max_tokens = s->cfg.default_max_tokens;
+        /* Completions default to a short answer (OpenAI's 16); chat runs to the context. */
+        max_tokens = q->kind == SRV_CHAT ? n_ctx - n_prompt : s->cfg.default_max_tokens;
         if (max_tokens > n_ctx - n_prompt)
             max_tokens = n_ctx - n_prompt;
     }
-    sched_params p = {0};
-    p.prompt = (int32_t *)prompt;
-    p.n_prompt = n_prompt;
-    p.max_tokens = max_tokens;
-    p.sampling = c->creq.sampling;
-    if (!c->creq.seed_set) {
-        uint64_t seed;
-        if (getrandom(&seed, sizeof(seed), 0) != (ssize_t)sizeof(seed))
-            seed = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)c;
-        p.sampling.seed = seed;
-    }
-    for (int i = 0; i < c->creq.n_stop; i++)
-        p.stop[i] = c->creq.stop[i];
-    p.n_stop = c->creq.n_stop;
-    p.ignore_eos = c->creq.ignore_eos;
-    c->req = sched_request_create(&p, on_engine_notify, c);
-    if (!c->req) {
-        srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+    if (q->min_tokens > max_tokens) {
+        srv_error_set(&e, 400, "invalid_request_error", NULL, "min_tokens",
+                      "'min_tokens' (%d) exceeds the tokens left for the completion (%d)",
+                      q->min_tokens, max_tokens);
         fail_working(c, &e);
         return;
     }
-    int rc = sched_submit(s->engine, c->req);
+    if (q->echo)
+        make_echo(c, prompt, n_prompt);
+    uint64_t seed = q->sampling.seed;
+    if (!q->seed_set && getrandom(&seed, sizeof(seed), 0) != (ssize_t)sizeof(seed))
+        seed = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)c;
+    for (int i = 0; i < q->n; i++) {
+        sched_params p = {0};
+        p.prompt = (int32_t *)prompt;
+        p.n_prompt = n_prompt;
+        p.max_tokens = max_tokens;
+        p.sampling = q->sampling;
+        p.sampling.seed = seed + (uint64_t)i; /* choices differ, and stay reproducible */
+        for (int k = 0; k < q->n_stop; k++)
+            p.stop[k] = q->stop[k];
+        p.n_stop = q->n_stop;
+        p.ignore_eos = q->ignore_eos;
+        p.min_tokens = q->min_tokens;
+        p.logprobs = q->logprobs;
+        c->reqs[i] = sched_request_create(&p, on_engine_notify, c);
+        c->n_choices = i + 1;
+        if (!c->reqs[i]) {
+            release_reqs(c);
+            srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+            fail_working(c, &e);
+            return;
+        }
+    }
+    int rc = sched_submit_many(s->engine, c->reqs, c->n_choices);
     if (rc != SCHED_OK) {
-        sched_request_release(c->req);
-        c->req = NULL;
+        release_reqs(c);
         if (rc == SCHED_E_QUEUE_FULL)
             srv_error_set(&e, 429, "rate_limit_exceeded", "rate_limit_exceeded", NULL,
                           "The server is at capacity (%d requests queued); retry later",
@@ -304,6 +703,15 @@ static void tokenize_done(uv_work_t *w, int status)
             srv_error_set(&e, 400, "invalid_request_error", "context_length_exceeded", "prompt",
                           "This model's maximum context length is %d tokens", n_ctx);
         fail_working(c, &e);
+        return;
+    }
+    if (q->stream) {
+        c->phase = CONN_STREAMING;
+        stream_start(c);
+        MHD_resume_connection(c->mc);
+        run_mhd(s);
+    } else {
+        watch_peer(c);
     }
 }
 
@@ -319,18 +727,19 @@ static void random_id(char *out, size_t cap, const char *prefix)
         n += snprintf(out + n, cap - (size_t)n, "%02x", b[i]);
 }
 
-static enum MHD_Result start_completion(conn *c)
+static enum MHD_Result start_completion(conn *c, srv_kind kind)
 {
     srv_server *s = c->srv;
     srv_error e;
-    if (srv_parse_completion(c->body ? c->body : "", c->len, &s->limits, &c->creq, &e) != 0)
+    if (srv_parse_request(kind, c->body ? c->body : "", c->len, &s->limits, &c->creq, &e) != 0)
         return queue_error(c->mc, &e);
     if (s->draining) {
         srv_error_set(&e, 503, "server_error", "server_shutting_down", NULL,
                       "the server is shutting down");
         return queue_error(c->mc, &e);
     }
-    random_id(c->id, sizeof(c->id), "cmpl-");
+    random_id(c->id, sizeof(c->id), kind == SRV_CHAT ? "chatcmpl-" : "cmpl-");
+    c->created = (long)time(NULL);
     c->phase = CONN_WORKING;
     s->active++;
     c->work.data = c;
@@ -340,6 +749,125 @@ static enum MHD_Result start_completion(conn *c)
         fail_working(c, &e);
     }
     return MHD_YES;
+}
+
+static enum MHD_Result queue_json(struct MHD_Connection *mc, int status, json_t *j)
+{
+    char *body = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    enum MHD_Result r = queue_body(mc, status, body, NULL, NULL);
+    free(body);
+    return r;
+}
+
+static json_t *parse_body_object(conn *c, srv_error *e)
+{
+    json_error_t jerr;
+    json_t *root = json_loadb(c->body ? c->body : "", c->len, 0, &jerr);
+    if (!root || !json_is_object(root)) {
+        srv_error_set(e, 400, "invalid_request_error", NULL, NULL,
+                      "The request body must be a JSON object%s%s", root ? "" : ": ",
+                      root ? "" : jerr.text);
+        json_decref(root);
+        return NULL;
+    }
+    return root;
+}
+
+/* POST /tokenize, as llama.cpp's server: {"content", "add_special" (false),
+ * "parse_special" (true), "with_pieces" (false)} -> {"tokens": [...]}. */
+static enum MHD_Result handle_tokenize(conn *c)
+{
+    srv_server *s = c->srv;
+    srv_error e;
+    json_t *root = parse_body_object(c, &e);
+    if (!root)
+        return queue_error(c->mc, &e);
+    json_t *content = json_object_get(root, "content");
+    json_t *add = json_object_get(root, "add_special");
+    json_t *parse = json_object_get(root, "parse_special");
+    json_t *pieces = json_object_get(root, "with_pieces");
+    const char *bad_field = !json_is_string(content)           ? "content"
+                            : add && !json_is_boolean(add)     ? "add_special"
+                            : parse && !json_is_boolean(parse) ? "parse_special"
+                            : pieces && !json_is_boolean(pieces) ? "with_pieces"
+                                                                 : NULL;
+    if (bad_field) {
+        srv_error_set(&e, 400, "invalid_request_error", NULL, bad_field,
+                      "'%s' must be a %s", bad_field,
+                      strcmp(bad_field, "content") == 0 ? "string" : "boolean");
+        json_decref(root);
+        return queue_error(c->mc, &e);
+    }
+    int32_t *ids = NULL;
+    size_t n = 0;
+    if (rt_tokenize(s->tok, json_string_value(content), json_string_length(content),
+                    json_is_true(add), !parse || json_is_true(parse), &ids, &n) != 0) {
+        json_decref(root);
+        srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+        return queue_error(c->mc, &e);
+    }
+    json_t *arr = json_array();
+    for (size_t i = 0; i < n; i++) {
+        if (json_is_true(pieces)) {
+            char piece[256];
+            size_t m = rt_token_to_bytes(s->tok, ids[i], piece, sizeof(piece));
+            m = m < sizeof(piece) ? m : sizeof(piece);
+            json_t *t = json_object();
+            json_object_set_new(t, "id", json_integer(ids[i]));
+            json_object_set_new(t, "piece", srv_json_text(piece, m));
+            json_array_append_new(arr, t);
+        } else {
+            json_array_append_new(arr, json_integer(ids[i]));
+        }
+    }
+    free(ids);
+    json_decref(root);
+    json_t *out = json_object();
+    json_object_set_new(out, "tokens", arr);
+    return queue_json(c->mc, 200, out);
+}
+
+/* POST /detokenize: {"tokens": [ids]} -> {"content": text}. */
+static enum MHD_Result handle_detokenize(conn *c)
+{
+    srv_server *s = c->srv;
+    srv_error e;
+    json_t *root = parse_body_object(c, &e);
+    if (!root)
+        return queue_error(c->mc, &e);
+    json_t *toks = json_object_get(root, "tokens");
+    if (!json_is_array(toks)) {
+        json_decref(root);
+        srv_error_set(&e, 400, "invalid_request_error", NULL, "tokens",
+                      "'tokens' must be an array of token ids");
+        return queue_error(c->mc, &e);
+    }
+    const size_t n = json_array_size(toks);
+    char *text = malloc(n * 256 + 1);
+    size_t len = 0;
+    for (size_t i = 0; text && i < n; i++) {
+        json_t *t = json_array_get(toks, i);
+        if (!json_is_integer(t) || json_integer_value(t) < 0 ||
+            json_integer_value(t) >= s->limits.n_vocab) {
+            free(text);
+            json_decref(root);
+            srv_error_set(&e, 400, "invalid_request_error", NULL, "tokens",
+                          "'tokens'[%zu] must be a token id in [0, %d)", i, s->limits.n_vocab);
+            return queue_error(c->mc, &e);
+        }
+        size_t m = rt_token_to_bytes(s->tok, (int32_t)json_integer_value(t), text + len, 256);
+        len += m < 256 ? m : 256;
+    }
+    json_decref(root);
+    if (!text) {
+        srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+        return queue_error(c->mc, &e);
+    }
+    json_t *out = json_object();
+    json_object_set_new(out, "content", srv_json_text(text, len));
+    free(text);
+    return queue_json(c->mc, 200, out);
 }
 
 static bool is_get_or_head(const char *method)
@@ -359,6 +887,29 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
             return queue_body(c->mc, 503, "{\"status\":\"draining\"}", NULL, NULL);
         else
             return queue_body(c->mc, 200, "{\"status\":\"ok\"}", NULL, NULL);
+    } else if (strcmp(url, "/metrics") == 0) {
+        if (!is_get_or_head(method)) {
+            allow = "GET, HEAD";
+        } else {
+            sched_stats st;
+            sched_engine_stats(s->engine, &st);
+            size_t len;
+            char *text = srv_metrics_text(&st, s->model_name, &len);
+            if (!text) {
+                srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
+                return queue_error(c->mc, &e);
+            }
+            struct MHD_Response *r =
+                MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_FREE);
+            if (!r) {
+                free(text);
+                return MHD_NO;
+            }
+            MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4");
+            enum MHD_Result ret = MHD_queue_response(c->mc, MHD_HTTP_OK, r);
+            MHD_destroy_response(r);
+            return ret;
+        }
     } else if (strcmp(url, "/v1/models") == 0) {
         if (!is_get_or_head(method)) {
             allow = "GET, HEAD";
@@ -384,11 +935,21 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
         enum MHD_Result r = queue_body(c->mc, 200, body, NULL, NULL);
         free(body);
         return r;
-    } else if (strcmp(url, "/v1/completions") == 0) {
+    } else if (strcmp(url, "/v1/completions") == 0 || strcmp(url, "/completions") == 0) {
         if (strcmp(method, "POST") != 0)
             allow = "POST";
         else
-            return start_completion(c);
+            return start_completion(c, SRV_COMPLETION);
+    } else if (strcmp(url, "/v1/chat/completions") == 0 || strcmp(url, "/chat/completions") == 0) {
+        if (strcmp(method, "POST") != 0)
+            allow = "POST";
+        else
+            return start_completion(c, SRV_CHAT);
+    } else if (strcmp(url, "/tokenize") == 0 || strcmp(url, "/detokenize") == 0) {
+        if (strcmp(method, "POST") != 0)
+            allow = "POST";
+        else
+            return url[1] == 't' ? handle_tokenize(c) : handle_detokenize(c);
     } else {
         srv_error_set(&e, 404, "invalid_request_error", "not_found", NULL,
                       "Unknown endpoint %.16s %.200s", method, url);
@@ -454,9 +1015,18 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         return MHD_YES;
     }
     switch (c->phase) {
-    case CONN_RESPONDING: {
-        enum MHD_Result r = queue_body(mc, c->status, c->resp, NULL, NULL);
-        return r;
+    case CONN_RESPONDING:
+        return queue_body(mc, c->status, c->resp, retry_header(c->status), "1");
+    case CONN_STREAMING: {
+        struct MHD_Response *r =
+            MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, c, NULL);
+        if (!r)
+            return MHD_NO;
+        MHD_add_response_header(r, "Content-Type", "text/event-stream");
+        MHD_add_response_header(r, "Cache-Control", "no-cache");
+        enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_OK, r);
+        MHD_destroy_response(r);
+        return ret;
     }
     case CONN_WORKING:
         return MHD_YES; /* spurious call while suspended */
@@ -475,10 +1045,14 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
 
 static void free_conn(conn *c)
 {
+    unwatch_peer(c);
+    release_reqs(c);
     srv_completion_req_free(&c->creq);
     free(c->body);
     free(c->tokens);
+    free(c->echo_text);
     free(c->resp);
+    free(c->out);
     free(c);
 }
 
@@ -486,11 +1060,24 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
     conn *c = *con_cls;
+    srv_server *s = cls;
     *con_cls = NULL;
     if (!c)
         return;
-    /* A suspended connection is never completed by MHD, so the engine and the
-     * worker pool are done with c by now. */
+    pthread_mutex_lock(&s->done_mu);
+    const bool engine_busy = c->n_done < c->n_choices || c->queued;
+    pthread_mutex_unlock(&s->done_mu);
+    if (engine_busy) {
+        /* The client went away mid-stream (or the last notification is still
+         * queued): stop its sequences; on_async frees the conn once the engine
+         * has reported every choice finished. */
+        for (int i = 0; i < c->n_choices; i++)
+            sched_request_cancel(c->reqs[i]);
+        c->closed = true;
+        return;
+    }
+    if (c->creq.stream && c->n_choices > 0)
+        s->active--; /* a stream that ran to its end */
     free_conn(c);
 }
 
@@ -567,6 +1154,26 @@ int srv_create(srv_server **out, const cfg_config *cfg, rt_model *model, sched_e
                              .n_vocab = rt_model_hparams(model)->n_vocab,
                              .n_ctx = rt_model_n_ctx(model),
                              .default_max_tokens = cfg->default_max_tokens};
+    if (cfg->chat_template[0]) {
+        s->chat_family = rt_chat_family_from_name(cfg->chat_template);
+        if (s->chat_family < 0) {
+            snprintf(err, errlen,
+                     "config key 'chat_template': unknown family '%s' (plain, chatml, llama2, "
+                     "llama3, mistral, gemma, phi3, zephyr)",
+                     cfg->chat_template);
+            free(s);
+            return -1;
+        }
+    } else {
+        size_t tl;
+        const char *t = rt_model_chat_template(model, &tl);
+        s->chat_family = t ? rt_chat_family_detect(t, tl) : RT_CHAT_PLAIN;
+        if (s->chat_family < 0) {
+            fprintf(stderr, "sieve: the model's chat template is not a known family; using "
+                            "'plain' (set chat_template to choose one)\n");
+            s->chat_family = RT_CHAT_PLAIN;
+        }
+    }
     pthread_mutex_init(&s->done_mu, NULL);
 
     struct sockaddr_in sa4;

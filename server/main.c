@@ -41,13 +41,23 @@ int main(int argc, char **argv)
             "in %.2f s; backend cpu, %d threads\n",
             cfg.model, hp->arch, hp->n_layers, hp->dim, hp->n_heads, hp->n_kv_heads, hp->n_vocab,
             rt_model_n_ctx(model), sched_now() - t0, cfg.threads);
-    sched_opts so = {.max_running_seqs = cfg.max_running_seqs, .max_waiting = cfg.max_waiting};
-    sched_engine *engine = sched_engine_create(model, &so);
+    sched_opts so = {.max_running_seqs = cfg.max_running_seqs,
+                     .max_waiting = cfg.max_waiting,
+                     .kv_cache_bytes = cfg.kv_cache_bytes,
+                     .kv_block_size = cfg.kv_block_size,
+                     .prefix_caching = cfg.prefix_caching};
+    sched_engine *engine = sched_engine_create(model, &so, err, sizeof(err));
     if (!engine) {
-        fprintf(stderr, "sieve: cannot start the engine thread\n");
+        fprintf(stderr, "sieve: cannot start the engine: %s\n", err);
         rt_model_destroy(model);
         return 1;
     }
+    sched_stats st;
+    sched_engine_stats(engine, &st);
+    fprintf(stderr, "sieve: KV cache %d blocks of %d tokens (%.1f MiB, %d tokens), prefix caching %s\n",
+            st.kv_blocks_total, st.kv_block_size,
+            (double)st.kv_blocks_total * st.kv_block_size * (double)st.kv_bytes_per_token / 1048576.0,
+            st.kv_blocks_total * st.kv_block_size, cfg.prefix_caching ? "on" : "off");
     srv_server *srv = NULL;
     if (srv_create(&srv, &cfg, model, engine, err, sizeof(err)) != 0) {
         fprintf(stderr, "sieve: %s\n", err);

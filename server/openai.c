@@ -10,6 +10,7 @@
  */
 #include "server/openai.h"
 
+#include <errno.h>
 #include <math.h>
 #include <stdarg.h>
 #include <stdio.h>
@@ -269,57 +270,269 @@ static int parse_stop(json_t *root, srv_completion_req *out, srv_error *err)
 }
 
 /* Fields of the OpenAI API that change the output and that this server does
- * not implement yet: refusing them beats answering something else. */
-static int refuse_unsupported(json_t *root, srv_error *err)
+ * not implement: refusing them beats answering something else. */
+static int refuse_unsupported(json_t *root, srv_kind kind, srv_error *err)
 {
-    static const struct {
-        const char *key;
-        const char *neutral; /* JSON value that asks for nothing, or NULL */
-    } fields[] = {
-        {"stream", "false"}, {"n", "1"},        {"best_of", "1"}, {"logprobs", NULL},
-        {"echo", "false"},   {"suffix", NULL},  {"logit_bias", NULL},
-    };
+    static const char *const fields[] = {"suffix", "tools", "functions", "audio", "modalities",
+                                         "prediction"};
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
-        json_t *v = json_object_get(root, fields[i].key);
-        if (!v || json_is_null(v))
+        json_t *v = json_object_get(root, fields[i]);
+        if (!v || json_is_null(v) || (json_is_array(v) && json_array_size(v) == 0))
             continue;
-        if (fields[i].neutral) {
-            json_t *neutral = json_loads(fields[i].neutral, JSON_DECODE_ANY, NULL);
-            bool same = json_equal(v, neutral) ||
-                        (json_is_integer(neutral) && json_is_real(v) &&
-                         json_real_value(v) == (double)json_integer_value(neutral));
-            json_decref(neutral);
-            if (same)
-                continue;
+        if (json_is_string(v) && json_string_length(v) == 0 && strcmp(fields[i], "suffix") == 0)
+            continue;
+        srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", fields[i],
+                      "'%s' is not supported by this server", fields[i]);
+        return -1;
+    }
+    json_t *rf = json_object_get(root, "response_format");
+    if (rf && !json_is_null(rf)) {
+        json_t *type = json_is_object(rf) ? json_object_get(rf, "type") : NULL;
+        if (!json_is_string(type)) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, "response_format",
+                          "'response_format' must be an object with a string 'type'");
+            return -1;
         }
-        if (strcmp(fields[i].key, "logit_bias") == 0 && json_is_object(v) &&
-            json_object_size(v) == 0)
-            continue;
-        srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", fields[i].key,
-                      "'%s' is not supported by this server yet", fields[i].key);
-        return -1;
+        if (strcmp(json_string_value(type), "text") != 0) {
+            srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter",
+                          "response_format", "'response_format' type '%.64s' is not supported",
+                          json_string_value(type));
+            return -1;
+        }
     }
+    (void)kind;
     return 0;
 }
 
-static int check_penalty(json_t *root, const char *key, double lo, double hi, double neutral,
-                         srv_error *err)
+static int parse_logit_bias(json_t *root, const srv_limits *lim, srv_completion_req *out,
+                            srv_error *err)
 {
-    float v = (float)neutral;
-    if (get_float(root, key, lo, hi, &v, err) != 0)
+    json_t *lb = json_object_get(root, "logit_bias");
+    if (!lb || json_is_null(lb))
+        return 0;
+    if (!json_is_object(lb))
+        return bad(err, "logit_bias", "'%s' must be an object mapping token ids to numbers%s",
+                   "");
+    const size_t n = json_object_size(lb);
+    if (n > RT_MAX_LOGIT_BIAS) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "logit_bias",
+                      "'logit_bias' may hold at most %d entries, got %zu", RT_MAX_LOGIT_BIAS, n);
         return -1;
-    if (v != (float)neutral) {
-        srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", key,
-                      "'%s' other than %g is not supported by this server yet", key, neutral);
+    }
+    if (n == 0)
+        return 0;
+    out->bias = malloc(sizeof(rt_logit_bias) * n);
+    if (!out->bias) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
         return -1;
+    }
+    const char *key;
+    json_t *v;
+    int i = 0;
+    json_object_foreach(lb, key, v)
+    {
+        char *end;
+        errno = 0;
+        long id = strtol(key, &end, 10);
+        double b;
+        if (!*key || *end || errno || id < 0 || id >= lim->n_vocab) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, "logit_bias",
+                          "'logit_bias' key '%.32s' is not a token id in [0, %d)", key,
+                          lim->n_vocab);
+            return -1;
+        }
+        if (!as_number(v, &b) || !(b >= -100.0 && b <= 100.0)) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, "logit_bias",
+                          "'logit_bias' values must be numbers between -100 and 100");
+            return -1;
+        }
+        out->bias[i].id = (int32_t)id;
+        out->bias[i].bias = (float)b;
+        i++;
+    }
+    out->sampling.logit_bias = out->bias;
+    out->sampling.n_logit_bias = i;
+    return 0;
+}
+
+/* One chat message's content: a string, or an array of {"type":"text"} parts
+ * joined by newlines; null only for an assistant turn. */
+static int parse_content(json_t *c, size_t i, bool null_ok, srv_msg *m, srv_error *err)
+{
+    char param[64];
+    snprintf(param, sizeof(param), "messages[%zu].content", i);
+    if (!c || json_is_null(c)) {
+        if (!null_ok) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, param, "'%s' is required",
+                          param);
+            return -1;
+        }
+        m->content = strdup("");
+        m->content_len = 0;
+        return m->content ? 0 : -1;
+    }
+    if (json_is_string(c)) {
+        m->content_len = json_string_length(c);
+        m->content = malloc(m->content_len + 1);
+        if (!m->content)
+            return -1;
+        memcpy(m->content, json_string_value(c), m->content_len + 1);
+        return 0;
+    }
+    if (!json_is_array(c)) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, param,
+                      "'%s' must be a string or an array of content parts", param);
+        return -1;
+    }
+    size_t total = 0, k;
+    json_t *part;
+    json_array_foreach(c, k, part)
+    {
+        json_t *type = json_object_get(part, "type");
+        json_t *text = json_object_get(part, "text");
+        if (!json_is_string(type) || strcmp(json_string_value(type), "text") != 0) {
+            srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", param,
+                          "'%s'[%zu]: only parts of type 'text' are supported", param, k);
+            return -1;
+        }
+        if (!json_is_string(text)) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, param,
+                          "'%s'[%zu].text must be a string", param, k);
+            return -1;
+        }
+        total += json_string_length(text) + 1;
+    }
+    m->content = malloc(total + 1);
+    if (!m->content)
+        return -1;
+    size_t o = 0;
+    json_array_foreach(c, k, part)
+    {
+        json_t *text = json_object_get(part, "text");
+        if (o)
+            m->content[o++] = '\n';
+        memcpy(m->content + o, json_string_value(text), json_string_length(text));
+        o += json_string_length(text);
+    }
+    m->content[o] = 0;
+    m->content_len = o;
+    return 0;
+}
+
+static int parse_messages(json_t *root, srv_completion_req *out, srv_error *err)
+{
+    json_t *msgs = json_object_get(root, "messages");
+    if (!json_is_array(msgs) || json_array_size(msgs) == 0) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "messages",
+                      "'messages' must be a non-empty array of messages");
+        return -1;
+    }
+    const size_t n = json_array_size(msgs);
+    if (n > 100000) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "messages",
+                      "'messages' holds %zu messages; the limit is 100000", n);
+        return -1;
+    }
+    out->msgs = calloc(n, sizeof(srv_msg));
+    if (!out->msgs) {
+        srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+        return -1;
+    }
+    size_t i;
+    json_t *m;
+    json_array_foreach(msgs, i, m)
+    {
+        char param[64];
+        snprintf(param, sizeof(param), "messages[%zu]", i);
+        if (!json_is_object(m)) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, param,
+                          "'%s' must be an object with 'role' and 'content'", param);
+            return -1;
+        }
+        json_t *role = json_object_get(m, "role");
+        static const char *const roles[] = {"system", "developer", "user", "assistant"};
+        bool known = false;
+        for (size_t r = 0; json_is_string(role) && r < 4; r++)
+            known |= strcmp(json_string_value(role), roles[r]) == 0;
+        if (!known) {
+            snprintf(param, sizeof(param), "messages[%zu].role", i);
+            srv_error_set(err, 400, "invalid_request_error", NULL, param,
+                          "'%s' must be one of system, developer, user, assistant", param);
+            return -1;
+        }
+        out->msgs[i].role = strdup(json_string_value(role));
+        out->n_msgs = (int)i + 1;
+        const bool is_assistant = strcmp(json_string_value(role), "assistant") == 0;
+        if (!out->msgs[i].role ||
+            parse_content(json_object_get(m, "content"), i, is_assistant, &out->msgs[i], err)) {
+            if (!err->message[0])
+                srv_error_set(err, 500, "server_error", NULL, NULL, "out of memory");
+            return -1;
+        }
     }
     return 0;
 }
 
-int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
-                         srv_completion_req *out, srv_error *err)
+static int parse_stream(json_t *root, srv_completion_req *out, srv_error *err)
+{
+    if (get_bool(root, "stream", &out->stream, err) != 0)
+        return -1;
+    json_t *so = json_object_get(root, "stream_options");
+    if (!so || json_is_null(so))
+        return 0;
+    if (!out->stream) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "stream_options",
+                      "'stream_options' is only allowed when 'stream' is true");
+        return -1;
+    }
+    if (!json_is_object(so))
+        return bad(err, "stream_options", "'%s' must be an object%s", "");
+    json_t *iu = json_object_get(so, "include_usage");
+    if (iu && !json_is_null(iu)) {
+        if (!json_is_boolean(iu)) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, "stream_options",
+                          "'stream_options.include_usage' must be a boolean");
+            return -1;
+        }
+        out->include_usage = json_is_true(iu);
+    }
+    return 0;
+}
+
+static int parse_logprobs(json_t *root, srv_kind kind, srv_completion_req *out, srv_error *err)
+{
+    out->logprobs = -1;
+    long long k = 0;
+    bool present = false;
+    if (kind == SRV_COMPLETION) {
+        if (get_int(root, "logprobs", 0, SCHED_MAX_LOGPROBS, &k, &present, err) != 0)
+            return -1;
+        if (present)
+            out->logprobs = (int)k;
+        return 0;
+    }
+    bool want = false;
+    if (get_bool(root, "logprobs", &want, err) != 0 ||
+        get_int(root, "top_logprobs", 0, SCHED_MAX_LOGPROBS, &k, &present, err) != 0)
+        return -1;
+    if (present && !want) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "top_logprobs",
+                      "'top_logprobs' requires 'logprobs' to be true");
+        return -1;
+    }
+    if (want)
+        out->logprobs = (int)k;
+    return 0;
+}
+
+int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_limits *lim,
+                      srv_completion_req *out, srv_error *err)
 {
     memset(out, 0, sizeof(*out));
+    memset(err, 0, sizeof(*err));
+    out->kind = kind;
+    out->n = 1;
+    out->logprobs = -1;
     rt_sampling_defaults(&out->sampling);
     json_error_t jerr;
     json_t *root = json_loadb(body, len, JSON_DECODE_ANY, &jerr);
@@ -348,10 +561,10 @@ int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
             goto done;
         }
     }
-    if (refuse_unsupported(root, err) != 0)
+    if (refuse_unsupported(root, kind, err) != 0)
         goto done;
-    long long max_tokens = 0, top_k = 0, seed = 0;
-    bool have_max = false, have_seed = false, have_mct = false;
+    long long max_tokens = 0, top_k = 0, seed = 0, n = 1, best_of = 0, min_tokens = 0;
+    bool have_max = false, have_seed = false, have_mct = false, have_best = false;
     if (get_int(root, "max_tokens", 1, lim->n_ctx, &max_tokens, &have_max, err) != 0)
         goto done;
     long long mct = 0;
@@ -365,18 +578,38 @@ int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
         get_float(root, "min_p", 0.0, 1.0, &out->sampling.min_p, err) != 0 ||
         get_int(root, "top_k", -1, 1 << 30, &top_k, NULL, err) != 0 ||
         get_int(root, "seed", INT64_MIN, INT64_MAX, &seed, &have_seed, err) != 0 ||
-        get_bool(root, "ignore_eos", &out->ignore_eos, err) != 0)
+        get_bool(root, "ignore_eos", &out->ignore_eos, err) != 0 ||
+        get_int(root, "n", 1, SRV_MAX_CHOICES, &n, NULL, err) != 0 ||
+        get_int(root, "best_of", 1, SRV_MAX_CHOICES, &best_of, &have_best, err) != 0 ||
+        get_int(root, "min_tokens", 0, lim->n_ctx, &min_tokens, NULL, err) != 0 ||
+        get_float(root, "presence_penalty", -2.0, 2.0, &out->sampling.presence_penalty, err) ||
+        get_float(root, "frequency_penalty", -2.0, 2.0, &out->sampling.frequency_penalty, err) ||
+        get_float(root, "repetition_penalty", 0.01, 10.0, &out->sampling.repetition_penalty,
+                  err) ||
+        parse_stream(root, out, err) != 0 || parse_logprobs(root, kind, out, err) != 0 ||
+        parse_logit_bias(root, lim, out, err) != 0)
         goto done;
     if (out->sampling.top_p <= 0.0f) {
         bad(err, "top_p", "'%s' must be greater than 0%s", "");
         goto done;
     }
+    if (have_best && best_of != n) {
+        srv_error_set(err, 400, "invalid_request_error", "unsupported_parameter", "best_of",
+                      "'best_of' other than 'n' is not supported");
+        goto done;
+    }
+    if (max_tokens > 0 && min_tokens > max_tokens) {
+        srv_error_set(err, 400, "invalid_request_error", NULL, "min_tokens",
+                      "'min_tokens' (%lld) must not exceed 'max_tokens' (%lld)", min_tokens,
+                      max_tokens);
+        goto done;
+    }
+    out->n = (int)n;
+    out->min_tokens = (int)min_tokens;
     out->sampling.top_k = top_k > 0 ? (int)top_k : 0;
     out->sampling.seed = (uint64_t)seed;
     out->seed_set = have_seed;
-    if (check_penalty(root, "presence_penalty", -2.0, 2.0, 0.0, err) != 0 ||
-        check_penalty(root, "frequency_penalty", -2.0, 2.0, 0.0, err) != 0 ||
-        check_penalty(root, "repetition_penalty", 0.01, 100.0, 1.0, err) != 0)
+    if (kind == SRV_COMPLETION && get_bool(root, "echo", &out->echo, err) != 0)
         goto done;
     json_t *user = json_object_get(root, "user");
     if (user && !json_is_null(user)) {
@@ -390,12 +623,21 @@ int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
             goto done;
         }
     }
-    if (parse_stop(root, out, err) != 0 || parse_prompt(root, lim, out, err) != 0)
+    if (parse_stop(root, out, err) != 0)
+        goto done;
+    if (kind == SRV_COMPLETION ? parse_prompt(root, lim, out, err) != 0
+                               : parse_messages(root, out, err) != 0)
         goto done;
     rc = 0;
 done:
     json_decref(root);
     return rc;
+}
+
+int srv_parse_completion(const char *body, size_t len, const srv_limits *lim,
+                         srv_completion_req *out, srv_error *err)
+{
+    return srv_parse_request(SRV_COMPLETION, body, len, lim, out, err);
 }
 
 void srv_completion_req_free(srv_completion_req *r)
@@ -404,34 +646,148 @@ void srv_completion_req_free(srv_completion_req *r)
     free(r->prompt_tokens);
     for (int i = 0; i < r->n_stop; i++)
         free(r->stop[i]);
+    for (int i = 0; i < r->n_msgs; i++) {
+        free(r->msgs[i].role);
+        free(r->msgs[i].content);
+    }
+    free(r->msgs);
+    free(r->bias);
     free(r->user);
     memset(r, 0, sizeof(*r));
+}
+
+static json_t *usage_json(int prompt_tokens, int completion_tokens)
+{
+    json_t *usage = json_object();
+    json_object_set_new(usage, "prompt_tokens", json_integer(prompt_tokens));
+    json_object_set_new(usage, "completion_tokens", json_integer(completion_tokens));
+    json_object_set_new(usage, "total_tokens", json_integer(prompt_tokens + completion_tokens));
+    return usage;
+}
+
+json_t *srv_response_json(srv_kind kind, bool chunk, const char *id, const char *model,
+                          long created, json_t *choices, json_t *usage)
+{
+    json_t *root = json_object();
+    json_object_set_new(root, "id", json_string(id));
+    const char *object = kind == SRV_COMPLETION ? "text_completion"
+                         : chunk                ? "chat.completion.chunk"
+                                                : "chat.completion";
+    json_object_set_new(root, "object", json_string(object));
+    json_object_set_new(root, "created", json_integer(created));
+    json_object_set_new(root, "model", json_string(model));
+    json_object_set_new(root, "system_fingerprint", json_string(SRV_SYSTEM_FINGERPRINT));
+    json_object_set_new(root, "choices", choices ? choices : json_array());
+    if (usage)
+        json_object_set_new(root, "usage", usage);
+    return root;
+}
+
+json_t *srv_choice_json(srv_kind kind, bool chunk, int index, const char *text, size_t len,
+                        bool with_role, const char *finish_reason, json_t *logprobs)
+{
+    json_t *c = json_object();
+    json_object_set_new(c, "index", json_integer(index));
+    if (kind == SRV_COMPLETION) {
+        json_object_set_new(c, "text", srv_json_text(text, len));
+    } else {
+        json_t *m = json_object();
+        if (!chunk || with_role)
+            json_object_set_new(m, "role", json_string("assistant"));
+        if (!chunk || len > 0 || with_role)
+            json_object_set_new(m, "content", srv_json_text(text, len));
+        json_object_set_new(c, chunk ? "delta" : "message", m);
+    }
+    json_object_set_new(c, "logprobs", logprobs ? logprobs : json_null());
+    json_object_set_new(c, "finish_reason",
+                        finish_reason ? json_string(finish_reason) : json_null());
+    return c;
 }
 
 json_t *srv_completion_json(const char *id, const char *model, long created, const char *text,
                             size_t text_len, const char *finish_reason, int prompt_tokens,
                             int completion_tokens)
 {
-    json_t *choice = json_object();
-    json_object_set_new(choice, "index", json_integer(0));
-    json_object_set_new(choice, "text", srv_json_text(text, text_len));
-    json_object_set_new(choice, "logprobs", json_null());
-    json_object_set_new(choice, "finish_reason",
-                        finish_reason ? json_string(finish_reason) : json_null());
     json_t *choices = json_array();
-    json_array_append_new(choices, choice);
-    json_t *usage = json_object();
-    json_object_set_new(usage, "prompt_tokens", json_integer(prompt_tokens));
-    json_object_set_new(usage, "completion_tokens", json_integer(completion_tokens));
-    json_object_set_new(usage, "total_tokens", json_integer(prompt_tokens + completion_tokens));
-    json_t *root = json_object();
-    json_object_set_new(root, "id", json_string(id));
-    json_object_set_new(root, "object", json_string("text_completion"));
-    json_object_set_new(root, "created", json_integer(created));
-    json_object_set_new(root, "model", json_string(model));
-    json_object_set_new(root, "choices", choices);
-    json_object_set_new(root, "usage", usage);
-    return root;
+    json_array_append_new(choices, srv_choice_json(SRV_COMPLETION, false, 0, text, text_len,
+                                                   false, finish_reason, NULL));
+    return srv_response_json(SRV_COMPLETION, false, id, model, created, choices,
+                             usage_json(prompt_tokens, completion_tokens));
+}
+
+json_t *srv_usage_json(int prompt_tokens, int completion_tokens)
+{
+    return usage_json(prompt_tokens, completion_tokens);
+}
+
+/* The bytes of a token as a JSON array of integers. */
+static json_t *bytes_json(const char *b, size_t n)
+{
+    json_t *a = json_array();
+    for (size_t i = 0; i < n; i++)
+        json_array_append_new(a, json_integer((unsigned char)b[i]));
+    return a;
+}
+
+json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_output *o,
+                          int from, int to, size_t text_base)
+{
+    char piece[256];
+    if (kind == SRV_CHAT) {
+        json_t *content = json_array();
+        for (int i = from; i < to; i++) {
+            json_t *e = json_object();
+            size_t n = rt_token_to_bytes(tok, o->tokens[i], piece, sizeof(piece));
+            n = n < sizeof(piece) ? n : sizeof(piece);
+            json_object_set_new(e, "token", srv_json_text(piece, n));
+            json_object_set_new(e, "logprob", json_real(o->lp[i]));
+            json_object_set_new(e, "bytes", bytes_json(piece, n));
+            json_t *top = json_array();
+            for (int k = 0; k < o->top_n; k++) {
+                const int32_t id = o->top_ids[(size_t)i * (size_t)o->top_n + (size_t)k];
+                size_t m = rt_token_to_bytes(tok, id, piece, sizeof(piece));
+                m = m < sizeof(piece) ? m : sizeof(piece);
+                json_t *t = json_object();
+                json_object_set_new(t, "token", srv_json_text(piece, m));
+                json_object_set_new(
+                    t, "logprob", json_real(o->top_lps[(size_t)i * (size_t)o->top_n + (size_t)k]));
+                json_object_set_new(t, "bytes", bytes_json(piece, m));
+                json_array_append_new(top, t);
+            }
+            json_object_set_new(e, "top_logprobs", top);
+            json_array_append_new(content, e);
+        }
+        json_t *lp = json_object();
+        json_object_set_new(lp, "content", content);
+        return lp;
+    }
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
+           *offs = json_array();
+    for (int i = from; i < to; i++) {
+        size_t n = rt_token_to_bytes(tok, o->tokens[i], piece, sizeof(piece));
+        n = n < sizeof(piece) ? n : sizeof(piece);
+        json_array_append_new(tokens, srv_json_text(piece, n));
+        json_array_append_new(lps, json_real(o->lp[i]));
+        json_t *top = json_object();
+        for (int k = 0; k < o->top_n; k++) {
+            const int32_t id = o->top_ids[(size_t)i * (size_t)o->top_n + (size_t)k];
+            size_t m = rt_token_to_bytes(tok, id, piece, sizeof(piece));
+            m = m < sizeof(piece) ? m : sizeof(piece);
+            json_t *key = srv_json_text(piece, m);
+            json_object_set_new(top, json_string_value(key),
+                                json_real(o->top_lps[(size_t)i * (size_t)o->top_n + (size_t)k]));
+            json_decref(key);
+        }
+        json_array_append_new(tops, top);
+        const size_t start = i > 0 ? o->tok_end[i - 1] : 0;
+        json_array_append_new(offs, json_integer((json_int_t)(text_base + start)));
+    }
+    json_t *lp = json_object();
+    json_object_set_new(lp, "tokens", tokens);
+    json_object_set_new(lp, "token_logprobs", lps);
+    json_object_set_new(lp, "top_logprobs", tops);
+    json_object_set_new(lp, "text_offset", offs);
+    return lp;
 }
 
 json_t *srv_models_json(const char *model_name, long created, int n_ctx)

@@ -45,7 +45,7 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
             const float *q = qrow + (size_t)(kvh * group + g) * hd;
             float cmax = -INFINITY;
             for (int j = j0; j < j1; j++) {
-                const float *k = a->k + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                const float *k = a->k + kern_attn_row(a, j) * a->kv_stride + (size_t)kvh * hd;
                 float d = 0.0f;
 #pragma omp simd reduction(+ : d)
                 for (int i = 0; i < hd; i++)
@@ -62,7 +62,7 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
                 acc[g][i] *= corr;
             for (int j = j0; j < j1; j++) {
                 const float p = expf(s[g][j - j0] - m_new);
-                const float *v = a->v + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                const float *v = a->v + kern_attn_row(a, j) * a->kv_stride + (size_t)kvh * hd;
                 l[g] += p;
 #pragma omp simd
                 for (int i = 0; i < hd; i++)
@@ -124,7 +124,7 @@ void kern_attention_ref(const kern_attn_args *a)
             const float *q = a->q + ((size_t)r * a->n_heads + h) * hd;
             double mx = -INFINITY, sum = 0.0;
             for (int j = 0; j <= pos; j++) {
-                const float *k = a->k + (size_t)j * a->kv_stride + (size_t)kvh * hd;
+                const float *k = a->k + kern_attn_row(a, j) * a->kv_stride + (size_t)kvh * hd;
                 double d = 0.0;
                 for (int i = 0; i < hd; i++)
                     d += (double)q[i] * k[i];
@@ -140,7 +140,7 @@ void kern_attention_ref(const kern_attn_args *a)
             for (int i = 0; i < hd; i++) {
                 double acc = 0.0;
                 for (int j = 0; j <= pos; j++)
-                    acc += sc[j] * a->v[(size_t)j * a->kv_stride + (size_t)kvh * hd + i];
+                    acc += sc[j] * a->v[kern_attn_row(a, j) * a->kv_stride + (size_t)kvh * hd + i];
                 o[i] = (float)(acc / sum);
             }
         }

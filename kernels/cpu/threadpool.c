@@ -39,7 +39,7 @@ static void drain_tasks(kern_pool *p, unsigned gen)
     for (;;) {
         uint64_t t = atomic_load_explicit(&p->ticket, memory_order_acquire);
         do {
-            if ((unsigned)(t >> 32) != gen || (int)(uint32_t)t >= p->n_tasks)
+            if ((unsigned)(t >> 32) != gen || (uint32_t)t >= (uint32_t)p->n_tasks)
                 return;
         } while (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1,
                                                         memory_order_acq_rel,
@@ -129,11 +129,15 @@ void kern_pool_run(kern_pool *p, kern_task_fn fn, void *ctx, int n_tasks)
             fn(ctx, i, n_tasks);
         return;
     }
+    /* Close the previous job's ticket first: a worker still draining it must
+     * not see this job's larger n_tasks next to its old ticket. */
+    const unsigned old_gen = atomic_load(&p->generation);
+    atomic_store(&p->ticket, ((uint64_t)old_gen << 32) | UINT32_MAX);
     p->fn = fn;
     p->ctx = ctx;
     p->n_tasks = n_tasks;
     atomic_store_explicit(&p->done_tasks, 0, memory_order_relaxed);
-    unsigned gen = atomic_load(&p->generation) + 1;
+    unsigned gen = old_gen + 1;
     atomic_store_explicit(&p->ticket, (uint64_t)gen << 32, memory_order_release);
     pthread_mutex_lock(&p->mu);
     atomic_store_explicit(&p->generation, gen, memory_order_release);

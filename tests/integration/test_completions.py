@@ -142,7 +142,8 @@ class CompletionsTest(unittest.TestCase):
             (json.dumps({"prompt": "x", "stop": [1]}).encode(), 400, "stop", None),
             (json.dumps({"prompt": [1, 99999]}).encode(), 400, "prompt", None),
             (json.dumps({"prompt": "x", "model": "gpt-4"}).encode(), 404, "model", "model_not_found"),
-            (json.dumps({"prompt": "x", "stream": True}).encode(), 400, "stream", "unsupported_parameter"),
+            (json.dumps({"prompt": "x", "n": 0}).encode(), 400, "n", None),
+            (json.dumps({"prompt": "x", "suffix": "y"}).encode(), 400, "suffix", "unsupported_parameter"),
             (json.dumps({"prompt": "x", "max_tokens": 5000}).encode(), 400, "max_tokens", None),
         ]
         for raw, want, param, code in cases:

@@ -69,14 +69,15 @@ static void generate(rt_model *m, const int32_t *prompt, int n_prompt, int chunk
     char err[256];
     for (int i = 0; i < n_prompt; i += chunk) {
         const int n = n_prompt - i < chunk ? n_prompt - i : chunk;
-        rt_seq_batch b = {kv, prompt + i, n, i + n == n_prompt ? logits : NULL};
+        rt_seq_batch b = {.kv = kv, .tokens = prompt + i, .n_tokens = n,
+                          .logits = i + n == n_prompt ? logits : NULL};
         assert_int_equal(rt_forward(m, &b, 1, err, sizeof(err)), 0);
     }
     for (int t = 0; t < n_gen; t++) {
         out[t] = rt_argmax(logits, n_vocab);
         if (t + 1 == n_gen)
             break;
-        rt_seq_batch b = {kv, &out[t], 1, logits};
+        rt_seq_batch b = {.kv = kv, .tokens = &out[t], .n_tokens = 1, .logits = logits};
         assert_int_equal(rt_forward(m, &b, 1, err, sizeof(err)), 0);
     }
     rt_kv_destroy(kv);
@@ -159,14 +160,14 @@ static void test_forward_batched_sequences_match_golden(void **state)
         json_ids(json_object_get(c, "completion_token_ids"), want[s], 64);
         kv[s] = rt_kv_create(f->model, np[s] + N_GEN);
         logits[s] = malloc(sizeof(float) * (size_t)n_vocab);
-        b[s] = (rt_seq_batch){kv[s], prompts[s], np[s], logits[s]};
+        b[s] = (rt_seq_batch){.kv = kv[s], .tokens = prompts[s], .n_tokens = np[s], .logits = logits[s]};
     }
     char err[256];
     assert_int_equal(rt_forward(f->model, b, ns, err, sizeof(err)), 0);
     for (int t = 0; t < N_GEN; t++) {
         for (int s = 0; s < ns; s++) {
             got[s][t] = rt_argmax(logits[s], n_vocab);
-            b[s] = (rt_seq_batch){kv[s], &got[s][t], 1, logits[s]};
+            b[s] = (rt_seq_batch){.kv = kv[s], .tokens = &got[s][t], .n_tokens = 1, .logits = logits[s]};
         }
         if (t + 1 < N_GEN)
             assert_int_equal(rt_forward(f->model, b, ns, err, sizeof(err)), 0);
@@ -178,17 +179,85 @@ static void test_forward_batched_sequences_match_golden(void **state)
     }
 }
 
+/* The same sequences through a shared paged pool, with block tables whose
+ * blocks are scattered and interleaved between sequences, give the golden
+ * tokens: attention follows the tables exactly. */
+static void test_forward_paged_pool_with_scattered_blocks_matches_golden(void **state)
+{
+    fixture *f = *state;
+    json_t *cases = json_object_get(f->golden, "cases");
+    const int n_vocab = rt_model_hparams(f->model)->n_vocab;
+    enum { NS = 3, BS = 4, NB = 64 };
+    rt_kv_pool *pool = rt_kv_pool_create(f->model, NB, BS);
+    assert_non_null(pool);
+    int32_t prompts[NS][256], want[NS][64], got[NS][N_GEN], tables[NS][16];
+    int np[NS], past[NS];
+    float *logits[NS];
+    rt_seq_batch b[NS];
+    for (int s = 0; s < NS; s++) {
+        json_t *c = json_array_get(cases, (size_t)s + 1);
+        np[s] = json_ids(json_object_get(c, "prompt_token_ids"), prompts[s], 256);
+        json_ids(json_object_get(c, "completion_token_ids"), want[s], 64);
+        for (int k = 0; k < 16; k++) /* block k of sequence s: interleaved, descending */
+            tables[s][k] = NB - 1 - (k * NS + s);
+        logits[s] = malloc(sizeof(float) * (size_t)n_vocab);
+        past[s] = 0;
+    }
+    char err[256];
+    /* Prefill in chunks of 3 tokens, all sequences in each step. */
+    for (int done = 0; done < NS;) {
+        int nb = 0;
+        done = 0;
+        for (int s = 0; s < NS; s++) {
+            if (past[s] >= np[s]) {
+                done++;
+                continue;
+            }
+            const int n = np[s] - past[s] < 3 ? np[s] - past[s] : 3;
+            b[nb++] = (rt_seq_batch){.tokens = prompts[s] + past[s], .n_tokens = n,
+                                     .logits = past[s] + n == np[s] ? logits[s] : NULL,
+                                     .pool = pool, .blocks = tables[s], .n_blocks = 16,
+                                     .n_past = past[s]};
+            past[s] += n;
+        }
+        if (nb)
+            assert_int_equal(rt_forward(f->model, b, nb, err, sizeof(err)), 0);
+    }
+    for (int t = 0; t < N_GEN; t++) {
+        for (int s = 0; s < NS; s++) {
+            got[s][t] = rt_argmax(logits[s], n_vocab);
+            b[s] = (rt_seq_batch){.tokens = &got[s][t], .n_tokens = 1, .logits = logits[s],
+                                  .pool = pool, .blocks = tables[s], .n_blocks = 16,
+                                  .n_past = past[s]++};
+        }
+        if (t + 1 < N_GEN)
+            assert_int_equal(rt_forward(f->model, b, NS, err, sizeof(err)), 0);
+    }
+    for (int s = 0; s < NS; s++) {
+        assert_memory_equal(got[s], want[s], sizeof(int32_t) * N_GEN);
+        free(logits[s]);
+    }
+    /* A table pointing outside the pool is refused. */
+    int32_t bad_table[1] = {NB};
+    int32_t tok = 1;
+    rt_seq_batch bad = {.tokens = &tok, .n_tokens = 1, .pool = pool, .blocks = bad_table,
+                        .n_blocks = 1, .n_past = 0};
+    assert_int_equal(rt_forward(f->model, &bad, 1, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "not in the pool"));
+    rt_kv_pool_destroy(pool);
+}
+
 static void test_forward_rejects_out_of_range_batches(void **state)
 {
     fixture *f = *state;
     rt_kv *kv = rt_kv_create(f->model, 4);
     char err[256];
     int32_t bad_token = 512;
-    rt_seq_batch b = {kv, &bad_token, 1, NULL};
+    rt_seq_batch b = {.kv = kv, .tokens = &bad_token, .n_tokens = 1};
     assert_int_equal(rt_forward(f->model, &b, 1, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "outside the vocabulary"));
     int32_t five[5] = {1, 2, 3, 4, 5};
-    b = (rt_seq_batch){kv, five, 5, NULL};
+    b = (rt_seq_batch){.kv = kv, .tokens = five, .n_tokens = 5};
     assert_int_equal(rt_forward(f->model, &b, 1, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "cache holds 4"));
     assert_int_equal(rt_kv_len(kv), 0);
@@ -212,6 +281,7 @@ int main(void)
         cmocka_unit_test(test_forward_tokenizer_gives_golden_prompt_ids),
         cmocka_unit_test(test_forward_chunked_prefill_matches_golden),
         cmocka_unit_test(test_forward_batched_sequences_match_golden),
+        cmocka_unit_test(test_forward_paged_pool_with_scattered_blocks_matches_golden),
         cmocka_unit_test(test_forward_rejects_out_of_range_batches),
         cmocka_unit_test(test_model_load_refuses_missing_file),
     };

@@ -264,6 +264,22 @@ static void test_sampler_top_k_two_never_leaves_the_two_most_likely(void **state
     assert_freq_close(freq, expect, 6, FREQ_TOL);
 }
 
+static void test_sampler_top_k_cut_inside_a_tie_keeps_the_lowest_ids(void **state)
+{
+    (void)state;
+    /* Ids 1, 4 and 6 share the largest logit; top_k 2 keeps 1 and 4 (candidates
+     * are ordered by probability, then by id), each drawn half the time. */
+    const float logits[8] = {0.0f, 1.0f, 0.5f, -1.0f, 1.0f, 0.2f, 1.0f, 0.9f};
+    rt_sampler s;
+    sampler_open(&s, 1.0f, 2, 1.0f, 0.0f, 41, 8);
+    double freq[8];
+    draw_frequencies(&s, logits, N_DRAWS, freq);
+    rt_sampler_free(&s);
+    const double expect[8] = {0, 0.5, 0, 0, 0.5, 0, 0, 0};
+    assert_true(freq[6] == 0.0);
+    assert_freq_close(freq, expect, 8, FREQ_TOL);
+}
+
 static void test_sampler_top_k_above_vocab_is_no_filter(void **state)
 {
     (void)state;
@@ -386,6 +402,7 @@ int main(void)
         cmocka_unit_test(test_sampler_temperature_two_flattens_as_softmax_of_half_logits),
         cmocka_unit_test(test_sampler_low_temperature_concentrates_on_argmax),
         cmocka_unit_test(test_sampler_top_k_two_never_leaves_the_two_most_likely),
+        cmocka_unit_test(test_sampler_top_k_cut_inside_a_tie_keeps_the_lowest_ids),
         cmocka_unit_test(test_sampler_top_k_above_vocab_is_no_filter),
         cmocka_unit_test(test_sampler_top_p_half_keeps_only_the_top_token),
         cmocka_unit_test(test_sampler_top_p_point_eight_keeps_the_top_two),
