@@ -191,6 +191,8 @@ static int load_tensors(rt_model *m, char *err, size_t errlen)
             {"ffn_gate", dim, ffn, &L->w_gate},   {"ffn_up", dim, ffn, &L->w_up},
             {"ffn_down", ffn, dim, &L->w_down},
         };
+        if (m->progress)
+            m->progress(m->progress_ctx, (float)l / (float)hp->n_layers);
         for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
             char name[96];
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, want[i].suffix);
@@ -246,8 +248,14 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
         goto fail;
     }
     m->hp.n_vocab = (int)rt_tokenizer_n_vocab(m->tok);
+    if (opts) {
+        m->progress = opts->progress;
+        m->progress_ctx = opts->progress_ctx;
+    }
     if (load_tensors(m, err, errlen) != 0)
         goto fail;
+    if (m->progress)
+        m->progress(m->progress_ctx, 1.0f);
     m->n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx : m->hp.n_ctx_train;
     m->max_batch_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 512;
     const int threads = opts && opts->n_threads > 0 ? opts->n_threads : 1;

@@ -36,6 +36,9 @@ typedef struct {
     int n_threads;        /* compute threads; <= 0 means 1 */
     int max_batch_tokens; /* tokens in one forward step; <= 0 means 512 */
     int n_ctx;            /* context length used; <= 0 means the model's */
+    /* Called now and then while weights load, with the fraction done. */
+    void (*progress)(void *ctx, float frac);
+    void *progress_ctx;
 } rt_model_opts;
 
 typedef struct rt_model rt_model;

@@ -41,6 +41,8 @@ struct rt_model {
     int max_batch_tokens;
     kern_pool *pool;
     rt_scratch s;
+    void (*progress)(void *ctx, float frac);
+    void *progress_ctx;
 };
 
 struct rt_kv_pool {

@@ -157,6 +157,8 @@ static void free_params(sched_params *p)
 
 static void request_free(sched_request *r)
 {
+    if (r->leader)
+        sched_request_release(r->leader); /* the reference taken at submit */
     free_params(&r->p);
     free(r->tokens);
     free(r->tok_end);
@@ -423,9 +425,15 @@ static void preempt(sched_engine *e, sched_request *r)
 static int32_t choose_token(sched_engine *e, sched_request *r)
 {
     const int i = r->n_tokens; /* only the engine writes n_tokens */
-    if (r->p.min_tokens > i && e->eos >= 0 && !r->p.ignore_eos)
+    const bool ban_eos = r->p.min_tokens > i && e->eos >= 0 && !r->p.ignore_eos;
+    float eos_logit = 0.0f;
+    if (ban_eos) {
+        eos_logit = r->logits[e->eos];
         r->logits[e->eos] = -INFINITY;
+    }
     const int32_t tok = (int32_t)rt_sample(&r->sampler, r->logits);
+    if (ban_eos)
+        r->logits[e->eos] = eos_logit; /* logprobs describe the model, not the ban */
     if (r->lp) {
         const int k = r->p.logprobs;
         r->lp[i] = rt_logprobs(r->logits, e->n_vocab, tok, k, r->top_ids + (size_t)i * (size_t)k,
@@ -527,7 +535,7 @@ static void admit(sched_engine *e)
         const int need = sched_bm_blocks_needed(e->bm, r->seq, r->n_seq);
         /* New work keeps a small reserve so running sequences can still grow;
          * a preempted sequence may use it, or it might never come back. */
-        const int reserve = r->n_preempted ? 0 : e->watermark_blocks;
+        const int reserve = r->n_preempted || e->n_running == 0 ? 0 : e->watermark_blocks;
         if (need < 0 || need + reserve > sched_bm_free_count(e->bm))
             break; /* first come, first served: nothing behind it jumps the queue */
         if (!r->started) {
@@ -623,6 +631,29 @@ static void build_batch(sched_engine *e)
     }
 }
 
+/* Publishes the engine's gauges and this step's counters under the lock. */
+static void publish_stats(sched_engine *e, bool stepped, double dt, int batch_tokens,
+                          uint64_t prompt_tokens, uint64_t generated)
+{
+    uint64_t q, h;
+    sched_bm_prefix_stats(e->bm, &q, &h);
+    pthread_mutex_lock(&e->mu);
+    if (stepped) {
+        e->stats.steps++;
+        sched_hist_observe(&e->stats.step_time, dt);
+        sched_hist_observe(&e->stats.batch_tokens, batch_tokens);
+    }
+    e->stats.prompt_tokens += prompt_tokens;
+    e->stats.generated_tokens += generated;
+    e->stats.running = e->n_running;
+    e->stats.waiting = e->n_waiting + e->n_inbox;
+    e->stats.prefix_query_tokens = q;
+    e->stats.prefix_hit_tokens = h;
+    e->stats.kv_blocks_used = sched_bm_used_count(e->bm);
+    e->stats.kv_blocks_cached = sched_bm_cached_count(e->bm);
+    pthread_mutex_unlock(&e->mu);
+}
+
 int sched_engine_step(sched_engine *e)
 {
     take_inbox(e, false);
@@ -642,6 +673,7 @@ int sched_engine_step(sched_engine *e)
             e->n_waiting--;
             finish_request(e, r, SCHED_FINISH_ERROR, "the prompt does not fit the KV cache");
         }
+        publish_stats(e, false, 0.0, 0, 0, 0);
         return 0;
     }
     const double t0 = sched_now();
@@ -652,36 +684,27 @@ int sched_engine_step(sched_engine *e)
     if (e->forward(e->forward_ctx, e->batch, nb, err, sizeof(err)) != 0) {
         for (int i = 0; i < nb; i++)
             finish_request(e, e->batch_req[i], SCHED_FINISH_ERROR, err);
+        e->n_batch = 0; /* those requests may be gone */
+        publish_stats(e, true, sched_now() - t0, total, 0, 0);
         return nb;
     }
-    uint64_t prompt_tokens = 0;
+    uint64_t prompt_tokens = 0, generated = 0;
     for (int i = 0; i < nb; i++) {
         sched_request *r = e->batch_req[i];
-        r->n_computed += e->batch[i].n_tokens;
-        if (r->n_computed <= r->p.n_prompt)
-            prompt_tokens += (uint64_t)e->batch[i].n_tokens;
+        const int from = r->n_computed, to = from + e->batch[i].n_tokens;
+        const int np = r->p.n_prompt;
+        prompt_tokens += (uint64_t)((to < np ? to : np) - (from < np ? from : np));
+        r->n_computed = to;
         sched_bm_commit(e->bm, &r->bt, r->seq, r->n_computed);
     }
     for (int i = 0; i < nb; i++) {
         sched_request *r = e->batch_req[i];
-        if (e->batch[i].logits)
+        if (e->batch[i].logits) {
             accept_token(e, r, choose_token(e, r));
+            generated++;
+        }
     }
-    const double dt = sched_now() - t0;
-    uint64_t q, h;
-    sched_bm_prefix_stats(e->bm, &q, &h);
-    pthread_mutex_lock(&e->mu);
-    e->stats.steps++;
-    e->stats.prompt_tokens += prompt_tokens;
-    e->stats.running = e->n_running;
-    e->stats.waiting = e->n_waiting + e->n_inbox;
-    e->stats.prefix_query_tokens = q;
-    e->stats.prefix_hit_tokens = h;
-    e->stats.kv_blocks_used = sched_bm_used_count(e->bm);
-    e->stats.kv_blocks_cached = sched_bm_cached_count(e->bm);
-    sched_hist_observe(&e->stats.step_time, dt);
-    sched_hist_observe(&e->stats.batch_tokens, total);
-    pthread_mutex_unlock(&e->mu);
+    publish_stats(e, true, sched_now() - t0, total, prompt_tokens, generated);
     return nb;
 }
 
@@ -869,7 +892,11 @@ int sched_submit_many(sched_engine *e, sched_request **rs, int n)
         e->n_outstanding++;
         e->stats.waiting++;
         r->arrival_seq = e->next_arrival++;
-        r->leader = i > 0 ? rs[0] : NULL;
+        r->leader = NULL;
+        if (i > 0) { /* the sibling reads its leader's progress: keep it alive */
+            atomic_fetch_add(&rs[0]->refs, 1);
+            r->leader = rs[0];
+        }
         r->t_arrival = sched_now();
         r->next = NULL;
         if (e->inbox_tail)

@@ -33,8 +33,13 @@
 
 #include "runtime/tokenizer.h"
 #include "runtime/chat_template.h"
+#include "server/boot.h"
 #include "server/metrics.h"
 #include "server/openai.h"
+
+/* The chat page, embedded at build time (server/web/index.html). */
+extern const unsigned char srv_web_page[];
+extern const size_t srv_web_page_len;
 
 typedef enum {
     CONN_READING,    /* collecting the body */
@@ -82,6 +87,11 @@ typedef struct conn {
     double t_start;
     bool closed; /* MHD finished with it while the engine still ran */
     uv_poll_t *peer; /* watches a suspended connection's socket for a hang-up */
+    int http_status;  /* for the access log */
+    char method[8];
+    char path[128];
+    int log_prompt_tokens, log_completion_tokens;
+    double log_ttft;
 } conn;
 
 struct srv_server {
@@ -104,6 +114,11 @@ struct srv_server {
     conn *ready; /* connections with engine output to handle */
     int port;
     int active; /* connections whose requests are with the worker pool or engine */
+    bool model_ready;  /* model loaded and engine running (loop thread) */
+    bool load_failed;
+    int exit_code;
+    uv_work_t load_work;
+    char load_err[1024];
     bool draining;
     int idle_ticks; /* drain ticks in a row with nothing in flight */
     MHD_socket listen_fd; /* returned by MHD_quiesce_daemon; closed after stop */
@@ -126,7 +141,7 @@ static void set_error(conn *c, const srv_error *e) { set_json_response(c, e->sta
 /* Extra header of an error response: Retry-After for 429 and 503. */
 static const char *retry_header(int status) { return status == 429 || status == 503 ? "Retry-After" : NULL; }
 
-static enum MHD_Result queue_body(struct MHD_Connection *mc, int status, char *body,
+static enum MHD_Result queue_body(conn *c, int status, char *body,
                                   const char *extra_header, const char *extra_value)
 {
     const char *text = body ? body : "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
@@ -137,19 +152,19 @@ static enum MHD_Result queue_body(struct MHD_Connection *mc, int status, char *b
     MHD_add_response_header(r, "Content-Type", "application/json");
     if (extra_header)
         MHD_add_response_header(r, extra_header, extra_value);
-    enum MHD_Result ret = MHD_queue_response(mc, (unsigned)status, r);
+    enum MHD_Result ret = MHD_queue_response(c->mc, (unsigned)status, r);
     MHD_destroy_response(r);
+    c->http_status = status;
     return ret;
 }
 
-static enum MHD_Result queue_error(struct MHD_Connection *mc, const srv_error *e)
+static enum MHD_Result queue_error(conn *c, const srv_error *e)
 {
     json_t *j = srv_error_json(e);
     char *body = json_dumps(j, JSON_COMPACT);
     json_decref(j);
-    const char *name = e->status == 405 ? "Allow" : retry_header(e->status);
-    const char *value = e->status == 405 ? e->param : "1";
-    enum MHD_Result ret = queue_body(mc, e->status, body, name, name ? value : NULL);
+    const char *name = retry_header(e->status);
+    enum MHD_Result ret = queue_body(c, e->status, body, name, name ? "1" : NULL);
     free(body);
     return ret;
 }
@@ -313,13 +328,12 @@ static void build_full_response(conn *c)
         json_array_append_new(choices, choice);
         prompt_tokens = o.n_prompt;
         completion_tokens += o.n_tokens;
-        if (s->cfg.log_requests)
-            fprintf(stderr, "sieve: %s[%d] prompt %d, completion %d tokens (%s), ttft %.1f ms, "
-                            "total %.1f ms\n",
-                    c->id, i, o.n_prompt, o.n_tokens, finish_name(&o),
-                    (o.t_first_token - o.t_arrival) * 1e3, (o.t_finish - c->t_start) * 1e3);
+        if (i == 0 && o.t_first_token > 0)
+            c->log_ttft = o.t_first_token - c->t_start;
         free(o.text);
     }
+    c->log_prompt_tokens = prompt_tokens;
+    c->log_completion_tokens = completion_tokens;
     set_json_response(c, 200,
                       srv_response_json(kind, false, c->id, s->model_name, c->created, choices,
                                         srv_usage_json(prompt_tokens, completion_tokens)));
@@ -425,6 +439,8 @@ static void stream_progress(conn *c)
         free(o.text);
     }
     if (all_final && !c->stream_done) {
+        c->log_prompt_tokens = prompt_tokens;
+        c->log_completion_tokens = completion_tokens;
         if (c->creq.include_usage)
             out_event(c, srv_response_json(kind, true, c->id, s->model_name, c->created,
                                            json_array(),
@@ -679,6 +695,7 @@ static void tokenize_done(uv_work_t *w, int status)
         p.n_stop = q->n_stop;
         p.ignore_eos = q->ignore_eos;
         p.min_tokens = q->min_tokens;
+        p.priority = q->priority;
         p.logprobs = q->logprobs;
         c->reqs[i] = sched_request_create(&p, on_engine_notify, c);
         c->n_choices = i + 1;
@@ -732,11 +749,11 @@ static enum MHD_Result start_completion(conn *c, srv_kind kind)
     srv_server *s = c->srv;
     srv_error e;
     if (srv_parse_request(kind, c->body ? c->body : "", c->len, &s->limits, &c->creq, &e) != 0)
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     if (s->draining) {
         srv_error_set(&e, 503, "server_error", "server_shutting_down", NULL,
                       "the server is shutting down");
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
     random_id(c->id, sizeof(c->id), kind == SRV_CHAT ? "chatcmpl-" : "cmpl-");
     c->created = (long)time(NULL);
@@ -751,11 +768,11 @@ static enum MHD_Result start_completion(conn *c, srv_kind kind)
     return MHD_YES;
 }
 
-static enum MHD_Result queue_json(struct MHD_Connection *mc, int status, json_t *j)
+static enum MHD_Result queue_json(conn *c, int status, json_t *j)
 {
     char *body = json_dumps(j, JSON_COMPACT);
     json_decref(j);
-    enum MHD_Result r = queue_body(mc, status, body, NULL, NULL);
+    enum MHD_Result r = queue_body(c, status, body, NULL, NULL);
     free(body);
     return r;
 }
@@ -782,7 +799,7 @@ static enum MHD_Result handle_tokenize(conn *c)
     srv_error e;
     json_t *root = parse_body_object(c, &e);
     if (!root)
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     json_t *content = json_object_get(root, "content");
     json_t *add = json_object_get(root, "add_special");
     json_t *parse = json_object_get(root, "parse_special");
@@ -797,7 +814,7 @@ static enum MHD_Result handle_tokenize(conn *c)
                       "'%s' must be a %s", bad_field,
                       strcmp(bad_field, "content") == 0 ? "string" : "boolean");
         json_decref(root);
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
     int32_t *ids = NULL;
     size_t n = 0;
@@ -805,7 +822,7 @@ static enum MHD_Result handle_tokenize(conn *c)
                     json_is_true(add), !parse || json_is_true(parse), &ids, &n) != 0) {
         json_decref(root);
         srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
     json_t *arr = json_array();
     for (size_t i = 0; i < n; i++) {
@@ -825,7 +842,7 @@ static enum MHD_Result handle_tokenize(conn *c)
     json_decref(root);
     json_t *out = json_object();
     json_object_set_new(out, "tokens", arr);
-    return queue_json(c->mc, 200, out);
+    return queue_json(c, 200, out);
 }
 
 /* POST /detokenize: {"tokens": [ids]} -> {"content": text}. */
@@ -835,13 +852,13 @@ static enum MHD_Result handle_detokenize(conn *c)
     srv_error e;
     json_t *root = parse_body_object(c, &e);
     if (!root)
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     json_t *toks = json_object_get(root, "tokens");
     if (!json_is_array(toks)) {
         json_decref(root);
         srv_error_set(&e, 400, "invalid_request_error", NULL, "tokens",
                       "'tokens' must be an array of token ids");
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
     const size_t n = json_array_size(toks);
     char *text = malloc(n * 256 + 1);
@@ -854,7 +871,7 @@ static enum MHD_Result handle_detokenize(conn *c)
             json_decref(root);
             srv_error_set(&e, 400, "invalid_request_error", NULL, "tokens",
                           "'tokens'[%zu] must be a token id in [0, %d)", i, s->limits.n_vocab);
-            return queue_error(c->mc, &e);
+            return queue_error(c, &e);
         }
         size_t m = rt_token_to_bytes(s->tok, (int32_t)json_integer_value(t), text + len, 256);
         len += m < 256 ? m : 256;
@@ -862,12 +879,12 @@ static enum MHD_Result handle_detokenize(conn *c)
     json_decref(root);
     if (!text) {
         srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
     json_t *out = json_object();
     json_object_set_new(out, "content", srv_json_text(text, len));
     free(text);
-    return queue_json(c->mc, 200, out);
+    return queue_json(c, 200, out);
 }
 
 static bool is_get_or_head(const char *method)
@@ -880,13 +897,41 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
     srv_server *s = c->srv;
     srv_error e;
     const char *allow = NULL;
-    if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/health") == 0) {
+    if (strcmp(url, "/") == 0 || strcmp(url, "/index.html") == 0) {
+        if (!is_get_or_head(method)) {
+            allow = "GET, HEAD";
+        } else {
+            struct MHD_Response *r = MHD_create_response_from_buffer(
+                srv_web_page_len, (void *)srv_web_page, MHD_RESPMEM_PERSISTENT);
+            if (!r)
+                return MHD_NO;
+            MHD_add_response_header(r, "Content-Type", "text/html; charset=utf-8");
+            c->http_status = 200;
+            enum MHD_Result ret = MHD_queue_response(c->mc, MHD_HTTP_OK, r);
+            MHD_destroy_response(r);
+            return ret;
+        }
+    } else if (strcmp(url, "/live") == 0 || strcmp(url, "/livez") == 0) {
+        /* Liveness: the loop answers, whatever the model is doing. */
+        if (!is_get_or_head(method))
+            allow = "GET, HEAD";
+        else
+            return queue_body(c, 200, "{\"status\":\"alive\"}", NULL, NULL);
+    } else if (strcmp(url, "/health") == 0 || strcmp(url, "/v1/health") == 0 ||
+               strcmp(url, "/ready") == 0) {
+        /* Readiness: 200 only while requests can be served. */
         if (!is_get_or_head(method))
             allow = "GET, HEAD";
         else if (s->draining)
-            return queue_body(c->mc, 503, "{\"status\":\"draining\"}", NULL, NULL);
+            return queue_body(c, 503, "{\"status\":\"draining\"}", "Retry-After", "1");
+        else if (!s->model_ready)
+            return queue_body(c, 503, "{\"status\":\"loading\"}", "Retry-After", "1");
         else
-            return queue_body(c->mc, 200, "{\"status\":\"ok\"}", NULL, NULL);
+            return queue_body(c, 200, "{\"status\":\"ok\"}", NULL, NULL);
+    } else if (!s->model_ready) {
+        srv_error_set(&e, 503, "server_error", "model_loading", NULL,
+                      "the model is still loading; retry shortly");
+        return queue_error(c, &e);
     } else if (strcmp(url, "/metrics") == 0) {
         if (!is_get_or_head(method)) {
             allow = "GET, HEAD";
@@ -897,7 +942,7 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
             char *text = srv_metrics_text(&st, s->model_name, &len);
             if (!text) {
                 srv_error_set(&e, 500, "server_error", NULL, NULL, "out of memory");
-                return queue_error(c->mc, &e);
+                return queue_error(c, &e);
             }
             struct MHD_Response *r =
                 MHD_create_response_from_buffer(len, text, MHD_RESPMEM_MUST_FREE);
@@ -906,6 +951,7 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
                 return MHD_NO;
             }
             MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4");
+            c->http_status = 200;
             enum MHD_Result ret = MHD_queue_response(c->mc, MHD_HTTP_OK, r);
             MHD_destroy_response(r);
             return ret;
@@ -917,7 +963,7 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
             json_t *j = srv_models_json(s->model_name, s->created, s->limits.n_ctx);
             char *body = json_dumps(j, JSON_COMPACT);
             json_decref(j);
-            enum MHD_Result r = queue_body(c->mc, 200, body, NULL, NULL);
+            enum MHD_Result r = queue_body(c, 200, body, NULL, NULL);
             free(body);
             return r;
         }
@@ -925,14 +971,14 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
         if (strcmp(url + 11, s->model_name) != 0) {
             srv_error_set(&e, 404, "invalid_request_error", "model_not_found", "model",
                           "The model '%.200s' does not exist", url + 11);
-            return queue_error(c->mc, &e);
+            return queue_error(c, &e);
         }
         json_t *j = srv_models_json(s->model_name, s->created, s->limits.n_ctx);
         json_t *m = json_incref(json_array_get(json_object_get(j, "data"), 0));
         json_decref(j);
         char *body = json_dumps(m, JSON_COMPACT);
         json_decref(m);
-        enum MHD_Result r = queue_body(c->mc, 200, body, NULL, NULL);
+        enum MHD_Result r = queue_body(c, 200, body, NULL, NULL);
         free(body);
         return r;
     } else if (strcmp(url, "/v1/completions") == 0 || strcmp(url, "/completions") == 0) {
@@ -953,11 +999,16 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
     } else {
         srv_error_set(&e, 404, "invalid_request_error", "not_found", NULL,
                       "Unknown endpoint %.16s %.200s", method, url);
-        return queue_error(c->mc, &e);
+        return queue_error(c, &e);
     }
-    srv_error_set(&e, 405, "invalid_request_error", "method_not_allowed", allow,
+    srv_error_set(&e, 405, "invalid_request_error", "method_not_allowed", NULL,
                   "Method %.16s is not allowed on %.200s (allowed: %s)", method, url, allow);
-    return queue_error(c->mc, &e);
+    json_t *j = srv_error_json(&e);
+    char *body = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    enum MHD_Result ret = queue_body(c, 405, body, "Allow", allow);
+    free(body);
+    return ret;
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
@@ -974,6 +1025,8 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         c->srv = s;
         c->mc = mc;
         c->t_start = sched_now();
+        snprintf(c->method, sizeof(c->method), "%s", method);
+        snprintf(c->path, sizeof(c->path), "%s", url);
         *con_cls = c;
         /* Refuse an announced oversized body before reading it. */
         const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
@@ -983,7 +1036,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
             srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
                           "The request body (%s bytes) exceeds the limit of %lld bytes", cl,
                           (long long)s->cfg.max_body_bytes);
-            return queue_error(mc, &e);
+            return queue_error(c, &e);
         }
         return MHD_YES;
     }
@@ -1016,7 +1069,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
     }
     switch (c->phase) {
     case CONN_RESPONDING:
-        return queue_body(mc, c->status, c->resp, retry_header(c->status), "1");
+        return queue_body(c, c->status, c->resp, retry_header(c->status), "1");
     case CONN_STREAMING: {
         struct MHD_Response *r =
             MHD_create_response_from_callback(MHD_SIZE_UNKNOWN, 16384, stream_reader, c, NULL);
@@ -1024,6 +1077,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
             return MHD_NO;
         MHD_add_response_header(r, "Content-Type", "text/event-stream");
         MHD_add_response_header(r, "Cache-Control", "no-cache");
+        c->http_status = 200;
         enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_OK, r);
         MHD_destroy_response(r);
         return ret;
@@ -1038,7 +1092,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         srv_error_set(&e, 413, "invalid_request_error", "request_too_large", NULL,
                       "The request body exceeds the limit of %lld bytes",
                       (long long)s->cfg.max_body_bytes);
-        return queue_error(mc, &e);
+        return queue_error(c, &e);
     }
     return route(c, method, url);
 }
@@ -1056,6 +1110,36 @@ static void free_conn(conn *c)
     free(c);
 }
 
+/* One JSON line per request on stderr: a structured access log. */
+static void access_log(const conn *c, enum MHD_RequestTerminationCode toe)
+{
+    json_t *j = json_object();
+    struct timespec ts;
+    clock_gettime(CLOCK_REALTIME, &ts);
+    json_object_set_new(j, "ts", json_real((double)ts.tv_sec + (double)ts.tv_nsec * 1e-9));
+    if (c->id[0])
+        json_object_set_new(j, "id", json_string(c->id));
+    json_object_set_new(j, "method", srv_json_text(c->method, strlen(c->method)));
+    json_object_set_new(j, "path", srv_json_text(c->path, strlen(c->path)));
+    json_object_set_new(j, "status", json_integer(c->http_status));
+    json_object_set_new(j, "completed", json_boolean(toe == MHD_REQUEST_TERMINATED_COMPLETED_OK));
+    if (c->log_prompt_tokens || c->log_completion_tokens) {
+        json_object_set_new(j, "prompt_tokens", json_integer(c->log_prompt_tokens));
+        json_object_set_new(j, "completion_tokens", json_integer(c->log_completion_tokens));
+    }
+    if (c->creq.stream)
+        json_object_set_new(j, "stream", json_true());
+    if (c->log_ttft > 0)
+        json_object_set_new(j, "ttft_ms", json_real(c->log_ttft * 1e3));
+    json_object_set_new(j, "duration_ms", json_real((sched_now() - c->t_start) * 1e3));
+    char *line = json_dumps(j, JSON_COMPACT);
+    json_decref(j);
+    if (line) {
+        fprintf(stderr, "%s\n", line);
+        free(line);
+    }
+}
+
 static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
                          enum MHD_RequestTerminationCode toe)
 {
@@ -1064,6 +1148,8 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     *con_cls = NULL;
     if (!c)
         return;
+    if (s->cfg.log_requests)
+        access_log(c, toe);
     pthread_mutex_lock(&s->done_mu);
     const bool engine_busy = c->n_done < c->n_choices || c->queued;
     pthread_mutex_unlock(&s->done_mu);
@@ -1103,7 +1189,7 @@ static void on_drain_tick(uv_timer_t *t)
         return;
     }
     s->idle_ticks = 0;
-    if (!s->engine_cancelled && sched_now() > s->drain_deadline) {
+    if (!s->engine_cancelled && s->engine && sched_now() > s->drain_deadline) {
         fprintf(stderr, "sieve: drain timeout, cancelling %d requests\n", s->active);
         s->engine_cancelled = true;
         sched_engine_cancel_all(s->engine);
@@ -1125,8 +1211,40 @@ static void on_signal(uv_signal_t *sig, int signum)
     uv_timer_start(&s->drain_timer, on_drain_tick, 0, 50);
 }
 
-int srv_create(srv_server **out, const cfg_config *cfg, rt_model *model, sched_engine *engine,
-               char *err, size_t errlen)
+/* Model-dependent state, set once the model has loaded (loop thread). */
+static int attach_model(srv_server *s, char *err, size_t errlen)
+{
+    const cfg_config *cfg = &s->cfg;
+    s->tok = rt_model_tokenizer(s->model);
+    s->limits = (srv_limits){.model_name = s->model_name,
+                             .n_vocab = rt_model_hparams(s->model)->n_vocab,
+                             .n_ctx = rt_model_n_ctx(s->model),
+                             .default_max_tokens = cfg->default_max_tokens};
+    if (cfg->chat_template[0]) {
+        s->chat_family = rt_chat_family_from_name(cfg->chat_template);
+        if (s->chat_family < 0) {
+            snprintf(err, errlen,
+                     "config key 'chat_template': unknown family '%s' (plain, chatml, llama2, "
+                     "llama3, mistral, gemma, phi3, zephyr)",
+                     cfg->chat_template);
+            return -1;
+        }
+    } else {
+        size_t tl;
+        const char *t = rt_model_chat_template(s->model, &tl);
+        s->chat_family = t ? rt_chat_family_detect(t, tl) : RT_CHAT_PLAIN;
+        if (s->chat_family < 0) {
+            fprintf(stderr, "sieve: the model's chat template is not a known family; using "
+                            "'plain' (set chat_template to choose one)\n");
+            s->chat_family = RT_CHAT_PLAIN;
+        }
+    }
+    fprintf(stderr, "sieve: chat template '%s'\n",
+            rt_chat_family_name((rt_chat_family)s->chat_family));
+    return 0;
+}
+
+int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen)
 {
     *out = NULL;
     srv_server *s = calloc(1, sizeof(*s));
@@ -1135,9 +1253,6 @@ int srv_create(srv_server **out, const cfg_config *cfg, rt_model *model, sched_e
         return -1;
     }
     s->cfg = *cfg;
-    s->model = model;
-    s->engine = engine;
-    s->tok = rt_model_tokenizer(model);
     s->created = (long)time(NULL);
     s->listen_fd = MHD_INVALID_SOCKET;
     if (cfg->model_name[0]) {
@@ -1149,30 +1264,6 @@ int srv_create(srv_server **out, const cfg_config *cfg, rt_model *model, sched_e
         char *dot = strrchr(s->model_name, '.');
         if (dot && strcmp(dot, ".gguf") == 0)
             *dot = 0;
-    }
-    s->limits = (srv_limits){.model_name = s->model_name,
-                             .n_vocab = rt_model_hparams(model)->n_vocab,
-                             .n_ctx = rt_model_n_ctx(model),
-                             .default_max_tokens = cfg->default_max_tokens};
-    if (cfg->chat_template[0]) {
-        s->chat_family = rt_chat_family_from_name(cfg->chat_template);
-        if (s->chat_family < 0) {
-            snprintf(err, errlen,
-                     "config key 'chat_template': unknown family '%s' (plain, chatml, llama2, "
-                     "llama3, mistral, gemma, phi3, zephyr)",
-                     cfg->chat_template);
-            free(s);
-            return -1;
-        }
-    } else {
-        size_t tl;
-        const char *t = rt_model_chat_template(model, &tl);
-        s->chat_family = t ? rt_chat_family_detect(t, tl) : RT_CHAT_PLAIN;
-        if (s->chat_family < 0) {
-            fprintf(stderr, "sieve: the model's chat template is not a known family; using "
-                            "'plain' (set chat_template to choose one)\n");
-            s->chat_family = RT_CHAT_PLAIN;
-        }
     }
     pthread_mutex_init(&s->done_mu, NULL);
 
@@ -1216,6 +1307,32 @@ int srv_create(srv_server **out, const cfg_config *cfg, rt_model *model, sched_e
 
 int srv_port(const srv_server *s) { return s->port; }
 
+static void load_work(uv_work_t *w)
+{
+    srv_server *s = w->data;
+    if (srv_boot_model(&s->cfg, &s->model, &s->engine, s->load_err, sizeof(s->load_err)) != 0)
+        s->load_failed = true;
+}
+
+static void load_done(uv_work_t *w, int status)
+{
+    srv_server *s = w->data;
+    char err[512];
+    if (!s->load_failed && status == 0 && attach_model(s, err, sizeof(err)) != 0) {
+        snprintf(s->load_err, sizeof(s->load_err), "%s", err);
+        s->load_failed = true;
+    }
+    if (s->load_failed || status != 0) {
+        fprintf(stderr, "sieve: %s\n", s->load_err);
+        s->exit_code = 1;
+        stop_loop(s);
+        return;
+    }
+    s->model_ready = true;
+    fprintf(stderr, "sieve: serving model '%s' on http://%s:%d\n", s->model_name, s->cfg.host,
+            s->port);
+}
+
 int srv_run(srv_server *s)
 {
     s->loop = uv_default_loop();
@@ -1236,8 +1353,10 @@ int srv_run(srv_server *s)
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
     signal(SIGPIPE, SIG_IGN);
-    fprintf(stderr, "sieve: serving model '%s' on http://%s:%d\n", s->model_name, s->cfg.host,
-            s->port);
+    fprintf(stderr, "sieve: listening on http://%s:%d (model '%s' loading)\n", s->cfg.host,
+            s->port, s->model_name);
+    s->load_work.data = s;
+    uv_queue_work(s->loop, &s->load_work, load_work, load_done);
     run_mhd(s);
     uv_run(s->loop, UV_RUN_DEFAULT);
     /* Let MHD flush the last responses before the daemon goes away. */
@@ -1250,7 +1369,7 @@ int srv_run(srv_server *s)
     uv_close((uv_handle_t *)&s->sigint, NULL);
     uv_close((uv_handle_t *)&s->sigterm, NULL);
     uv_run(s->loop, UV_RUN_DEFAULT);
-    return 0;
+    return s->exit_code;
 }
 
 void srv_destroy(srv_server *s)
@@ -1261,6 +1380,8 @@ void srv_destroy(srv_server *s)
         MHD_stop_daemon(s->d);
     if (s->listen_fd != MHD_INVALID_SOCKET)
         close(s->listen_fd);
+    sched_engine_destroy(s->engine);
+    rt_model_destroy(s->model);
     pthread_mutex_destroy(&s->done_mu);
     free(s);
 }

@@ -535,7 +535,7 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
     out->logprobs = -1;
     rt_sampling_defaults(&out->sampling);
     json_error_t jerr;
-    json_t *root = json_loadb(body, len, JSON_DECODE_ANY, &jerr);
+    json_t *root = json_loadb(body, len, JSON_DECODE_ANY | JSON_ALLOW_NUL, &jerr);
     if (!root) {
         srv_error_set(err, 400, "invalid_request_error", NULL, NULL,
                       "The request body is not valid JSON: %s (line %d, column %d)", jerr.text,
@@ -563,7 +563,8 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
     }
     if (refuse_unsupported(root, kind, err) != 0)
         goto done;
-    long long max_tokens = 0, top_k = 0, seed = 0, n = 1, best_of = 0, min_tokens = 0;
+    long long max_tokens = 0, top_k = 0, seed = 0, n = 1, best_of = 0, min_tokens = 0,
+              priority = 0;
     bool have_max = false, have_seed = false, have_mct = false, have_best = false;
     if (get_int(root, "max_tokens", 1, lim->n_ctx, &max_tokens, &have_max, err) != 0)
         goto done;
@@ -582,6 +583,7 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
         get_int(root, "n", 1, SRV_MAX_CHOICES, &n, NULL, err) != 0 ||
         get_int(root, "best_of", 1, SRV_MAX_CHOICES, &best_of, &have_best, err) != 0 ||
         get_int(root, "min_tokens", 0, lim->n_ctx, &min_tokens, NULL, err) != 0 ||
+        get_int(root, "priority", -1000000, 1000000, &priority, NULL, err) != 0 ||
         get_float(root, "presence_penalty", -2.0, 2.0, &out->sampling.presence_penalty, err) ||
         get_float(root, "frequency_penalty", -2.0, 2.0, &out->sampling.frequency_penalty, err) ||
         get_float(root, "repetition_penalty", 0.01, 10.0, &out->sampling.repetition_penalty,
@@ -606,6 +608,7 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
     }
     out->n = (int)n;
     out->min_tokens = (int)min_tokens;
+    out->priority = (int)priority;
     out->sampling.top_k = top_k > 0 ? (int)top_k : 0;
     out->sampling.seed = (uint64_t)seed;
     out->seed_set = have_seed;

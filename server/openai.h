@@ -69,6 +69,7 @@ typedef struct {
     rt_logit_bias *bias; /* sampling.logit_bias points here */
     int n;               /* choices */
     int min_tokens;
+    int priority; /* lower is served first (vLLM's convention) */
     bool stream, include_usage;
     int logprobs; /* -1: none; else the number of top alternatives */
     bool echo;    /* completions: prepend the prompt */
