@@ -18,3 +18,12 @@ if [ ${#missing[@]} -gt 0 ]; then
   $SUDO apt-get update -qq
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends "${missing[@]}"
 fi
+
+# Optional: headless Chromium for the chat page's browser test (skipped without it).
+if ! command -v chromium >/dev/null 2>&1 && [ "${SIEVE_SKIP_BROWSER:-0}" != 1 ]; then
+  echo "install-deps: installing chromium (browser test of the chat page)"
+  SUDO=""
+  [ "$(id -u)" -eq 0 ] || SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq --no-install-recommends chromium \
+    >/dev/null 2>&1 || echo "install-deps: chromium unavailable; its test will be skipped"
+fi

@@ -28,9 +28,11 @@ typedef struct {
     float *y;
     const float *x;
     const float *w;
-    int N, K, rows_per_task;
+    int M, N, K, ldx, ldy, rows_per_task;
 } matvec_job;
 
+/* Rows [r0, r1) of W against every row of x: each weight row is read once
+ * for all M inputs, which is what a decode batch needs (memory-bound). */
 static void matvec_task(void *ctx, int t, int n_tasks)
 {
     const matvec_job *j = ctx;
@@ -38,20 +40,29 @@ static void matvec_task(void *ctx, int t, int n_tasks)
     int r1 = r0 + j->rows_per_task;
     if (r1 > j->N)
         r1 = j->N;
-    for (int r = r0; r < r1; r++)
-        j->y[r] = dot_f32(j->x, j->w + (size_t)r * j->K, j->K);
+    for (int r = r0; r < r1; r++) {
+        const float *wr = j->w + (size_t)r * j->K;
+        for (int m = 0; m < j->M; m++)
+            j->y[(size_t)m * j->ldy + r] = dot_f32(j->x + (size_t)m * j->ldx, wr, j->K);
+    }
 }
+
+/* Up to this many rows of x, the row-streaming kernel beats a GEMM call:
+ * OpenBLAS's packing and threading cost more than they save on a handful of
+ * rows, and tiny matrices gain nothing from blocking. */
+#define SMALL_M 8
+#define SMALL_GEMM_MACS (1L << 20)
 
 void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx, const float *w,
                      int M, int N, int K)
 {
     if (M <= 0 || N <= 0 || K <= 0)
         return;
-    if (M == 1) {
-        matvec_job j = {y, x, w, N, K, N};
+    if (M <= SMALL_M || (long)M * N * K <= SMALL_GEMM_MACS) {
+        matvec_job j = {y, x, w, M, N, K, ldx, ldy, N};
         int n_tasks = 1;
         const int threads = kern_pool_size(pool);
-        if ((long)N * K >= PARALLEL_MIN_MACS && threads > 1) {
+        if ((long)M * N * K >= PARALLEL_MIN_MACS && threads > 1) {
             /* A few tasks per thread balances uneven progress. */
             n_tasks = threads * 4;
             j.rows_per_task = (N + n_tasks - 1) / n_tasks;
