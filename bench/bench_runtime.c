@@ -7,7 +7,7 @@
  * (no HTTP), so it is the engine's ceiling.
  *
  *   bench_runtime [--model PATH] [--threads N] [--prompt-tokens N]
- *                 [--gen-tokens N] [--runs N] [--batch N]
+ *                 [--gen-tokens N] [--runs N] [--batch N] [--seqs N]
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +54,7 @@ int main(int argc, char **argv)
     char model_path[1024];
     snprintf(model_path, sizeof(model_path), "%s/models/stories260K.gguf",
              shared ? shared : "../shared");
-    int threads = 0, n_prompt = 1499, n_gen = 128, runs = 5, batch = 512;
+    int threads = 0, n_prompt = 1499, n_gen = 128, runs = 5, batch = 512, seqs = 16;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model"))
             snprintf(model_path, sizeof(model_path), "%s", argv[i + 1]);
@@ -68,6 +68,8 @@ int main(int argc, char **argv)
             runs = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--batch"))
             batch = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--seqs"))
+            seqs = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
@@ -75,7 +77,7 @@ int main(int argc, char **argv)
     }
     if (threads <= 0)
         threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
-    if (runs < 1 || runs > 100 || n_prompt < 2 || n_gen < 1)
+    if (runs < 1 || runs > 100 || n_prompt < 17 || n_gen < 1 || seqs < 1 || seqs > 256)
         return 2;
     rt_model_opts o = {.n_threads = threads, .max_batch_tokens = batch, .n_ctx = 0};
     rt_model *m;
@@ -129,6 +131,38 @@ int main(int argc, char **argv)
     printf("prefill          %d tokens: %.0f tok/s (%.3f s)\n", n_prompt, median(prefill, runs),
            n_prompt / median(prefill, runs));
     printf("decode           %d tokens: %.0f tok/s\n", n_gen, median(decode, runs));
+    /* Batched decode: `seqs` sequences of 16-token prompts decoding together in
+     * one step each, as the engine runs concurrent requests. */
+    if (seqs > 1) {
+        rt_kv *kvs[256];
+        float *lg = malloc(sizeof(float) * (size_t)n_vocab * (size_t)seqs);
+        int32_t toks[256];
+        rt_seq_batch bb[256];
+        double agg[100];
+        for (int r = 0; r < runs; r++) {
+            for (int q = 0; q < seqs; q++) {
+                kvs[q] = rt_kv_create(m, 16 + n_gen);
+                bb[q] = (rt_seq_batch){.kv = kvs[q], .tokens = prompt, .n_tokens = 16,
+                                       .logits = lg + (size_t)q * (size_t)n_vocab};
+            }
+            rt_forward(m, bb, seqs, err, sizeof(err));
+            double t0 = sched_now();
+            for (int t = 0; t < n_gen; t++) {
+                for (int q = 0; q < seqs; q++) {
+                    toks[q] = rt_argmax(lg + (size_t)q * (size_t)n_vocab, n_vocab);
+                    bb[q] = (rt_seq_batch){.kv = kvs[q], .tokens = &toks[q], .n_tokens = 1,
+                                           .logits = lg + (size_t)q * (size_t)n_vocab};
+                }
+                rt_forward(m, bb, seqs, err, sizeof(err));
+            }
+            agg[r] = (double)n_gen * seqs / (sched_now() - t0);
+            for (int q = 0; q < seqs; q++)
+                rt_kv_destroy(kvs[q]);
+        }
+        printf("batched decode   %d sequences x %d tokens: %.0f tok/s aggregate\n", seqs, n_gen,
+               median(agg, runs));
+        free(lg);
+    }
     free(prompt);
     free(logits);
     rt_model_destroy(m);

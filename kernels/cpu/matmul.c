@@ -10,9 +10,12 @@
 
 #include <cblas.h>
 
-/* Below this many multiply-adds a matrix-vector product runs on the caller:
- * waking the workers costs more than the arithmetic. */
-#define PARALLEL_MIN_MACS (1 << 17)
+#include "kernels/cpu/simd.h"
+
+/* Below this many multiply-adds a product runs on the caller: waking the
+ * workers (and keeping them spinning) costs more than the arithmetic, and on
+ * a small machine the spare core is better left to the HTTP loop. */
+#define PARALLEL_MIN_MACS (1 << 20)
 #define ROWS_PER_TASK_MIN 16
 
 static inline float dot_f32(const float *a, const float *b, int n)
@@ -33,13 +36,47 @@ typedef struct {
 
 /* Rows [r0, r1) of W against every row of x: each weight row is read once
  * for all M inputs, which is what a decode batch needs (memory-bound). */
+#ifdef KERN_HAVE_AVX2
+/* Eight rows of W against one x: x is loaded once for the eight dot products,
+ * and the eight sums leave in one store. K is a multiple of 8. */
+static inline void dot8_rows(float *y, const float *x, const float *w, int K)
+{
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
+           a7 = a0;
+    const size_t k8 = (size_t)K;
+    for (int k = 0; k < K; k += 8) {
+        const __m256 xv = _mm256_loadu_ps(x + k);
+        a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k), a0);
+        a1 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k8 + k), a1);
+        a2 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 2 * k8 + k), a2);
+        a3 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 3 * k8 + k), a3);
+        a4 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 4 * k8 + k), a4);
+        a5 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 5 * k8 + k), a5);
+        a6 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 6 * k8 + k), a6);
+        a7 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 7 * k8 + k), a7);
+    }
+    _mm256_storeu_ps(y, kern_hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+}
+#endif
+
 static void matvec_task(void *ctx, int t, int n_tasks)
 {
     const matvec_job *j = ctx;
-    const int r0 = t * j->rows_per_task;
+    int r0 = t * j->rows_per_task;
     int r1 = r0 + j->rows_per_task;
     if (r1 > j->N)
         r1 = j->N;
+#ifdef KERN_HAVE_AVX2
+    if (j->K % 8 == 0) {
+        int r = r0;
+        for (; r + 8 <= r1; r += 8) {
+            const float *wr = j->w + (size_t)r * j->K;
+            for (int m = 0; m < j->M; m++)
+                dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K);
+        }
+        r0 = r; /* the last rows, fewer than eight, go through the plain loop */
+    }
+#endif
     for (int r = r0; r < r1; r++) {
         const float *wr = j->w + (size_t)r * j->K;
         for (int m = 0; m < j->M; m++)
@@ -68,6 +105,7 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
             j.rows_per_task = (N + n_tasks - 1) / n_tasks;
             if (j.rows_per_task < ROWS_PER_TASK_MIN)
                 j.rows_per_task = ROWS_PER_TASK_MIN;
+            j.rows_per_task = (j.rows_per_task + 7) / 8 * 8; /* whole groups of eight rows */
             n_tasks = (N + j.rows_per_task - 1) / j.rows_per_task;
         }
         kern_pool_run(pool, matvec_task, &j, n_tasks);

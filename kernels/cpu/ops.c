@@ -4,6 +4,7 @@
  * `omp simd` so they may be reassociated; built with -fopenmp-simd).
  */
 #include "kernels/kernels.h"
+#include "kernels/cpu/simd.h"
 
 #include <math.h>
 #include <string.h>
@@ -25,7 +26,17 @@ void kern_rmsnorm_f32(float *out, const float *x, const float *w, int rows, int 
 
 void kern_swiglu_f32(float *out, const float *gate, const float *up, size_t n)
 {
-    for (size_t i = 0; i < n; i++) {
+    size_t i = 0;
+#ifdef KERN_HAVE_AVX2
+    const __m256 one = _mm256_set1_ps(1.0f);
+    for (; i + 8 <= n; i += 8) {
+        const __m256 g = _mm256_loadu_ps(gate + i);
+        const __m256 e = kern_exp256_neg(_mm256_sub_ps(_mm256_setzero_ps(), g));
+        const __m256 silu = _mm256_div_ps(g, _mm256_add_ps(one, e));
+        _mm256_storeu_ps(out + i, _mm256_mul_ps(silu, _mm256_loadu_ps(up + i)));
+    }
+#endif
+    for (; i < n; i++) {
         const float g = gate[i];
         out[i] = g / (1.0f + expf(-g)) * up[i];
     }
