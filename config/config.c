@@ -43,17 +43,25 @@ typedef struct {
 
 #define FIELD_SIZE(field) sizeof(((cfg_config *)0)->field)
 #define STR(field, flag_, arg_, help_, doc_)                                                       \
-    {.name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),             \
-     .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_}
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
+        .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_                          \
+    }
 #define INT(field, flag_, lo, hi, arg_, help_, doc_)                                               \
-    {.name = #field, .flag = flag_, .kind = K_INT, .off = offsetof(cfg_config, field), .min = lo,  \
-     .max = hi, .arg = arg_, .help = help_, .doc = doc_}
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_INT, .off = offsetof(cfg_config, field),          \
+        .min = lo, .max = hi, .arg = arg_, .help = help_, .doc = doc_                              \
+    }
 #define INT64(field, flag_, lo, hi, arg_, help_, doc_)                                             \
-    {.name = #field, .flag = flag_, .kind = K_INT64, .off = offsetof(cfg_config, field),           \
-     .min = lo, .max = hi, .arg = arg_, .help = help_, .doc = doc_}
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_INT64, .off = offsetof(cfg_config, field),        \
+        .min = lo, .max = hi, .arg = arg_, .help = help_, .doc = doc_                              \
+    }
 #define BOOL(field, flag_, help_, doc_)                                                            \
-    {.name = #field, .flag = flag_, .kind = K_BOOL, .off = offsetof(cfg_config, field), .min = 0,  \
-     .max = 1, .arg = "BOOL", .help = help_, .doc = doc_}
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_BOOL, .off = offsetof(cfg_config, field),         \
+        .min = 0, .max = 1, .arg = "BOOL", .help = help_, .doc = doc_                              \
+    }
 
 static const key_def keys[] = {
     STR(model, "--model", "PATH", "GGUF model file",
@@ -142,8 +150,8 @@ static const key_def keys[] = {
 static const char *const env_not_keys[] = {"SIEVE_CONFIG", "SIEVE_SHARED_DIR"};
 
 /* Flags that are not keys, for the typo suggestion. */
-static const char *const meta_flags[] = {"--config", "--check-config", "--config-schema",
-                                         "--help", "--version"};
+static const char *const meta_flags[] = {"--config", "--check-config", "--config-schema", "--help",
+                                         "--version"};
 
 void cfg_defaults(cfg_config *c)
 {
@@ -274,8 +282,8 @@ static int set_int(cfg_config *c, const key_def *k, int64_t v, const char *label
             snprintf(err, errlen, "%s: %lld is out of range [%lld, %lld]", label, (long long)v,
                      (long long)k->min, (long long)k->max);
         else
-            snprintf(err, errlen, "%s: %lld is out of range [%lld, %lld] (config key '%s')",
-                     label, (long long)v, (long long)k->min, (long long)k->max, k->name);
+            snprintf(err, errlen, "%s: %lld is out of range [%lld, %lld] (config key '%s')", label,
+                     (long long)v, (long long)k->min, (long long)k->max, k->name);
         return -1;
     }
     char *p = (char *)c + k->off;
@@ -379,8 +387,8 @@ static int apply_json_value(cfg_config *c, const key_def *k, json_t *v, char *er
         {
             char item_label[128];
             snprintf(item_label, sizeof(item_label), "%s[%zu]", label, i);
-            if (list_append(&tmp, k, json_string_value(item), json_string_length(item),
-                            item_label, err, errlen) != 0)
+            if (list_append(&tmp, k, json_string_value(item), json_string_length(item), item_label,
+                            err, errlen) != 0)
                 return -1;
         }
         *c = tmp;
@@ -904,8 +912,7 @@ int cfg_parse_args(cfg_config *c, int argc, char **argv, char *err, size_t errle
             if (la > 5 && strcmp(a + la - 5, ".gguf") == 0)
                 snprintf(err, errlen, "unexpected argument '%s' (did you mean --model %s?)", a, a);
             else
-                snprintf(err, errlen, "unexpected argument '%s' (options start with --; see "
-                         "--help)", a);
+                snprintf(err, errlen, "unexpected argument '%s' (options start with --)", a);
             return -1;
         }
         const char *eq = strchr(a, '=');

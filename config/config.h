@@ -29,25 +29,25 @@
 #define CFG_API_KEY_LEN 256 /* bytes per key, with the terminating NUL */
 
 typedef struct {
-    char model[CFG_PATH_MAX];      /* path of the GGUF file */
-    char model_name[256];          /* id served by /v1/models; "" = file name without .gguf */
-    char host[256];                /* listen address */
-    int port;                      /* listen port */
-    int threads;                   /* compute threads; 0 = number of online CPUs */
-    int64_t max_body_bytes;        /* request body limit (413 above it) */
-    int context_length;            /* 0 = the model's own context length */
-    int max_running_seqs;          /* sequences decoded together */
-    int max_batch_tokens;          /* tokens in one forward step (prefill chunk budget) */
-    int drain_timeout_s;           /* on SIGTERM, seconds to let requests finish */
-    int max_waiting;               /* queued requests before 429 */
-    int default_max_tokens;        /* completions max_tokens when the request omits it */
-    int connection_timeout_s;      /* idle HTTP connection timeout */
-    int max_connections;           /* concurrent HTTP connections */
-    bool log_requests;             /* one log line per finished request */
-    char chat_template[64];        /* family name; "" = from the model, else "plain" */
-    int64_t kv_cache_bytes;        /* KV pool budget; 0 = auto */
-    int kv_block_size;             /* tokens per KV block */
-    bool prefix_caching;           /* reuse KV blocks of identical prompt prefixes */
+    char model[CFG_PATH_MAX]; /* path of the GGUF file */
+    char model_name[256];     /* id served by /v1/models; "" = file name without .gguf */
+    char host[256];           /* listen address */
+    int port;                 /* listen port */
+    int threads;              /* compute threads; 0 = number of online CPUs */
+    int64_t max_body_bytes;   /* request body limit (413 above it) */
+    int context_length;       /* 0 = the model's own context length */
+    int max_running_seqs;     /* sequences decoded together */
+    int max_batch_tokens;     /* tokens in one forward step (prefill chunk budget) */
+    int drain_timeout_s;      /* on SIGTERM, seconds to let requests finish */
+    int max_waiting;          /* queued requests before 429 */
+    int default_max_tokens;   /* completions max_tokens when the request omits it */
+    int connection_timeout_s; /* idle HTTP connection timeout */
+    int max_connections;      /* concurrent HTTP connections */
+    bool log_requests;        /* one log line per finished request */
+    char chat_template[64];   /* family name; "" = from the model, else "plain" */
+    int64_t kv_cache_bytes;   /* KV pool budget; 0 = auto */
+    int kv_block_size;        /* tokens per KV block */
+    bool prefix_caching;      /* reuse KV blocks of identical prompt prefixes */
     /* API keys. When n_api_keys > 0 every API request must carry
      * "Authorization: Bearer <one of them>". After cfg_parse_args these are
      * the keys of api_keys (file, SIEVE_API_KEYS or --api-keys) followed by

@@ -26,6 +26,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <strings.h>
 #include <sys/random.h>
 #include <time.h>
 #include <unistd.h>
@@ -887,6 +888,42 @@ static enum MHD_Result handle_detokenize(conn *c)
     return queue_json(c, 200, out);
 }
 
+/* Compares in time independent of where the strings first differ. */
+static bool equal_const_time(const char *a, size_t la, const char *b, size_t lb)
+{
+    unsigned char diff = la != lb;
+    for (size_t i = 0; i < la; i++)
+        diff |= (unsigned char)(a[i] ^ (i < lb ? b[i] : 0));
+    return diff == 0;
+}
+
+/* The API (/v1/..., /tokenize, /detokenize) needs "Authorization: Bearer KEY"
+ * when keys are configured; health probes, /metrics and the chat page (which
+ * sends the key it is given) stay open, as with vLLM's --api-key. */
+static bool needs_key(const char *url)
+{
+    return strncmp(url, "/v1/", 4) == 0 || strcmp(url, "/tokenize") == 0 ||
+           strcmp(url, "/detokenize") == 0 || strcmp(url, "/completions") == 0 ||
+           strcmp(url, "/chat/completions") == 0;
+}
+
+static bool authorized(const srv_server *s, struct MHD_Connection *mc)
+{
+    if (s->cfg.n_api_keys == 0)
+        return true;
+    const char *h = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Authorization");
+    if (!h || strncasecmp(h, "Bearer ", 7) != 0)
+        return false;
+    const char *key = h + 7;
+    while (*key == ' ')
+        key++;
+    const size_t len = strlen(key);
+    bool ok = false;
+    for (int i = 0; i < s->cfg.n_api_keys; i++)
+        ok |= equal_const_time(key, len, s->cfg.api_keys[i], strlen(s->cfg.api_keys[i]));
+    return ok;
+}
+
 static bool is_get_or_head(const char *method)
 {
     return strcmp(method, "GET") == 0 || strcmp(method, "HEAD") == 0;
@@ -897,6 +934,18 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
     srv_server *s = c->srv;
     srv_error e;
     const char *allow = NULL;
+    if (needs_key(url) && !authorized(s, c->mc)) {
+        const bool sent = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Authorization");
+        srv_error_set(&e, 401, "invalid_request_error", "invalid_api_key", NULL,
+                      sent ? "Incorrect API key provided"
+                           : "You didn't provide an API key: send 'Authorization: Bearer KEY'");
+        json_t *j = srv_error_json(&e);
+        char *body = json_dumps(j, JSON_COMPACT);
+        json_decref(j);
+        enum MHD_Result ret = queue_body(c, 401, body, "WWW-Authenticate", "Bearer");
+        free(body);
+        return ret;
+    }
     if (strcmp(url, "/") == 0 || strcmp(url, "/index.html") == 0) {
         if (!is_get_or_head(method)) {
             allow = "GET, HEAD";

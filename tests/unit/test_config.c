@@ -1,9 +1,15 @@
 /*
  * test_config.c - unit tests for config/config.c: defaults, JSON loading (every
  * kind of key, and each kind of error naming the key), the shipped
- * config/sieve.json, command-line flags and their precedence over --config, and
+ * config/sieve.json, SIEVE_* environment variables, command-line flags, the
+ * precedence defaults < file < environment < flags, typo suggestions for keys,
+ * flags and variables, --check-config, API keys and the key file, and
  * validation. Error checks assert on substrings of the message, so a message
  * that stops naming the key or the problem fails.
+ *
+ * main() clears every SIEVE_* variable but SIEVE_SHARED_DIR first, so a
+ * developer's environment cannot change the results; tests that set one unset
+ * it before they return.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -11,6 +17,7 @@
 #include <stdint.h>
 #include <cmocka.h>
 
+#include <jansson.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -81,6 +88,74 @@ static int parse(cfg_config *c, char *err, size_t errlen, const char *const *arg
     err[0] = '\0';
     cfg_defaults(c);
     return cfg_parse_args(c, argc, argv, err, errlen);
+}
+
+/* Runs parse() with stdout and stderr sent to temporary files; *out and *errout
+ * receive what was printed (caller frees). */
+static int parse_captured(cfg_config *c, char *err, size_t errlen, const char *const *args,
+                          char **out, char **errout)
+{
+    fflush(stdout);
+    fflush(stderr);
+    FILE *fo = tmpfile(), *fe = tmpfile();
+    assert_non_null(fo);
+    assert_non_null(fe);
+    const int saved_out = dup(STDOUT_FILENO), saved_err = dup(STDERR_FILENO);
+    assert_true(dup2(fileno(fo), STDOUT_FILENO) >= 0);
+    assert_true(dup2(fileno(fe), STDERR_FILENO) >= 0);
+    const int rc = parse(c, err, errlen, args);
+    fflush(stdout);
+    fflush(stderr);
+    dup2(saved_out, STDOUT_FILENO);
+    dup2(saved_err, STDERR_FILENO);
+    close(saved_out);
+    close(saved_err);
+    FILE *files[2] = {fo, fe};
+    char **dst[2] = {out, errout};
+    for (int i = 0; i < 2; i++) {
+        const long n = ftell(files[i]);
+        assert_true(n >= 0);
+        char *buf = calloc((size_t)n + 1, 1);
+        assert_non_null(buf);
+        rewind(files[i]);
+        assert_int_equal(fread(buf, 1, (size_t)n, files[i]), (size_t)n);
+        fclose(files[i]);
+        *dst[i] = buf;
+    }
+    return rc;
+}
+
+/* What cfg_load_env warned about. */
+static char *env_warnings(cfg_config *c, int *rc, char *err, size_t errlen)
+{
+    FILE *w = tmpfile();
+    assert_non_null(w);
+    err[0] = '\0';
+    *rc = cfg_load_env(c, w, err, errlen);
+    const long n = ftell(w);
+    char *buf = calloc((size_t)n + 1, 1);
+    assert_non_null(buf);
+    rewind(w);
+    assert_int_equal(fread(buf, 1, (size_t)n, w), (size_t)n);
+    fclose(w);
+    return buf;
+}
+
+/* Unsets every SIEVE_* variable but SIEVE_SHARED_DIR. */
+static void clear_sieve_env(void)
+{
+    extern char **environ;
+    char names[64][128];
+    int n = 0;
+    for (char **e = environ; *e && n < 64; e++) {
+        const char *eq = strchr(*e, '=');
+        const size_t len = eq ? (size_t)(eq - *e) : strlen(*e);
+        if (strncmp(*e, "SIEVE_", 6) == 0 && len < sizeof names[0] &&
+            strncmp(*e, "SIEVE_SHARED_DIR=", 17) != 0)
+            snprintf(names[n++], sizeof names[0], "%.*s", (int)len, *e);
+    }
+    for (int i = 0; i < n; i++)
+        unsetenv(names[i]);
 }
 
 /* ---- defaults ---- */
@@ -437,12 +512,21 @@ static void test_config_help_returns_one(void **state)
     (void)state;
     cfg_config c;
     char err[512];
+    char *out, *errout;
     const char *help[] = {"--port", "9000", "--help", NULL};
-    assert_int_equal(parse(&c, err, sizeof err, help), 1);
+    assert_int_equal(parse_captured(&c, err, sizeof err, help, &out, &errout), 1);
+    assert_contains(out, "usage: sieve");
+    free(out);
+    free(errout);
     const char *h[] = {"-h", NULL};
-    assert_int_equal(parse(&c, err, sizeof err, h), 1);
+    assert_int_equal(parse_captured(&c, err, sizeof err, h, &out, &errout), 1);
+    assert_contains(out, "--check-config FILE");
+    free(out);
+    free(errout);
     const char *version[] = {"--version", NULL};
-    assert_int_equal(parse(&c, err, sizeof err, version), 1);
+    assert_int_equal(parse_captured(&c, err, sizeof err, version, &out, &errout), 1);
+    free(out);
+    free(errout);
     assert_contains(cfg_usage(), "--port");
     assert_contains(cfg_usage(), "--config");
 }
@@ -464,6 +548,423 @@ static void test_config_parse_args_validates_the_result(void **state)
     unlink(path);
     assert_int_equal(rc, -1);
     assert_contains(err, "'model'");
+}
+
+/* ---- environment variables and precedence ---- */
+
+static void test_config_precedence_file_then_env_then_flags(void **state)
+{
+    (void)state;
+    char path[512];
+    write_temp(path, sizeof path,
+               "{\"port\": 1111, \"threads\": 3, \"host\": \"10.0.0.1\", \"max_waiting\": 5}");
+    cfg_config c, d;
+    cfg_defaults(&d);
+    char err[1024];
+
+    /* File over defaults. */
+    const char *file_only[] = {"--config", path, NULL};
+    assert_int_equal(parse(&c, err, sizeof err, file_only), 0);
+    assert_int_equal(c.port, 1111);
+    assert_int_equal(c.threads, 3);
+    assert_int_equal(c.max_running_seqs, d.max_running_seqs); /* default kept */
+
+    /* Environment over the file. */
+    setenv("SIEVE_PORT", "2222", 1);
+    setenv("SIEVE_THREADS", "4", 1);
+    assert_int_equal(parse(&c, err, sizeof err, file_only), 0);
+    assert_int_equal(c.port, 2222);
+    assert_int_equal(c.threads, 4);
+    assert_string_equal(c.host, "10.0.0.1"); /* file, no variable */
+    assert_int_equal(c.max_waiting, 5);
+
+    /* Flags over the environment, wherever they stand. */
+    const char *flags[] = {"--port", "3333", "--config", path, "--max-waiting=6", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, flags), 0);
+    assert_int_equal(c.port, 3333);
+    assert_int_equal(c.threads, 4); /* environment */
+    assert_int_equal(c.max_waiting, 6);
+    assert_string_equal(c.host, "10.0.0.1");
+
+    /* Environment over defaults without any file. */
+    const char *none[] = {NULL};
+    assert_int_equal(parse(&c, err, sizeof err, none), 0);
+    assert_int_equal(c.port, 2222);
+    assert_string_equal(c.host, d.host);
+    unsetenv("SIEVE_PORT");
+    unsetenv("SIEVE_THREADS");
+    unlink(path);
+}
+
+static void test_config_env_sets_every_kind_of_key(void **state)
+{
+    (void)state;
+    cfg_config c;
+    char err[512];
+    setenv("SIEVE_MODEL", "/models/x.gguf", 1);
+    setenv("SIEVE_MAX_BODY_BYTES", "4000000000", 1);
+    setenv("SIEVE_LOG_REQUESTS", "1", 1);
+    setenv("SIEVE_PREFIX_CACHING", "false", 1);
+    setenv("SIEVE_KV_CACHE_BYTES", "1048576", 1);
+    setenv("SIEVE_API_KEYS", " key-one , key-two,k3 ", 1);
+    setenv("SIEVE_MODEL_NAME", "", 1); /* empty = unset */
+    const char *none[] = {NULL};
+    if (parse(&c, err, sizeof err, none) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.model, "/models/x.gguf");
+    assert_true(c.max_body_bytes == 4000000000LL);
+    assert_true(c.log_requests);
+    assert_false(c.prefix_caching);
+    assert_true(c.kv_cache_bytes == 1048576);
+    assert_int_equal(c.n_api_keys, 3);
+    assert_string_equal(c.api_keys[0], "key-one");
+    assert_string_equal(c.api_keys[1], "key-two");
+    assert_string_equal(c.api_keys[2], "k3");
+    assert_string_equal(c.model_name, "");
+    unsetenv("SIEVE_MODEL");
+    unsetenv("SIEVE_MAX_BODY_BYTES");
+    unsetenv("SIEVE_LOG_REQUESTS");
+    unsetenv("SIEVE_PREFIX_CACHING");
+    unsetenv("SIEVE_KV_CACHE_BYTES");
+    unsetenv("SIEVE_API_KEYS");
+    unsetenv("SIEVE_MODEL_NAME");
+}
+
+static void test_config_bad_env_value_names_the_variable(void **state)
+{
+    (void)state;
+    cfg_config c;
+    char err[512];
+    const char *none[] = {NULL};
+    struct {
+        const char *var, *val, *want1, *want2;
+    } cases[] = {
+        {"SIEVE_PORT", "abc", "environment variable SIEVE_PORT", "'abc'"},
+        {"SIEVE_PORT", "70000", "SIEVE_PORT", "[0, 65535]"},
+        {"SIEVE_THREADS", "99999999999999999999999", "SIEVE_THREADS", "out of range"},
+        {"SIEVE_LOG_REQUESTS", "yes", "SIEVE_LOG_REQUESTS", "true or false"},
+        {"SIEVE_API_KEYS", "good,,bad", "SIEVE_API_KEYS", "empty"},
+        {"SIEVE_API_KEYS", "has space", "SIEVE_API_KEYS", "visible ASCII"},
+    };
+    for (size_t i = 0; i < sizeof cases / sizeof cases[0]; i++) {
+        setenv(cases[i].var, cases[i].val, 1);
+        assert_int_equal(parse(&c, err, sizeof err, none), -1);
+        assert_contains(err, cases[i].want1);
+        assert_contains(err, cases[i].want2);
+        unsetenv(cases[i].var);
+    }
+    /* Out of range also names the key the variable sets. */
+    setenv("SIEVE_PORT", "-5", 1);
+    assert_int_equal(parse(&c, err, sizeof err, none), -1);
+    assert_contains(err, "config key 'port'");
+    unsetenv("SIEVE_PORT");
+}
+
+static void test_config_unknown_env_is_warned_with_suggestion(void **state)
+{
+    (void)state;
+    cfg_config c;
+    cfg_defaults(&c);
+    char err[512];
+    int rc;
+    setenv("SIEVE_PROT", "9000", 1);
+    setenv("SIEVE_MAX_RUNING_SEQS", "2", 1);
+    setenv("SIEVE_SOMETHING_ELSE_ENTIRELY", "1", 1);
+    setenv("SIEVE_CONFIG", "", 1); /* known: the file variable */
+    char *w = env_warnings(&c, &rc, err, sizeof err);
+    assert_int_equal(rc, 0); /* warned, not refused */
+    assert_contains(w, "SIEVE_PROT");
+    assert_contains(w, "did you mean SIEVE_PORT?");
+    assert_contains(w, "did you mean SIEVE_MAX_RUNNING_SEQS?");
+    assert_contains(w, "unknown environment variable SIEVE_SOMETHING_ELSE_ENTIRELY ignored\n");
+    assert_null(strstr(w, "SIEVE_CONFIG"));
+    assert_null(strstr(w, "SIEVE_SHARED_DIR"));
+    assert_int_equal(c.port, 8080);
+    free(w);
+    /* The warning comes even when another variable is refused. */
+    setenv("SIEVE_PORT", "x", 1);
+    w = env_warnings(&c, &rc, err, sizeof err);
+    assert_int_equal(rc, -1);
+    assert_contains(err, "SIEVE_PORT");
+    assert_contains(w, "did you mean SIEVE_PORT?");
+    free(w);
+    unsetenv("SIEVE_PORT");
+    unsetenv("SIEVE_PROT");
+    unsetenv("SIEVE_MAX_RUNING_SEQS");
+    unsetenv("SIEVE_SOMETHING_ELSE_ENTIRELY");
+    unsetenv("SIEVE_CONFIG");
+}
+
+static void test_config_sieve_config_names_the_file(void **state)
+{
+    (void)state;
+    char a[512], b[512];
+    write_temp(a, sizeof a, "{\"port\": 1111, \"threads\": 2}");
+    write_temp(b, sizeof b, "{\"port\": 2222}");
+    cfg_config c;
+    char err[1024];
+    setenv("SIEVE_CONFIG", a, 1);
+    const char *none[] = {NULL};
+    assert_int_equal(parse(&c, err, sizeof err, none), 0);
+    assert_int_equal(c.port, 1111);
+    /* A --config on the command line replaces it. */
+    const char *explicit_file[] = {"--config", b, NULL};
+    assert_int_equal(parse(&c, err, sizeof err, explicit_file), 0);
+    assert_int_equal(c.port, 2222);
+    assert_int_equal(c.threads, 0);
+    /* Several files apply in order. */
+    const char *two[] = {"--config", a, "--config", b, NULL};
+    assert_int_equal(parse(&c, err, sizeof err, two), 0);
+    assert_int_equal(c.port, 2222);
+    assert_int_equal(c.threads, 2);
+    setenv("SIEVE_CONFIG", "/nonexistent/sieve.json", 1);
+    assert_int_equal(parse(&c, err, sizeof err, none), -1);
+    assert_contains(err, "/nonexistent/sieve.json");
+    unsetenv("SIEVE_CONFIG");
+    unlink(a);
+    unlink(b);
+}
+
+/* ---- typo suggestions on the command line ---- */
+
+static void test_config_unknown_flag_suggests_nearest(void **state)
+{
+    (void)state;
+    cfg_config c;
+    char err[512];
+    const char *prot[] = {"--prot", "9000", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, prot), -1);
+    assert_contains(err, "'--prot'");
+    assert_contains(err, "did you mean --port?");
+    const char *eq[] = {"--max-runing-seqs=2", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, eq), -1);
+    assert_contains(err, "'--max-runing-seqs'");
+    assert_contains(err, "did you mean --max-running-seqs?");
+    const char *meta[] = {"--check-confg", "x.json", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, meta), -1);
+    assert_contains(err, "did you mean --check-config?");
+    const char *far[] = {"--completely-unrelated", "1", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, far), -1);
+    assert_contains(err, "--completely-unrelated");
+    assert_null(strstr(err, "did you mean"));
+    const char *positional[] = {"/models/m.gguf", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, positional), -1);
+    assert_contains(err, "did you mean --model /models/m.gguf?");
+}
+
+/* ---- --check-config ---- */
+
+static void test_config_check_config_prints_effective_values(void **state)
+{
+    (void)state;
+    char path[512];
+    write_temp(path, sizeof path,
+               "{\"port\": 1111, \"threads\": 3, \"api_keys\": [\"secret-key-1\"]}");
+    cfg_config c;
+    char err[1024];
+    char *out, *errout;
+    setenv("SIEVE_THREADS", "5", 1);
+    const char *args[] = {"--check-config", path, "--max-waiting", "9", NULL};
+    const int rc = parse_captured(&c, err, sizeof err, args, &out, &errout);
+    unsetenv("SIEVE_THREADS");
+    unlink(path);
+    if (rc != 1)
+        fail_msg("rc %d: %s", rc, err);
+    assert_contains(errout, "config OK");
+    json_error_t jerr;
+    json_t *j = json_loads(out, 0, &jerr);
+    if (!j)
+        fail_msg("stdout is not JSON: %s\n%s", jerr.text, out);
+    assert_int_equal(json_integer_value(json_object_get(j, "port")), 1111);     /* file */
+    assert_int_equal(json_integer_value(json_object_get(j, "threads")), 5);     /* env */
+    assert_int_equal(json_integer_value(json_object_get(j, "max_waiting")), 9); /* flag */
+    assert_int_equal(json_integer_value(json_object_get(j, "max_running_seqs")), 16);
+    assert_true(json_is_true(json_object_get(j, "prefix_caching")));
+    /* Every key is there, and the key itself is not. */
+    assert_int_equal(json_object_size(j), 21);
+    assert_null(strstr(out, "secret-key-1"));
+    assert_string_equal(json_string_value(json_object_get(j, "api_keys")), "<1 redacted>");
+    /* The redacted value never loads back as keys. */
+    cfg_config d;
+    cfg_defaults(&d);
+    assert_int_equal(cfg_load_json(&d, out, strlen(out), err, sizeof err), -1);
+    assert_contains(err, "'api_keys'");
+    json_decref(j);
+    free(out);
+    free(errout);
+}
+
+static void test_config_check_config_reports_errors(void **state)
+{
+    (void)state;
+    char path[512];
+    write_temp(path, sizeof path, "{\"prot\": 1111}");
+    cfg_config c;
+    char err[1024];
+    char *out, *errout;
+    const char *bad[] = {"--check-config", path, NULL};
+    assert_int_equal(parse_captured(&c, err, sizeof err, bad, &out, &errout), -1);
+    assert_contains(err, path);
+    assert_contains(err, "did you mean 'port'?");
+    assert_string_equal(out, ""); /* nothing on stdout: no "config OK" */
+    assert_null(strstr(errout, "config OK"));
+    free(out);
+    free(errout);
+    unlink(path);
+
+    /* A good file made invalid by a flag is an error too. */
+    write_temp(path, sizeof path, "{\"max_running_seqs\": 64}");
+    const char *rule[] = {"--check-config", path, "--max-batch-tokens", "32", NULL};
+    assert_int_equal(parse_captured(&c, err, sizeof err, rule, &out, &errout), -1);
+    assert_contains(err, "'max_batch_tokens'");
+    free(out);
+    free(errout);
+    unlink(path);
+
+    const char *missing[] = {"--check-config", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, missing), -1);
+    assert_contains(err, "--check-config needs a file name");
+    const char *absent[] = {"--check-config=/nonexistent/x.json", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, absent), -1);
+    assert_contains(err, "/nonexistent/x.json");
+}
+
+static void test_config_schema_and_help_list_every_key(void **state)
+{
+    (void)state;
+    char *s = cfg_schema_json();
+    assert_non_null(s);
+    json_error_t jerr;
+    json_t *a = json_loads(s, 0, &jerr);
+    assert_non_null(a);
+    assert_int_equal(json_array_size(a), 21);
+    size_t i;
+    json_t *k;
+    json_array_foreach(a, i, k)
+    {
+        const char *name = json_string_value(json_object_get(k, "key"));
+        const char *flag = json_string_value(json_object_get(k, "flag"));
+        const char *env = json_string_value(json_object_get(k, "env"));
+        assert_non_null(name);
+        /* The three spellings of one key. */
+        char want[128];
+        snprintf(want, sizeof want, "--%s", name);
+        for (char *p = want; *p; p++)
+            if (*p == '_')
+                *p = '-';
+        if (strcmp(name, "drain_timeout_s") != 0 && strcmp(name, "connection_timeout_s") != 0)
+            assert_string_equal(flag, want);
+        snprintf(want, sizeof want, "SIEVE_%s", name);
+        for (char *p = want; *p; p++)
+            if (*p >= 'a' && *p <= 'z')
+                *p = (char)(*p - 'a' + 'A');
+        assert_string_equal(env, want);
+        assert_true(strlen(json_string_value(json_object_get(k, "doc"))) > 20);
+        assert_non_null(json_object_get(k, "default"));
+        snprintf(want, sizeof want, "  %s ", flag);
+        assert_contains(cfg_usage(), want);
+    }
+    json_decref(a);
+    free(s);
+    cfg_config c;
+    char err[256];
+    char *out, *errout;
+    const char *schema[] = {"--config-schema", NULL};
+    assert_int_equal(parse_captured(&c, err, sizeof err, schema, &out, &errout), 1);
+    assert_contains(out, "\"SIEVE_KV_CACHE_BYTES\"");
+    free(out);
+    free(errout);
+    const char *version[] = {"--version", NULL};
+    assert_int_equal(parse_captured(&c, err, sizeof err, version, &out, &errout), 1);
+    assert_contains(out, "sieve ");
+    free(out);
+    free(errout);
+}
+
+/* ---- API keys ---- */
+
+static void test_config_api_keys_from_json(void **state)
+{
+    (void)state;
+    cfg_config c;
+    cfg_defaults(&c);
+    char err[512];
+    assert_int_equal(load(&c, "{\"api_keys\": [\"a1\", \"sk-B_2.~+/=\"]}", err, sizeof err), 0);
+    assert_int_equal(c.n_api_keys, 2);
+    assert_string_equal(c.api_keys[1], "sk-B_2.~+/=");
+    /* A later source replaces the list rather than appending to it. */
+    assert_int_equal(load(&c, "{\"api_keys\": [\"z\"]}", err, sizeof err), 0);
+    assert_int_equal(c.n_api_keys, 1);
+    assert_string_equal(c.api_keys[0], "z");
+
+    assert_int_equal(load(&c, "{\"api_keys\": \"a1\"}", err, sizeof err), -1);
+    assert_contains(err, "'api_keys'");
+    assert_contains(err, "array of strings");
+    assert_int_equal(load(&c, "{\"api_keys\": [\"a\", 2]}", err, sizeof err), -1);
+    assert_contains(err, "array of strings");
+    assert_int_equal(load(&c, "{\"api_keys\": [\"has space\"]}", err, sizeof err), -1);
+    assert_contains(err, "'api_keys'[0]");
+    assert_int_equal(load(&c, "{\"api_keys\": [\"ok\", \"\"]}", err, sizeof err), -1);
+    assert_contains(err, "'api_keys'[1]");
+    assert_int_equal(c.n_api_keys, 1); /* unchanged by the failed loads */
+    assert_string_equal(c.api_keys[0], "z");
+
+    char big[65 * 4 + 32] = "{\"api_keys\": [";
+    for (int i = 0; i < 65; i++)
+        strcat(big, i ? ",\"k\"" : "\"k\"");
+    strcat(big, "]}");
+    assert_int_equal(load(&c, big, err, sizeof err), -1);
+    assert_contains(err, "more than 64");
+    char long_key[300];
+    memset(long_key, 'x', 256);
+    long_key[256] = '\0';
+    char json[400];
+    snprintf(json, sizeof json, "{\"api_keys\": [\"%s\"]}", long_key);
+    assert_int_equal(load(&c, json, err, sizeof err), -1);
+    assert_contains(err, "longer than 255");
+}
+
+static void test_config_api_key_file(void **state)
+{
+    (void)state;
+    char keys[512];
+    write_temp(keys, sizeof keys,
+               "# team keys\n\n  alpha-key  \r\nbeta-key\n\t# indented comment\ngamma");
+    cfg_config c;
+    char err[1024];
+    setenv("SIEVE_API_KEYS", "env-key", 1);
+    const char *args[] = {"--api-key-file", keys, NULL};
+    if (parse(&c, err, sizeof err, args) != 0)
+        fail_msg("%s", err);
+    unsetenv("SIEVE_API_KEYS");
+    assert_int_equal(c.n_api_keys, 4); /* the list's keys first, then the file's */
+    assert_string_equal(c.api_keys[0], "env-key");
+    assert_string_equal(c.api_keys[1], "alpha-key");
+    assert_string_equal(c.api_keys[2], "beta-key");
+    assert_string_equal(c.api_keys[3], "gamma");
+    assert_string_equal(c.api_key_file, keys);
+    unlink(keys);
+
+    /* Missing, empty, and a bad line (named by file and line, without the key). */
+    const char *missing[] = {"--api-key-file", "/nonexistent/keys", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, missing), -1);
+    assert_contains(err, "'api_key_file'");
+    assert_contains(err, "/nonexistent/keys");
+
+    write_temp(keys, sizeof keys, "# nothing but comments\n\n");
+    const char *empty[] = {"--api-key-file", keys, NULL};
+    assert_int_equal(parse(&c, err, sizeof err, empty), -1);
+    assert_contains(err, "holds no key");
+    unlink(keys);
+
+    write_temp(keys, sizeof keys, "good\nsecret with space\n");
+    const char *bad[] = {"--api-key-file", keys, NULL};
+    assert_int_equal(parse(&c, err, sizeof err, bad), -1);
+    char where[600];
+    snprintf(where, sizeof where, "%s:2", keys);
+    assert_contains(err, where);
+    assert_null(strstr(err, "secret"));
+    unlink(keys);
 }
 
 /* ---- cfg_validate ---- */
@@ -502,6 +1003,7 @@ static void test_config_validate_rejects_out_of_range_fields(void **state)
 
 int main(void)
 {
+    clear_sieve_env();
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_config_defaults),
         cmocka_unit_test(test_config_load_json_sets_every_kind_of_key),
@@ -521,6 +1023,17 @@ int main(void)
         cmocka_unit_test(test_config_non_integer_flag_value_is_an_error),
         cmocka_unit_test(test_config_help_returns_one),
         cmocka_unit_test(test_config_parse_args_validates_the_result),
+        cmocka_unit_test(test_config_precedence_file_then_env_then_flags),
+        cmocka_unit_test(test_config_env_sets_every_kind_of_key),
+        cmocka_unit_test(test_config_bad_env_value_names_the_variable),
+        cmocka_unit_test(test_config_unknown_env_is_warned_with_suggestion),
+        cmocka_unit_test(test_config_sieve_config_names_the_file),
+        cmocka_unit_test(test_config_unknown_flag_suggests_nearest),
+        cmocka_unit_test(test_config_check_config_prints_effective_values),
+        cmocka_unit_test(test_config_check_config_reports_errors),
+        cmocka_unit_test(test_config_schema_and_help_list_every_key),
+        cmocka_unit_test(test_config_api_keys_from_json),
+        cmocka_unit_test(test_config_api_key_file),
         cmocka_unit_test(test_config_validate_rejects_out_of_range_fields),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
