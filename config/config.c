@@ -401,6 +401,11 @@ static int apply_json_value(cfg_config *c, const key_def *k, json_t *v, char *er
     return -1;
 }
 
+static bool is_blank(char ch)
+{
+    return ch == ' ' || ch == '\t' || ch == '\r' || ch == '\n';
+}
+
 /* A value from the environment or the command line. */
 static int apply_text(cfg_config *c, const key_def *k, const char *val, const char *label,
                       char *err, size_t errlen)
@@ -435,11 +440,12 @@ static int apply_text(cfg_config *c, const key_def *k, const char *val, const ch
         return set_int(c, k, v, label, err, errlen);
     }
     case K_STRLIST: {
-        /* Comma-separated, spaces around each item trimmed; "" is an empty list. */
+        /* Comma-separated, white space around each item trimmed (a secret mounted
+         * from a file often ends in a newline); "" is an empty list. */
         cfg_config tmp = *c;
         *list_count(&tmp, k) = 0;
         const char *p = val;
-        while (*p == ' ' || *p == '\t')
+        while (is_blank(*p))
             p++;
         if (*p == '\0') {
             *c = tmp;
@@ -448,10 +454,10 @@ static int apply_text(cfg_config *c, const key_def *k, const char *val, const ch
         for (;;) {
             const char *comma = strchr(p, ',');
             const char *e = comma ? comma : p + strlen(p);
-            while (p < e && (*p == ' ' || *p == '\t'))
+            while (p < e && is_blank(*p))
                 p++;
             const char *q = e;
-            while (q > p && (q[-1] == ' ' || q[-1] == '\t'))
+            while (q > p && is_blank(q[-1]))
                 q--;
             if (list_append(&tmp, k, p, (size_t)(q - p), label, err, errlen) != 0)
                 return -1;
@@ -587,9 +593,9 @@ int cfg_load_api_key_file(cfg_config *c, char *err, size_t errlen)
         char *e = nl ? nl : p + strlen(p);
         char *next = nl ? nl + 1 : e;
         line++;
-        while (p < e && (*p == ' ' || *p == '\t'))
+        while (p < e && is_blank(*p))
             p++;
-        while (e > p && (e[-1] == ' ' || e[-1] == '\t' || e[-1] == '\r'))
+        while (e > p && is_blank(e[-1]))
             e--;
         if (p < e && *p != '#') {
             char label[CFG_PATH_MAX + 64];

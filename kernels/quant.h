@@ -176,8 +176,8 @@ int kern_matmul_q(kern_pool *pool, int type, float *y, int ldy, const float *x, 
  * quantizes it and decoded back to f32, each block of W decoded to f32, dot
  * products accumulated in double, one thread, no allocation. Same arguments
  * and return codes (never KERN_QE_NOMEM). */
-int kern_matmul_q_ref(int type, float *y, int ldy, const float *x, int ldx, const void *w,
-                      int M, int N, int K);
+int kern_matmul_q_ref(int type, float *y, int ldy, const float *x, int ldx, const void *w, int M,
+                      int N, int K);
 
 /* Frees the calling thread's activation scratch (the next kern_matmul_q on
  * this thread allocates it again). */

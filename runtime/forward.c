@@ -64,6 +64,60 @@ static inline size_t slot_row(const rt_seq_batch *b, int pos)
     return (size_t)b->blocks[pos / bs] * (size_t)bs + (size_t)(pos % bs);
 }
 
+/* Block counts of a dense pass over the chunk on a grid of B: every causal
+ * block of every head, so dense layers count in the density as computed. */
+static void add_dense_blocks(rt_attn_stats *st, const kern_attn_args *a, int B)
+{
+    const int q0 = (a->ctx_len - a->n_q) / B, q1 = (a->ctx_len - 1) / B;
+    int64_t blocks = 0;
+    for (int r = q0; r <= q1; r++)
+        blocks += r + 1;
+    st->computed += blocks * a->n_heads;
+    st->causal += blocks * a->n_heads;
+}
+
+/* Attention of one sequence in layer l under its policy. The policy's
+ * parameters were checked when the request was accepted; a kernel that still
+ * refuses them falls back to dense attention, which is always correct. */
+static void attend(rt_model *m, const rt_seq_batch *b, int l, const kern_attn_args *a)
+{
+    const rt_attn_policy *p = b->policy;
+    rt_attn_stats *st = b->stats;
+    if (p && p->prefill == RT_PREFILL_FLEX) {
+        kern_flex_result res;
+        if (kern_flexprefill_attention_f32(m->pool, a, &p->flex, m->flex_ws, &res) ==
+            KERN_SPARSE_OK) {
+            if (st) {
+                st->computed += res.blocks.computed;
+                st->causal += res.blocks.causal;
+                if (res.path == KERN_FLEX_SPARSE)
+                    st->sparse_chunks++;
+                else
+                    st->dense_chunks++;
+            }
+            return;
+        }
+    } else if (p && p->prefill == RT_PREFILL_POWER &&
+               !kern_power_layer_is_dense(l, p->power_dense_count, p->power_period)) {
+        kern_sparse_stats ps = {0, 0};
+        if (kern_power_attention_f32(m->pool, a, &p->power, m->mask_bits, m->mask_words, &ps) ==
+            KERN_SPARSE_OK) {
+            if (st) {
+                st->computed += ps.computed;
+                st->causal += ps.causal;
+                st->sparse_chunks++;
+            }
+            return;
+        }
+    }
+    kern_attention_f32(m->pool, a);
+    if (st && p && p->prefill != RT_PREFILL_DENSE) {
+        add_dense_blocks(st, a, p->prefill == RT_PREFILL_FLEX ? p->flex.block_size
+                                                                : p->power.block_size);
+        st->dense_chunks++;
+    }
+}
+
 int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen)
 {
     if (n_seqs <= 0)
@@ -120,7 +174,7 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
                 .blocks = b->blocks,
                 .block_size = b->pool->block_size,
             };
-            kern_attention_f32(m->pool, &a);
+            attend(m, b, l, &a);
             row += n;
         }
         kern_matmul_f32(m->pool, s->proj, dim, s->att, qd, L->wo, T, dim, qd);

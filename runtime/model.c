@@ -267,6 +267,17 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
     kern_set_blas_threads(threads);
     if (alloc_scratch(m, err, errlen) != 0)
         goto fail;
+    /* Sparse-prefill scratch, sized once for the longest context. */
+    m->flex_ws = kern_flex_ws_create(m->n_ctx, m->hp.n_heads, m->hp.n_kv_heads, m->hp.head_dim,
+                                     RT_FLEX_MIN_BLOCK, threads);
+    m->mask_words = kern_block_mask_words(1, 1, m->n_ctx, m->max_batch_tokens < m->n_ctx
+                                                              ? m->max_batch_tokens
+                                                              : m->n_ctx);
+    m->mask_bits = malloc(sizeof(uint64_t) * (m->mask_words ? m->mask_words : 1));
+    if (!m->flex_ws || !m->mask_bits) {
+        snprintf(err, errlen, "model: out of memory for the sparse-attention scratch");
+        goto fail;
+    }
     *out = m;
     return 0;
 fail:
@@ -279,6 +290,8 @@ void rt_model_destroy(rt_model *m)
     if (!m)
         return;
     kern_pool_destroy(m->pool);
+    kern_flex_ws_destroy(m->flex_ws);
+    free(m->mask_bits);
     rt_scratch *s = &m->s;
     free(s->x);
     free(s->xb);

@@ -14,6 +14,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/kernels.h"
 #include "runtime/tokenizer.h"
 
 typedef struct {
@@ -83,6 +84,29 @@ void rt_kv_truncate(rt_kv *kv, int n);
 /* Bytes held by the cache. */
 size_t rt_kv_bytes(const rt_kv *kv);
 
+/* A sequence's attention policy for prefill (and PowerAttention's decode):
+ * DESIGN.md's "attention" request object once resolved. Decode tokens always
+ * run dense under FLEX (its selection needs a block of queries). */
+typedef enum { RT_PREFILL_DENSE = 0, RT_PREFILL_FLEX, RT_PREFILL_POWER } rt_prefill_policy;
+
+typedef struct {
+    rt_prefill_policy prefill;
+    kern_flex_params flex;
+    kern_power_params power;
+    int power_dense_count, power_period; /* "K of every N" layers stay dense */
+} rt_attn_policy;
+
+/* What attention did, accumulated over steps and layers: block counts on the
+ * policy's grid (density = computed / causal), and chunks that FlexPrefill ran
+ * densely (short or decode). */
+typedef struct {
+    int64_t computed, causal;
+    int64_t dense_chunks, sparse_chunks;
+} rt_attn_stats;
+
+/* Smallest FlexPrefill block the model's workspace supports. */
+#define RT_FLEX_MIN_BLOCK 16
+
 /* One sequence's share of a forward step: n_tokens new tokens at positions
  * n_past.. . Either kv is set (a private cache; n_past is its length, and the
  * step appends to it), or pool/blocks/n_blocks/n_past describe the sequence's
@@ -97,6 +121,8 @@ typedef struct {
     const int32_t *blocks;
     int n_blocks;
     int n_past;
+    const rt_attn_policy *policy; /* NULL: dense */
+    rt_attn_stats *stats;         /* accumulated when non-NULL */
 } rt_seq_batch;
 
 /* Runs one step over a flat batch of sequences: the projections and FFN of all

@@ -43,6 +43,9 @@ struct rt_model {
     rt_scratch s;
     void (*progress)(void *ctx, float frac);
     void *progress_ctx;
+    kern_flex_ws *flex_ws; /* FlexPrefill scratch for contexts up to n_ctx */
+    uint64_t *mask_bits;   /* PowerAttention masks for up to max_batch_tokens queries */
+    size_t mask_words;
 };
 
 struct rt_kv_pool {

@@ -1,6 +1,9 @@
 /*
  * tokenizer_spm.c - SentencePiece-style BPE tokenizer (tokenizer.ggml.model = llama) that
- * matches llama.cpp token for token.
+ * matches llama.cpp token for token, plus the vocabulary core both tokenizer kinds share
+ * (piece arena, piece -> id table, decoded bytes per id, special-token list), the public
+ * accessors and the GGUF bridge. The byte-level BPE encoder is tokenizer_bpe.c; the struct
+ * and the hooks between the files are in tokenizer_internal.h.
  *
  * Encoding: the text is split on special tokens (control, user-defined and unknown pieces,
  * longest piece first); each remaining raw fragment gets a dummy-prefix space when it starts
@@ -29,34 +32,13 @@
 #include <string.h>
 
 #include "runtime/gguf.h"
+#include "runtime/tokenizer_internal.h"
 
 /* U+2581 LOWER ONE EIGHTH BLOCK, SentencePiece's visible space. */
 #define SPM_SPACE "\xe2\x96\x81"
 #define SPM_SPACE_LEN 3
 
-struct rt_tokenizer {
-    uint32_t n_vocab;
-    char *text;      /* every piece, NUL-terminated, back to back */
-    size_t *off;     /* n_vocab + 1 offsets into text; piece i is [off[i], off[i+1] - 1) */
-    char *dec;       /* what rt_token_to_bytes yields for each id */
-    size_t *dec_off; /* n_vocab + 1 offsets into dec */
-    float *scores;
-    int32_t *types;
-    uint32_t *table; /* open addressing, id + 1 per slot, 0 = empty */
-    size_t table_mask;
-    uint32_t max_piece_len;
-    int32_t *specials; /* ids matched literally in text, longest piece first */
-    uint32_t n_specials;
-    int32_t byte_token[256]; /* byte fallback id per byte value, -1 when none */
-    int32_t bos_id, eos_id, unk_id;
-    bool add_bos;
-    bool add_space_prefix;
-};
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
-    __attribute__((format(printf, 3, 4)));
-
-static void set_err(char *err, size_t errlen, const char *fmt, ...)
+void rt_tokenizer_set_err(char *err, size_t errlen, const char *fmt, ...)
 {
     if (!err || errlen == 0) {
         return;
@@ -88,7 +70,7 @@ static inline uint64_t hash_bytes(const char *s, size_t n)
     return h;
 }
 
-static int32_t lookup(const rt_tokenizer *t, const char *s, size_t n)
+int32_t rt_tokenizer_lookup(const rt_tokenizer *t, const char *s, size_t n)
 {
     if (n == 0 || n > t->max_piece_len) {
         return -1;
@@ -208,13 +190,15 @@ void rt_tokenizer_destroy(rt_tokenizer *t)
     free(t->types);
     free(t->table);
     free(t->specials);
+    rt_bpe_free(t->bpe);
     free(t);
 }
 
 static int validate_id(int32_t id, uint32_t n_vocab, const char *what, char *err, size_t errlen)
 {
     if (id < -1 || (id >= 0 && (uint32_t)id >= n_vocab)) {
-        set_err(err, errlen, "tokenizer: %s %d is out of range (n_vocab %u)", what, id, n_vocab);
+        rt_tokenizer_set_err(err, errlen, "tokenizer: %s %d is out of range (n_vocab %u)", what, id,
+                             n_vocab);
         return -1;
     }
     return 0;
@@ -222,23 +206,38 @@ static int validate_id(int32_t id, uint32_t n_vocab, const char *what, char *err
 
 int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err, size_t errlen)
 {
+    return rt_tokenizer_create_kind(out, spec, NULL, err, errlen);
+}
+
+/* The decoded form of a piece: the SentencePiece rendering, or the byte-level one. */
+static size_t render(const rt_tokenizer *t, uint32_t id, char *dst)
+{
+    if (t->kind == RT_TOKENIZER_BPE) {
+        return rt_bpe_render_piece(piece_ptr(t, id), piece_len(t, id), t->types[id], dst);
+    }
+    return render_piece(piece_ptr(t, id), piece_len(t, id), t->types[id], dst);
+}
+
+int rt_tokenizer_create_kind(rt_tokenizer **out, const rt_vocab_spec *spec,
+                             const rt_bpe_config *bpe, char *err, size_t errlen)
+{
     if (!out) {
-        set_err(err, errlen, "tokenizer: no output pointer");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no output pointer");
         return -1;
     }
     *out = NULL;
     if (!spec) {
-        set_err(err, errlen, "tokenizer: no vocabulary spec");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no vocabulary spec");
         return -1;
     }
     const uint32_t n = spec->n_vocab;
     /* ids are int32_t and the table stores id + 1 in a uint32_t */
     if (n == 0 || n > (uint32_t)INT32_MAX - 1) {
-        set_err(err, errlen, "tokenizer: n_vocab %u is out of range", n);
+        rt_tokenizer_set_err(err, errlen, "tokenizer: n_vocab %u is out of range", n);
         return -1;
     }
     if (!spec->pieces) {
-        set_err(err, errlen, "tokenizer: no pieces");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no pieces");
         return -1;
     }
     if (validate_id(spec->bos_id, n, "bos_id", err, errlen) ||
@@ -253,11 +252,11 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
         size_t len = spec->piece_lens ? spec->piece_lens[i]
                                       : (spec->pieces[i] ? strlen(spec->pieces[i]) : 0);
         if (len > 0 && !spec->pieces[i]) {
-            set_err(err, errlen, "tokenizer: piece %u is NULL", i);
+            rt_tokenizer_set_err(err, errlen, "tokenizer: piece %u is NULL", i);
             return -1;
         }
         if (len > UINT32_MAX - 1 || total > SIZE_MAX / 2 - len) {
-            set_err(err, errlen, "tokenizer: piece %u is too long", i);
+            rt_tokenizer_set_err(err, errlen, "tokenizer: piece %u is too long", i);
             return -1;
         }
         total += len + 1;
@@ -270,6 +269,7 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
     if (!t) {
         goto oom;
     }
+    t->kind = bpe ? RT_TOKENIZER_BPE : RT_TOKENIZER_SPM;
     t->n_vocab = n;
     t->max_piece_len = max_len;
     t->bos_id = spec->bos_id;
@@ -307,10 +307,11 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
     }
     t->off[n] = pos;
 
-    /* Rendered bytes never exceed the piece (U+2581 shrinks to one byte). */
+    /* Rendered bytes never exceed the piece (U+2581 and GPT-2's two-byte characters shrink
+     * to one byte). */
     size_t dec_total = 0;
     for (uint32_t i = 0; i < n; i++) {
-        dec_total += render_piece(piece_ptr(t, i), piece_len(t, i), t->types[i], NULL);
+        dec_total += render(t, i, NULL);
     }
     t->dec = malloc(dec_total ? dec_total : 1);
     if (!t->dec) {
@@ -319,7 +320,7 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
     size_t dpos = 0;
     for (uint32_t i = 0; i < n; i++) {
         t->dec_off[i] = dpos;
-        dpos += render_piece(piece_ptr(t, i), piece_len(t, i), t->types[i], t->dec + dpos);
+        dpos += render(t, i, t->dec + dpos);
     }
     t->dec_off[n] = dpos;
 
@@ -353,11 +354,11 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
     for (int b = 0; b < 256; b++) {
         char name[8];
         snprintf(name, sizeof(name), "<0x%02X>", b);
-        int32_t id = lookup(t, name, 6);
+        int32_t id = rt_tokenizer_lookup(t, name, 6);
         if (id < 0) {
             /* llama.cpp's second choice: the raw byte as a piece of its own */
             char raw = (char)b;
-            id = lookup(t, &raw, 1);
+            id = rt_tokenizer_lookup(t, &raw, 1);
         }
         t->byte_token[b] = id >= 0 ? id : t->unk_id;
     }
@@ -393,12 +394,16 @@ int rt_tokenizer_create(rt_tokenizer **out, const rt_vocab_spec *spec, char *err
         t->n_specials = n_special;
     }
 
+    if (bpe && rt_bpe_build(t, bpe, err, errlen) != 0) {
+        rt_tokenizer_destroy(t);
+        return -1;
+    }
     *out = t;
     return 0;
 
 oom:
     rt_tokenizer_destroy(t);
-    set_err(err, errlen, "tokenizer: out of memory");
+    rt_tokenizer_set_err(err, errlen, "tokenizer: out of memory");
     return -1;
 }
 
@@ -420,6 +425,27 @@ int32_t rt_tokenizer_eos(const rt_tokenizer *t)
 bool rt_tokenizer_add_bos(const rt_tokenizer *t)
 {
     return t && t->add_bos;
+}
+
+rt_tokenizer_kind rt_tokenizer_get_kind(const rt_tokenizer *t)
+{
+    return t ? t->kind : RT_TOKENIZER_SPM;
+}
+
+int rt_tokenizer_set_special_ids(rt_tokenizer *t, int32_t bos_id, int32_t eos_id, char *err,
+                                 size_t errlen)
+{
+    if (!t) {
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no tokenizer");
+        return -1;
+    }
+    if (validate_id(bos_id, t->n_vocab, "bos_id", err, errlen) ||
+        validate_id(eos_id, t->n_vocab, "eos_id", err, errlen)) {
+        return -1;
+    }
+    t->bos_id = bos_id;
+    t->eos_id = eos_id;
+    return 0;
 }
 
 const char *rt_token_piece(const rt_tokenizer *t, int32_t id, size_t *len)
@@ -646,7 +672,7 @@ static void try_pair(const rt_tokenizer *t, bpe_scratch *s, int32_t left, int32_
     }
     const symbol *l = &s->sym[left], *r = &s->sym[right];
     uint32_t size = l->n + r->n;
-    int32_t id = lookup(t, s->esc + l->off, size);
+    int32_t id = rt_tokenizer_lookup(t, s->esc + l->off, size);
     if (id < 0) {
         return;
     }
@@ -691,7 +717,7 @@ static int encode_raw(const rt_tokenizer *t, const char *src, size_t len, bool p
         y->next = off + w < n ? n_sym + 1 : -1;
         y->off = (uint32_t)off;
         y->n = w;
-        y->id = lookup(t, s->esc + off, w);
+        y->id = rt_tokenizer_lookup(t, s->esc + off, w);
         n_sym++;
         off += w;
     }
@@ -735,6 +761,22 @@ static int encode_raw(const rt_tokenizer *t, const char *src, size_t len, bool p
     return 0;
 }
 
+/* Whether raw fragment f gets the dummy prefix (see rt_spm_prefix). */
+static bool wants_prefix(const rt_tokenizer *t, const char *text, const fragment *f,
+                         bool after_special)
+{
+    if (!t->add_space_prefix || !after_special) {
+        return false;
+    }
+    if (t->prefix_mode == RT_SPM_PREFIX_EACH) {
+        return true;
+    }
+    bool starts_with_space =
+        text[f->off] == ' ' ||
+        (f->len >= SPM_SPACE_LEN && memcmp(text + f->off, SPM_SPACE, SPM_SPACE_LEN) == 0);
+    return !starts_with_space && (t->prefix_mode != RT_SPM_PREFIX_FIRST || f->off == 0);
+}
+
 int rt_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool add_bos,
                 bool parse_special, int32_t **tokens, size_t *n)
 {
@@ -742,6 +784,9 @@ int rt_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool add_bo
     *n = 0;
     if (!t) {
         return -1;
+    }
+    if (t->kind == RT_TOKENIZER_BPE) {
+        return rt_bpe_tokenize(t, text, len, add_bos, parse_special, tokens, n);
     }
     /* Symbol offsets are 32-bit and the escaped text can triple; anything this large could
      * not be allocated sensibly anyway, so it is reported as an allocation failure. */
@@ -792,7 +837,8 @@ int rt_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool add_bo
             after_special = true;
             continue;
         }
-        if (encode_raw(t, text + f->off, f->len, t->add_space_prefix && after_special, &s, &out)) {
+        if (encode_raw(t, text + f->off, f->len, wants_prefix(t, text, f, after_special), &s,
+                       &out)) {
             goto done;
         }
         after_special = false;
@@ -840,7 +886,7 @@ static int gguf_token_id(const rt_gguf *g, const char *key, int32_t dflt, uint32
         if (negative_int) {
             return 0; /* some converters write -1 for "none" */
         }
-        set_err(err, errlen, "tokenizer: %s is not an integer", key);
+        rt_tokenizer_set_err(err, errlen, "tokenizer: %s is not an integer", key);
         return -1;
     }
     if (v < n_vocab) {
@@ -859,7 +905,7 @@ static int gguf_flag(const rt_gguf *g, const char *key, bool dflt, bool *out, ch
         return 0;
     }
     if (r != 0) {
-        set_err(err, errlen, "tokenizer: %s is not a boolean", key);
+        rt_tokenizer_set_err(err, errlen, "tokenizer: %s is not a boolean", key);
         return -1;
     }
     *out = v;
@@ -876,61 +922,153 @@ static int gguf_vocab_array(const rt_gguf *g, const char *key, uint32_t n_vocab,
         return 0;
     }
     if (kv->type != RT_GGUF_ARRAY) {
-        set_err(err, errlen, "tokenizer: %s is %s, not an array", key, rt_gguf_type_name(kv->type));
+        rt_tokenizer_set_err(err, errlen, "tokenizer: %s is %s, not an array", key,
+                             rt_gguf_type_name(kv->type));
         return -1;
     }
     if (kv->v.arr.n != n_vocab) {
-        set_err(err, errlen, "tokenizer: %s has %llu entries but tokenizer.ggml.tokens has %u", key,
-                (unsigned long long)kv->v.arr.n, n_vocab);
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: %s has %llu entries but tokenizer.ggml.tokens has %u", key,
+                             (unsigned long long)kv->v.arr.n, n_vocab);
         return -1;
     }
     *out = kv;
     return 0;
 }
 
+/* Reads tokenizer.ggml.pre for a "gpt2" vocabulary into the pre-tokenizer steps. */
+static int gguf_bpe_pretok(const rt_gguf *g, rt_bpe_config *cfg, bool *add_bos, char *err,
+                           size_t errlen)
+{
+    const rt_gguf_kv *pre = rt_gguf_find_kv(g, "tokenizer.ggml.pre");
+    if (!pre) {
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: tokenizer.ggml.model \"gpt2\" needs tokenizer.ggml.pre "
+                             "(the pre-tokenizer's name), which is missing");
+        return -1;
+    }
+    if (pre->type != RT_GGUF_STRING) {
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.pre is %s, not a string",
+                             rt_gguf_type_name(pre->type));
+        return -1;
+    }
+    if (pre->v.str.len > 64 ||
+        rt_bpe_pretok_from_gguf_name(pre->v.str.ptr, (size_t)pre->v.str.len, cfg, add_bos) != 0) {
+        int shown = pre->v.str.len > 64 ? 64 : (int)pre->v.str.len;
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: unsupported tokenizer.ggml.pre \"%.*s\" for "
+                             "tokenizer.ggml.model \"gpt2\" (supported: llama-bpe, llama3, "
+                             "llama-v3, qwen2, smollm, gpt-2, gpt2)",
+                             shown, pre->v.str.ptr);
+        return -1;
+    }
+    return 0;
+}
+
+/* Reads tokenizer.ggml.merges ("left right" strings, by rank) for a "gpt2" vocabulary; the
+ * merges point into the GGUF strings, *merges is malloc-ed. */
+static int gguf_bpe_merges(const rt_gguf *g, rt_bpe_config *cfg, rt_bpe_merge **merges, char *err,
+                           size_t errlen)
+{
+    *merges = NULL;
+    const rt_gguf_kv *kv = rt_gguf_find_kv(g, "tokenizer.ggml.merges");
+    if (!kv) {
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: tokenizer.ggml.model \"gpt2\" needs "
+                             "tokenizer.ggml.merges, which is missing");
+        return -1;
+    }
+    if (kv->type != RT_GGUF_ARRAY || kv->v.arr.type != RT_GGUF_STRING ||
+        (kv->v.arr.n > 0 && !kv->v.arr.strs)) {
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: tokenizer.ggml.merges is not an array of strings");
+        return -1;
+    }
+    if (kv->v.arr.n > (uint64_t)INT32_MAX) {
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.merges has %llu entries",
+                             (unsigned long long)kv->v.arr.n);
+        return -1;
+    }
+    const uint32_t n = (uint32_t)kv->v.arr.n;
+    rt_bpe_merge *m = malloc((n ? n : 1) * sizeof(*m));
+    if (!m) {
+        rt_tokenizer_set_err(err, errlen, "tokenizer: out of memory");
+        return -1;
+    }
+    for (uint32_t i = 0; i < n; i++) {
+        const rt_gguf_str *str = &kv->v.arr.strs[i];
+        /* llama.cpp splits at the first space after the first byte */
+        const char *sp = str->len > 1 ? memchr(str->ptr + 1, ' ', (size_t)str->len - 1) : NULL;
+        if (!sp || str->len > UINT32_MAX || sp + 1 == str->ptr + str->len) {
+            int shown = str->len > 64 ? 64 : (int)str->len;
+            rt_tokenizer_set_err(err, errlen,
+                                 "tokenizer: tokenizer.ggml.merges[%u] \"%.*s\" is not two "
+                                 "pieces separated by a space",
+                                 i, shown, str->ptr);
+            free(m);
+            return -1;
+        }
+        m[i].left = str->ptr;
+        m[i].left_len = (uint32_t)(sp - str->ptr);
+        m[i].right = sp + 1;
+        m[i].right_len = (uint32_t)(str->len - m[i].left_len - 1);
+    }
+    cfg->merges = m;
+    cfg->n_merges = n;
+    *merges = m;
+    return 0;
+}
+
 int rt_tokenizer_from_gguf(rt_tokenizer **out, const struct rt_gguf *g, char *err, size_t errlen)
 {
     if (!out) {
-        set_err(err, errlen, "tokenizer: no output pointer");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no output pointer");
         return -1;
     }
     *out = NULL;
     if (!g) {
-        set_err(err, errlen, "tokenizer: no GGUF file");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: no GGUF file");
         return -1;
     }
 
     const rt_gguf_kv *model = rt_gguf_find_kv(g, "tokenizer.ggml.model");
     if (!model) {
-        set_err(err, errlen, "tokenizer: tokenizer.ggml.model is missing");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.model is missing");
         return -1;
     }
     if (model->type != RT_GGUF_STRING) {
-        set_err(err, errlen, "tokenizer: tokenizer.ggml.model is %s, not a string",
-                rt_gguf_type_name(model->type));
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.model is %s, not a string",
+                             rt_gguf_type_name(model->type));
         return -1;
     }
-    if (!rt_gguf_str_eq(model->v.str, "llama")) {
+    const bool is_bpe = rt_gguf_str_eq(model->v.str, "gpt2");
+    if (!is_bpe && !rt_gguf_str_eq(model->v.str, "llama")) {
         int shown = model->v.str.len > 64 ? 64 : (int)model->v.str.len;
-        set_err(err, errlen,
-                "tokenizer: unsupported tokenizer.ggml.model \"%.*s\" (only \"llama\", "
-                "SentencePiece BPE, is supported)",
-                shown, model->v.str.ptr);
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: unsupported tokenizer.ggml.model \"%.*s\" (supported: "
+                             "\"llama\", SentencePiece BPE, and \"gpt2\", byte-level BPE)",
+                             shown, model->v.str.ptr);
+        return -1;
+    }
+    rt_bpe_config bpe = {0};
+    bool bpe_add_bos = false;
+    if (is_bpe && gguf_bpe_pretok(g, &bpe, &bpe_add_bos, err, errlen) != 0) {
         return -1;
     }
 
     const rt_gguf_kv *toks = rt_gguf_find_kv(g, "tokenizer.ggml.tokens");
     if (!toks) {
-        set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens is missing");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens is missing");
         return -1;
     }
     if (toks->type != RT_GGUF_ARRAY || toks->v.arr.type != RT_GGUF_STRING) {
-        set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens is not an array of strings");
+        rt_tokenizer_set_err(err, errlen,
+                             "tokenizer: tokenizer.ggml.tokens is not an array of strings");
         return -1;
     }
     if (toks->v.arr.n == 0 || toks->v.arr.n > (uint64_t)INT32_MAX - 1 || !toks->v.arr.strs) {
-        set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens has %llu entries",
-                (unsigned long long)toks->v.arr.n);
+        rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens has %llu entries",
+                             (unsigned long long)toks->v.arr.n);
         return -1;
     }
     const uint32_t n = (uint32_t)toks->v.arr.n;
@@ -941,29 +1079,40 @@ int rt_tokenizer_from_gguf(rt_tokenizer **out, const struct rt_gguf *g, char *er
         return -1;
     }
 
+    /* The SentencePiece defaults are llama.cpp's; a byte-level vocabulary has no fixed
+     * special ids, so absent keys mean none. */
     rt_vocab_spec spec = {.n_vocab = n};
-    if (gguf_token_id(g, "tokenizer.ggml.bos_token_id", 1, n, &spec.bos_id, err, errlen) ||
-        gguf_token_id(g, "tokenizer.ggml.eos_token_id", 2, n, &spec.eos_id, err, errlen) ||
-        gguf_token_id(g, "tokenizer.ggml.unknown_token_id", 0, n, &spec.unk_id, err, errlen) ||
-        gguf_flag(g, "tokenizer.ggml.add_bos_token", true, &spec.add_bos, err, errlen) ||
-        gguf_flag(g, "tokenizer.ggml.add_space_prefix", true, &spec.add_space_prefix, err,
+    if (gguf_token_id(g, "tokenizer.ggml.bos_token_id", is_bpe ? -1 : 1, n, &spec.bos_id, err,
+                      errlen) ||
+        gguf_token_id(g, "tokenizer.ggml.eos_token_id", is_bpe ? -1 : 2, n, &spec.eos_id, err,
+                      errlen) ||
+        gguf_token_id(g, "tokenizer.ggml.unknown_token_id", is_bpe ? -1 : 0, n, &spec.unk_id, err,
+                      errlen) ||
+        gguf_flag(g, "tokenizer.ggml.add_bos_token", is_bpe ? bpe_add_bos : true, &spec.add_bos,
+                  err, errlen) ||
+        gguf_flag(g, "tokenizer.ggml.add_space_prefix", !is_bpe, &spec.add_space_prefix, err,
                   errlen)) {
         return -1;
     }
 
     int rc = -1;
+    rt_bpe_merge *merges = NULL;
+    if (is_bpe && gguf_bpe_merges(g, &bpe, &merges, err, errlen) != 0) {
+        return -1;
+    }
     const char **pieces = malloc((size_t)n * sizeof(*pieces));
     uint32_t *lens = malloc((size_t)n * sizeof(*lens));
     float *scores = scores_kv ? malloc((size_t)n * sizeof(*scores)) : NULL;
     int32_t *types = types_kv ? malloc((size_t)n * sizeof(*types)) : NULL;
     if (!pieces || !lens || (scores_kv && !scores) || (types_kv && !types)) {
-        set_err(err, errlen, "tokenizer: out of memory");
+        rt_tokenizer_set_err(err, errlen, "tokenizer: out of memory");
         goto done;
     }
     for (uint32_t i = 0; i < n; i++) {
         const rt_gguf_str *str = &toks->v.arr.strs[i];
         if (str->len > UINT32_MAX - 1) {
-            set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens[%u] is too long", i);
+            rt_tokenizer_set_err(err, errlen, "tokenizer: tokenizer.ggml.tokens[%u] is too long",
+                                 i);
             goto done;
         }
         pieces[i] = str->ptr;
@@ -971,8 +1120,9 @@ int rt_tokenizer_from_gguf(rt_tokenizer **out, const struct rt_gguf *g, char *er
         if (scores) {
             double d;
             if (rt_gguf_arr_float(scores_kv, i, &d)) {
-                set_err(err, errlen, "tokenizer: tokenizer.ggml.scores holds %s, not floats",
-                        rt_gguf_type_name(scores_kv->v.arr.type));
+                rt_tokenizer_set_err(err, errlen,
+                                     "tokenizer: tokenizer.ggml.scores holds %s, not floats",
+                                     rt_gguf_type_name(scores_kv->v.arr.type));
                 goto done;
             }
             scores[i] = (float)d;
@@ -980,9 +1130,9 @@ int rt_tokenizer_from_gguf(rt_tokenizer **out, const struct rt_gguf *g, char *er
         if (types) {
             int64_t v;
             if (rt_gguf_arr_int(types_kv, i, &v) || v < INT32_MIN || v > INT32_MAX) {
-                set_err(err, errlen,
-                        "tokenizer: tokenizer.ggml.token_type holds %s, not int32 values",
-                        rt_gguf_type_name(types_kv->v.arr.type));
+                rt_tokenizer_set_err(
+                    err, errlen, "tokenizer: tokenizer.ggml.token_type holds %s, not int32 values",
+                    rt_gguf_type_name(types_kv->v.arr.type));
                 goto done;
             }
             types[i] = (int32_t)v;
@@ -992,9 +1142,10 @@ int rt_tokenizer_from_gguf(rt_tokenizer **out, const struct rt_gguf *g, char *er
     spec.piece_lens = lens;
     spec.scores = scores;
     spec.types = types;
-    rc = rt_tokenizer_create(out, &spec, err, errlen);
+    rc = rt_tokenizer_create_kind(out, &spec, is_bpe ? &bpe : NULL, err, errlen);
 
 done:
+    free(merges);
     free(pieces);
     free(lens);
     free(scores);

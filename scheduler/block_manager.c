@@ -442,16 +442,36 @@ int sched_bm_cached_count(const sched_bm *bm)
 
 int sched_bm_blocks_needed(sched_bm *bm, const int32_t *tokens, int n_tokens)
 {
-    if (bm == NULL || tokens == NULL || n_tokens < 1)
+    if (bm == NULL || n_tokens < 1)
         return -1;
+    if (tokens == NULL) /* private blocks: no prefix hits */
+        return blocks_for(bm, n_tokens);
     prefix_match m = prefix_walk(bm, tokens, n_tokens, NULL, NULL);
     return blocks_for(bm, n_tokens) - m.hits + m.in_lru;
 }
 
+static int allocate(sched_bm *bm, sched_block_table *bt, const int32_t *tokens, int n_tokens);
+
 int sched_bm_allocate_prompt(sched_bm *bm, sched_block_table *bt, const int32_t *tokens,
                              int n_tokens)
 {
-    if (bm == NULL || bt == NULL || tokens == NULL || n_tokens < 1 || !table_is_empty(bt))
+    if (tokens == NULL)
+        return -1;
+    return allocate(bm, bt, tokens, n_tokens);
+}
+
+int sched_bm_allocate_private(sched_bm *bm, sched_block_table *bt, int n_tokens)
+{
+    if (allocate(bm, bt, NULL, n_tokens) != 0)
+        return -1;
+    bt->private_blocks = true;
+    return 0;
+}
+
+/* tokens == NULL: fresh blocks only, no prefix walk. */
+static int allocate(sched_bm *bm, sched_block_table *bt, const int32_t *tokens, int n_tokens)
+{
+    if (bm == NULL || bt == NULL || n_tokens < 1 || !table_is_empty(bt))
         return -1;
     int need = blocks_for(bm, n_tokens);
     if (need > bm->n_blocks)
@@ -463,7 +483,9 @@ int sched_bm_allocate_prompt(sched_bm *bm, sched_block_table *bt, const int32_t 
         free(hashes);
         return -1;
     }
-    prefix_match m = prefix_walk(bm, tokens, n_tokens, ids, hashes);
+    prefix_match m = {0, 0};
+    if (tokens)
+        m = prefix_walk(bm, tokens, n_tokens, ids, hashes);
     if (need - m.hits + m.in_lru > sched_bm_free_count(bm)) {
         free(ids);
         free(hashes);
@@ -481,8 +503,10 @@ int sched_bm_allocate_prompt(sched_bm *bm, sched_block_table *bt, const int32_t 
     bt->n_tokens = n_tokens;
     bt->n_cached = m.hits * bm->block_size;
     bt->n_hashed = m.hits;
-    bm->query_tokens += (uint64_t)n_tokens;
-    bm->hit_tokens += (uint64_t)bt->n_cached;
+    if (tokens) {
+        bm->query_tokens += (uint64_t)n_tokens;
+        bm->hit_tokens += (uint64_t)bt->n_cached;
+    }
     return 0;
 }
 
@@ -527,7 +551,7 @@ int sched_bm_append(sched_bm *bm, sched_block_table *bt, int n, sched_bm_copy *c
 void sched_bm_commit(sched_bm *bm, sched_block_table *bt, const int32_t *tokens, int n_tokens)
 {
     if (bm == NULL || bt == NULL || tokens == NULL || n_tokens < 1 || !bm->prefix_caching ||
-        !table_shape_ok(bm, bt))
+        bt->private_blocks || !table_shape_ok(bm, bt))
         return;
     int limit = n_tokens < bt->n_tokens ? n_tokens : bt->n_tokens;
     int full = limit / bm->block_size;

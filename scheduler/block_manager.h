@@ -57,6 +57,7 @@ typedef struct {
     int n_cached;     /* leading tokens that came from the prefix cache (set by allocate_prompt) */
     uint64_t *hashes; /* hash chain of the full blocks registered so far (n_hashed entries) */
     int n_hashed;
+    bool private_blocks; /* allocated by sched_bm_allocate_private: never shared */
 } sched_block_table;
 
 /* Copy-on-write: the runtime copies the KV of block src into block dst. */
@@ -92,12 +93,18 @@ int sched_bm_cached_count(const sched_bm *bm);
 int sched_bm_allocate_prompt(sched_bm *bm, sched_block_table *bt, const int32_t *tokens,
                              int n_tokens);
 
+/* Like allocate_prompt, but without prefix hits, and commit never registers
+ * the table's blocks: for a sequence whose KV must not be shared (computed
+ * under a sparse attention policy, so it differs from dense KV). */
+int sched_bm_allocate_private(sched_bm *bm, sched_block_table *bt, int n_tokens);
+
 /* For admission: how many blocks allocate_prompt would take from
  * sched_bm_free_count() right now, i.e. new blocks plus prefix hits that are
  * currently cached (a hit on a cached block takes it out of the evictable
  * pool). allocate_prompt succeeds exactly when this is <= free_count, and then
  * free_count drops by exactly this much. -1 on bad arguments. */
 int sched_bm_blocks_needed(sched_bm *bm, const int32_t *tokens, int n_tokens);
+/* (tokens == NULL: what allocate_private would take.) */
 
 /* Reserves n >= 0 more slots at the end of bt (decode: n = 1). If bt's last
  * block is partial and shared (refcount > 1), the new slots would write into

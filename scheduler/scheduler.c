@@ -55,8 +55,11 @@ struct sched_request {
     sched_finish finish;
     char error[256];
     double t_arrival, t_first, t_finish;
+    rt_attn_stats attn_out; /* copy of attn, published under mu */
+    int prefix_hit_tokens;
 
     /* engine thread only */
+    rt_attn_stats attn;
     int32_t *seq; /* prompt then generated tokens; capacity n_prompt + max_tokens */
     int n_seq;
     int n_computed;
@@ -262,6 +265,8 @@ int sched_request_output(sched_request *r, size_t text_from, sched_output *out)
     out->t_arrival = r->t_arrival;
     out->t_first_token = r->t_first;
     out->t_finish = r->t_finish;
+    out->attn = r->attn_out;
+    out->prefix_hit_tokens = r->prefix_hit_tokens;
     pthread_mutex_unlock(&r->mu);
     return out->text ? 0 : -1;
 }
@@ -379,6 +384,7 @@ static void finish_request(sched_engine *e, sched_request *r, sched_finish why, 
     const double now = sched_now();
     pthread_mutex_lock(&r->mu);
     r->finish = why;
+    r->attn_out = r->attn;
     r->text_final = r->text_raw; /* held-back bytes are final now */
     r->t_finish = now;
     if (msg)
@@ -464,6 +470,7 @@ static void accept_token(sched_engine *e, sched_request *r, int32_t tok)
     else if (r->n_tokens >= r->p.max_tokens)
         why = SCHED_FINISH_LENGTH;
     r->tok_end[r->n_tokens - 1] = r->text_raw;
+    r->attn_out = r->attn;
     pthread_mutex_unlock(&r->mu);
     r->seq[r->n_seq++] = tok;
     if (first) {
@@ -532,7 +539,10 @@ static void admit(sched_engine *e)
             pp = &r->next;
             continue;
         }
-        const int need = sched_bm_blocks_needed(e->bm, r->seq, r->n_seq);
+        /* KV computed under a sparse policy differs from dense KV: such a
+         * sequence neither reuses nor publishes prefix-cache blocks. */
+        const bool private_kv = r->p.policy.prefill != RT_PREFILL_DENSE;
+        const int need = sched_bm_blocks_needed(e->bm, private_kv ? NULL : r->seq, r->n_seq);
         /* New work keeps a small reserve so running sequences can still grow;
          * a preempted sequence may use it, or it might never come back. */
         const int reserve = r->n_preempted || e->n_running == 0 ? 0 : e->watermark_blocks;
@@ -549,9 +559,15 @@ static void admit(sched_engine *e)
             rt_sampler_set_prompt(&r->sampler, r->p.prompt, r->p.n_prompt);
             r->started = true;
         }
-        if (sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq) != 0)
+        if ((private_kv ? sched_bm_allocate_private(e->bm, &r->bt, r->n_seq)
+                        : sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq)) != 0)
             break;
         r->n_computed = r->bt.n_cached;
+        if (!r->n_preempted) {
+            pthread_mutex_lock(&r->mu);
+            r->prefix_hit_tokens = r->bt.n_cached;
+            pthread_mutex_unlock(&r->mu);
+        }
         *pp = r->next;
         e->n_waiting--;
         r->next = NULL;
@@ -595,6 +611,8 @@ static void add_to_batch(sched_engine *e, sched_request *r, int n)
         .blocks = r->bt.blocks,
         .n_blocks = r->bt.n_blocks,
         .n_past = r->n_computed,
+        .policy = r->p.policy.prefill != RT_PREFILL_DENSE ? &r->p.policy : NULL,
+        .stats = &r->attn,
     };
     e->batch_req[e->n_batch++] = r;
 }

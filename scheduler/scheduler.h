@@ -43,6 +43,7 @@ typedef struct {
     int min_tokens; /* EOS is suppressed until this many tokens exist */
     int logprobs;   /* -1: none; k >= 0: each token's logprob and the top k */
     int priority;   /* lower runs first (vLLM's convention); ties: first come first served */
+    rt_attn_policy policy; /* prefill attention (zeroed: dense) */
 } sched_params;
 
 #define SCHED_MAX_LOGPROBS 20
@@ -138,6 +139,8 @@ typedef struct {
     sched_finish finish;   /* NONE while running */
     char error[256];       /* for SCHED_FINISH_ERROR */
     double t_arrival, t_first_token, t_finish; /* seconds, monotonic */
+    rt_attn_stats attn;    /* what attention did (blocks on the policy's grid) */
+    int prefix_hit_tokens; /* prompt tokens whose KV came from the prefix cache */
 } sched_output;
 
 /* Returns 0, or -1 when the copy cannot be allocated. */

@@ -102,6 +102,7 @@ struct srv_server {
     const rt_tokenizer *tok;
     int chat_family;
     srv_limits limits;
+    srv_attention_conf attn_conf;
     char model_name[256];
     long created;
     uv_loop_t *loop;
@@ -288,6 +289,29 @@ static bool output_error(const sched_output *o, srv_error *e)
     return false;
 }
 
+/* The extension object next to usage: what attention did for the request. */
+static json_t *sieve_json(const srv_server *s, const conn *c, const sched_output *o)
+{
+    rt_attn_policy pol;
+    srv_attention_resolve(&s->attn_conf, &c->creq.attn, o->n_prompt, &pol);
+    json_t *j = json_object();
+    json_object_set_new(j, "prefill", json_string(srv_prefill_name(pol.prefill)));
+    const double density =
+        o->attn.causal > 0 ? (double)o->attn.computed / (double)o->attn.causal : 1.0;
+    json_object_set_new(j, "prefill_density", json_real(density));
+    if (pol.prefill == RT_PREFILL_FLEX && o->attn.sparse_chunks == 0)
+        json_object_set_new(j, "prefill_note",
+                            json_string("the prompt is too short for a sparse selection "
+                                        "(FlexPrefill needs more than max(2, min_budget / "
+                                        "block_size) blocks): it ran dense"));
+    json_object_set_new(j, "kv_cache", json_string(c->creq.attn.kv_cache));
+    sched_stats st;
+    sched_engine_stats(s->engine, &st);
+    json_object_set_new(j, "kv_bytes_per_token", json_integer((json_int_t)st.kv_bytes_per_token));
+    json_object_set_new(j, "prefix_cache_hit_tokens", json_integer(o->prefix_hit_tokens));
+    return j;
+}
+
 static void build_full_response(conn *c)
 {
     srv_server *s = c->srv;
@@ -335,9 +359,13 @@ static void build_full_response(conn *c)
     }
     c->log_prompt_tokens = prompt_tokens;
     c->log_completion_tokens = completion_tokens;
-    set_json_response(c, 200,
-                      srv_response_json(kind, false, c->id, s->model_name, c->created, choices,
-                                        srv_usage_json(prompt_tokens, completion_tokens)));
+    json_t *resp = srv_response_json(kind, false, c->id, s->model_name, c->created, choices,
+                                     srv_usage_json(prompt_tokens, completion_tokens));
+    sched_output o0;
+    if (sched_request_output(c->reqs[0], (size_t)-1, &o0) == 0)
+        json_object_set_new(resp, "sieve", sieve_json(s, c, &o0));
+    free(o0.text);
+    set_json_response(c, 200, resp);
 }
 
 /* ---- server-sent events ----------------------------------------------- */
@@ -442,10 +470,16 @@ static void stream_progress(conn *c)
     if (all_final && !c->stream_done) {
         c->log_prompt_tokens = prompt_tokens;
         c->log_completion_tokens = completion_tokens;
-        if (c->creq.include_usage)
-            out_event(c, srv_response_json(kind, true, c->id, s->model_name, c->created,
-                                           json_array(),
-                                           srv_usage_json(prompt_tokens, completion_tokens)));
+        if (c->creq.include_usage) {
+            json_t *u = srv_response_json(kind, true, c->id, s->model_name, c->created,
+                                          json_array(),
+                                          srv_usage_json(prompt_tokens, completion_tokens));
+            sched_output o0;
+            if (sched_request_output(c->reqs[0], (size_t)-1, &o0) == 0)
+                json_object_set_new(u, "sieve", sieve_json(s, c, &o0));
+            free(o0.text);
+            out_event(c, u);
+        }
         out_append(c, "data: [DONE]\n\n", 14);
         c->stream_done = true;
     }
@@ -697,6 +731,7 @@ static void tokenize_done(uv_work_t *w, int status)
         p.ignore_eos = q->ignore_eos;
         p.min_tokens = q->min_tokens;
         p.priority = q->priority;
+        srv_attention_resolve(&s->attn_conf, &q->attn, n_prompt, &p.policy);
         p.logprobs = q->logprobs;
         c->reqs[i] = sched_request_create(&p, on_engine_notify, c);
         c->n_choices = i + 1;
@@ -1268,7 +1303,8 @@ static int attach_model(srv_server *s, char *err, size_t errlen)
     s->limits = (srv_limits){.model_name = s->model_name,
                              .n_vocab = rt_model_hparams(s->model)->n_vocab,
                              .n_ctx = rt_model_n_ctx(s->model),
-                             .default_max_tokens = cfg->default_max_tokens};
+                             .default_max_tokens = cfg->default_max_tokens,
+                             .attention = &s->attn_conf};
     if (cfg->chat_template[0]) {
         s->chat_family = rt_chat_family_from_name(cfg->chat_template);
         if (s->chat_family < 0) {
@@ -1303,6 +1339,7 @@ int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen
     }
     s->cfg = *cfg;
     s->created = (long)time(NULL);
+    srv_attention_conf_default(&s->attn_conf);
     s->listen_fd = MHD_INVALID_SOCKET;
     if (cfg->model_name[0]) {
         snprintf(s->model_name, sizeof(s->model_name), "%s", cfg->model_name);

@@ -628,6 +628,20 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
     }
     if (parse_stop(root, out, err) != 0)
         goto done;
+    {
+        srv_attention_conf builtin;
+        const srv_attention_conf *ac = lim->attention;
+        if (!ac) {
+            srv_attention_conf_default(&builtin);
+            ac = &builtin;
+        }
+        char param[64], msg[256];
+        if (srv_attention_parse(ac, json_object_get(root, "attention"), &out->attn, param,
+                                sizeof(param), msg, sizeof(msg)) != 0) {
+            srv_error_set(err, 400, "invalid_request_error", NULL, param, "%s", msg);
+            goto done;
+        }
+    }
     if (kind == SRV_COMPLETION ? parse_prompt(root, lim, out, err) != 0
                                : parse_messages(root, out, err) != 0)
         goto done;

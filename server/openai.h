@@ -14,6 +14,7 @@
 #include "runtime/sampler.h"
 #include "runtime/tokenizer.h"
 #include "scheduler/scheduler.h"
+#include "server/attention.h"
 
 /* An error as OpenAI reports it: HTTP status, error.type, error.code,
  * error.param and a message that names the field and the problem. */
@@ -37,6 +38,7 @@ typedef struct {
     int n_vocab;
     int n_ctx;
     int default_max_tokens;
+    const srv_attention_conf *attention; /* NULL: the built-in defaults */
 } srv_limits;
 
 #define SRV_MAX_CHOICES 16
@@ -73,6 +75,7 @@ typedef struct {
     bool stream, include_usage;
     int logprobs; /* -1: none; else the number of top alternatives */
     bool echo;    /* completions: prepend the prompt */
+    srv_attention attn; /* the "attention" extension, defaults applied */
 } srv_completion_req;
 
 int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_limits *lim,

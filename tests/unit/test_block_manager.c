@@ -800,6 +800,33 @@ static void test_bm_prefix_stats_count_queried_and_hit_tokens(void **state)
     sched_bm_destroy(bm);
 }
 
+/* Private tables (KV computed under a sparse policy) neither hit the prefix
+ * cache nor feed it. */
+static void test_bm_private_tables_neither_hit_nor_publish(void **state)
+{
+    (void)state;
+    sched_bm *bm = bm_open(8, true);
+    int32_t t[2 * BS + 2];
+    fill(t, 2 * BS + 2, 7);
+    sched_block_table a = {0}, b = {0}, c = {0};
+    assert_int_equal(sched_bm_allocate_prompt(bm, &a, t, 2 * BS + 2), 0);
+    sched_bm_commit(bm, &a, t, 2 * BS + 2);
+    assert_int_equal(sched_bm_blocks_needed(bm, NULL, 2 * BS + 2), 3);
+    assert_int_equal(sched_bm_allocate_private(bm, &b, 2 * BS + 2), 0);
+    assert_int_equal(b.n_cached, 0);
+    for (int k = 0; k < 2; k++)
+        assert_true(b.blocks[k] != a.blocks[k]);
+    sched_bm_release(bm, &a);
+    sched_bm_commit(bm, &b, t, 2 * BS + 2); /* must not register b's blocks */
+    sched_bm_release(bm, &b);
+    assert_int_equal(sched_bm_allocate_prompt(bm, &c, t, 2 * BS + 2), 0);
+    assert_int_equal(c.n_cached, 2 * BS); /* a's blocks, still cached */
+    sched_bm_release(bm, &c);
+    assert_int_equal(sched_bm_cached_count(bm), 2); /* only a's two full blocks */
+    assert_int_equal(sched_bm_check(bm), 0);
+    sched_bm_destroy(bm);
+}
+
 static void test_bm_rejects_invalid_arguments(void **state)
 {
     (void)state;
@@ -815,7 +842,8 @@ static void test_bm_rejects_invalid_arguments(void **state)
     assert_int_equal(sched_bm_allocate_prompt(bm, &a, t, 0), -1);
     assert_int_equal(sched_bm_allocate_prompt(bm, &a, t, -4), -1);
     assert_int_equal(sched_bm_blocks_needed(bm, t, 0), -1);
-    assert_int_equal(sched_bm_blocks_needed(bm, NULL, 3), -1);
+    assert_int_equal(sched_bm_blocks_needed(bm, NULL, 3), 1); /* private: no prefix walk */
+    assert_int_equal(sched_bm_blocks_needed(NULL, t, 3), -1);
     assert_table_zeroed(&a);
     assert_counts(bm, 0, 8, 0);
 
@@ -1192,6 +1220,7 @@ int main(void)
         cmocka_unit_test(test_bm_blocks_needed_matches_what_allocate_takes),
         cmocka_unit_test(test_bm_reset_cache_drops_cached_blocks_only),
         cmocka_unit_test(test_bm_prefix_stats_count_queried_and_hit_tokens),
+        cmocka_unit_test(test_bm_private_tables_neither_hit_nor_publish),
         cmocka_unit_test(test_bm_rejects_invalid_arguments),
         cmocka_unit_test(test_bm_randomized_operations_keep_invariants),
     };

@@ -606,7 +606,7 @@ static void test_config_env_sets_every_kind_of_key(void **state)
     setenv("SIEVE_LOG_REQUESTS", "1", 1);
     setenv("SIEVE_PREFIX_CACHING", "false", 1);
     setenv("SIEVE_KV_CACHE_BYTES", "1048576", 1);
-    setenv("SIEVE_API_KEYS", " key-one , key-two,k3 ", 1);
+    setenv("SIEVE_API_KEYS", " key-one , key-two,k3\n", 1); /* as a mounted secret */
     setenv("SIEVE_MODEL_NAME", "", 1); /* empty = unset */
     const char *none[] = {NULL};
     if (parse(&c, err, sizeof err, none) != 0)

@@ -29,7 +29,8 @@
 #include "server/openai.h"
 #include "tests/common/testutil.h"
 
-static const srv_limits LIM = {"stories260K", 512, 2048, 16};
+static const srv_limits LIM = {.model_name = "stories260K", .n_vocab = 512, .n_ctx = 2048,
+                               .default_max_tokens = 16, .attention = NULL};
 
 #define A16 "aaaaaaaaaaaaaaaa"
 #define A256 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16

@@ -1,0 +1,242 @@
+#!/usr/bin/env bash
+# tests/gpu/run.sh - the one prepared command for a session that is lent a GPU (an H200:
+# sm_90). It builds the CUDA kernels for the GPU into build-gpu/, prints nvidia-smi, runs
+# every CUDA kernel against its CPU twin (test_cuda_twins) and the threads all-reduce
+# (test_collective), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
+# elementwise ops, cuBLAS/half-weight products, a Llama-3-8B bf16 decode weight stream
+# against the HBM roofline, paged attention decode and causal prefill), and PyTorch's
+# scaled_dot_product_attention on the same attention shapes for reference. Expected wall
+# time: 3 to 5 minutes (build 1-2, tests under 1, benchmarks 1-2); every step has its own
+# time limit and the whole stays under 8 minutes.
+#
+#   tests/gpu/run.sh                 on the device machine, from the repository root
+#   tests/gpu/run.sh --stage-deps    on a development machine, before the device call
+#
+# Building: when the machine has every library the project's CMake needs, the project is
+# configured with -DSIEVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 into build-gpu/. When it
+# does not (the device image is a CUDA + PyTorch image), only what the GPU checks need is
+# compiled directly (kernels/, the two tests, the benchmark) into build-gpu/direct/; that
+# needs OpenBLAS and cmocka, from the machine or from build-gpu-deps/, which --stage-deps
+# fills here (headers and shared libraries copied from this machine, about 40 MB): then
+# name build-gpu-deps in the device call's carry.
+#
+# Environment: SIEVE_GPU_ARCH (default 90), SIEVE_GPU_QUICK=1 (smaller benchmarks),
+# SIEVE_GPU_BUILD=direct (skip the project's CMake),
+# OUT (when set, the whole log is also written to $OUT/gpu-run.log).
+# Exit status: 0 when the build and both tests passed (benchmarks only print).
+set -uo pipefail
+cd "$(dirname "$0")/../.." || exit 1
+
+ARCH="${SIEVE_GPU_ARCH:-90}"
+DEPS="build-gpu-deps"
+JOBS="$(nproc)"
+CUDA_HOME="${CUDA_HOME:-/usr/local/cuda}"
+NVCC="$CUDA_HOME/bin/nvcc"
+
+# ---- --stage-deps: copy OpenBLAS and cmocka for a machine that lacks them ----
+stage_deps() {
+    rm -rf "$DEPS"
+    mkdir -p "$DEPS/include" "$DEPS/lib"
+    local blas_inc blas_lib cm_inc cm_lib so
+    blas_inc="$(pkg-config --cflags-only-I openblas | sed 's/^-I//; s/ *$//')"
+    blas_lib="$(pkg-config --variable=libdir openblas)"
+    cm_inc="$(pkg-config --variable=includedir cmocka)"
+    cm_lib="$(pkg-config --variable=libdir cmocka)"
+    cp "${blas_inc:-/usr/include}"/cblas.h "${blas_inc:-/usr/include}"/openblas_config.h \
+        "$DEPS/include/" || return 1
+    cp "${cm_inc:-/usr/include}/cmocka.h" "$DEPS/include/" || return 1
+    # Real files under their sonames (links may not travel): linked with -l:NAME.
+    so="$(readlink -f "$blas_lib/libopenblas.so.0")"
+    cp "$so" "$DEPS/lib/libopenblas.so.0" || return 1
+    cp "$(readlink -f "${cm_lib:-/usr/lib/x86_64-linux-gnu}/libcmocka.so.0")" \
+        "$DEPS/lib/libcmocka.so.0" || return 1
+    # OpenBLAS's own needs beyond the C runtime (libgfortran, libquadmath).
+    ldd "$so" | awk '$3 ~ /^\// {print $1, $3}' | while read -r name path; do
+        case "$name" in libc.so* | libm.so* | libgcc_s.so* | libpthread.so* | ld-linux*) ;;
+        *) cp "$(readlink -f "$path")" "$DEPS/lib/$name" ;;
+        esac
+    done
+    du -sh "$DEPS"
+    echo "staged: name \"$DEPS\" in the device call's carry"
+}
+
+if [ "${1:-}" = "--stage-deps" ]; then
+    stage_deps
+    exit $?
+fi
+
+LOG=/dev/null
+if [ -n "${OUT:-}" ] && [ -d "${OUT:-}" ]; then
+    LOG="$OUT/gpu-run.log"
+fi
+exec > >(tee "$LOG") 2>&1
+
+T0=$(date +%s)
+step() { printf '\n===== %s (t+%ds) =====\n' "$1" $(($(date +%s) - T0)); }
+STATUS=0
+fail() {
+    echo "FAIL: $*"
+    STATUS=1
+}
+
+step "machine"
+date -u
+uname -m
+echo "cores: $JOBS"
+"$NVCC" --version | tail -2
+nvidia-smi || echo "nvidia-smi failed"
+nvidia-smi --query-gpu=name,memory.total,clocks.max.sm,clocks.max.mem --format=csv || true
+
+# ---- build ----
+cmake_build() {
+    mkdir -p build-gpu
+    cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DSIEVE_CUDA=ON \
+        -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >build-gpu/configure.log 2>&1 || return 1
+    cmake --build build-gpu -j"$JOBS" --target test_cuda_twins test_collective bench_cuda ||
+        return 2
+    BIN=build-gpu
+}
+
+direct_build() {
+    local B=build-gpu/direct
+    rm -rf "$B"
+    mkdir -p "$B/obj"
+    local cflags=(-std=c17 -O3 -march=native -fopenmp-simd -D_GNU_SOURCE -DSIEVE_VERSION=\"gpu\"
+        -DSIEVE_HAVE_CUDA=1 -I. -Wall -Wextra -Wno-unused-parameter)
+    local nvflags=(-O3 -std=c++17 "--generate-code=arch=compute_$ARCH,code=[compute_$ARCH,sm_$ARCH]"
+        -DSIEVE_HAVE_CUDA=1 -I. -forward-unknown-to-host-compiler -Wall -Wextra)
+    local libs=(-L"$CUDA_HOME/lib64" -lcublas -lcudart)
+    if pkg-config --exists openblas cmocka 2>/dev/null; then
+        # shellcheck disable=SC2207
+        cflags+=($(pkg-config --cflags openblas cmocka))
+        # shellcheck disable=SC2207
+        libs+=($(pkg-config --libs openblas cmocka))
+    elif [ -f "$DEPS/include/cblas.h" ]; then
+        cflags+=(-I"$DEPS/include")
+        # shellcheck disable=SC2054 # -Wl,-rpath,DIR is one argument
+        libs+=(-L"$PWD/$DEPS/lib" -Wl,-rpath,"$PWD/$DEPS/lib" -l:libopenblas.so.0 -l:libcmocka.so.0)
+    else
+        echo "no OpenBLAS and cmocka here: run tests/gpu/run.sh --stage-deps on a development"
+        echo "machine and name $DEPS in the device call's carry"
+        return 1
+    fi
+    if [ -f "$CUDA_HOME/include/nccl.h" ] && ls "$CUDA_HOME"/lib64/libnccl.so* >/dev/null 2>&1; then
+        cflags+=(-DSIEVE_HAVE_NCCL=1)
+        nvflags+=(-DSIEVE_HAVE_NCCL=1)
+        libs+=(-lnccl)
+    fi
+    local pids=() f
+    for f in kernels/*.c kernels/cpu/*.c; do
+        [ -e "$f" ] || continue
+        gcc "${cflags[@]}" -c "$f" -o "$B/obj/$(basename "$f" .c).o" &
+        pids+=($!)
+    done
+    for f in kernels/cuda/*.cu; do
+        "$NVCC" "${nvflags[@]}" -c "$f" -o "$B/obj/$(basename "$f" .cu).cu.o" &
+        pids+=($!)
+    done
+    local ok=0
+    for f in "${pids[@]}"; do wait "$f" || ok=1; done
+    [ $ok -eq 0 ] || return 2
+    local t
+    for t in tests/unit/test_cuda_twins.c tests/unit/test_collective.c bench/bench_cuda.c; do
+        gcc "${cflags[@]}" "$t" "$B"/obj/*.o "${libs[@]}" -lstdc++ -lpthread -lm \
+            -o "$B/$(basename "$t" .c)" || return 2
+    done
+    BIN="$B"
+}
+
+step "build (sm_$ARCH)"
+BIN=""
+if [ "${SIEVE_GPU_BUILD:-auto}" != direct ] && cmake_build; then
+    echo "built with the project's CMake into build-gpu/"
+else
+    echo "not built with the project's CMake (SIEVE_GPU_BUILD=${SIEVE_GPU_BUILD:-auto};"
+    echo "build-gpu/configure.log ends:)"
+    tail -5 build-gpu/configure.log 2>/dev/null
+    echo "building the kernels, tests and benchmark directly"
+    direct_build || BIN=""
+fi
+if [ -z "$BIN" ]; then
+    fail "build"
+    exit 1
+fi
+export SIEVE_SHARED_DIR="${SIEVE_SHARED_DIR:-$PWD/shared}"
+export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
+# Staged libraries need each other too (OpenBLAS -> libgfortran): a run path covers only
+# the binary's own needs.
+[ -d "$DEPS/lib" ] && export LD_LIBRARY_PATH="$PWD/$DEPS/lib:$LD_LIBRARY_PATH"
+
+step "test_cuda_twins: every CUDA kernel against its CPU twin"
+timeout 300 "$BIN/test_cuda_twins" || fail "test_cuda_twins (status $?)"
+
+step "test_collective: the threads all-reduce"
+timeout 120 "$BIN/test_collective" || fail "test_collective (status $?)"
+
+step "bench_cuda: GPU kernels against the CPU twins"
+QUICK=()
+[ "${SIEVE_GPU_QUICK:-0}" = 1 ] && QUICK=(--quick)
+timeout 300 "$BIN/bench_cuda" "${QUICK[@]}" || echo "bench_cuda stopped (status $?)"
+
+step "PyTorch scaled_dot_product_attention on the same shapes (reference)"
+if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then
+    timeout 180 python3 - <<'EOF' || echo "SDPA reference stopped (status $?)"
+import torch
+import torch.nn.functional as F
+
+HQ, HKV, HD = 32, 8, 128
+
+
+def seconds(fn, iters):
+    fn()
+    torch.cuda.synchronize()
+    start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    start.record()
+    for _ in range(iters):
+        fn()
+    end.record()
+    torch.cuda.synchronize()
+    return start.elapsed_time(end) / iters / 1e3
+
+
+def sdpa(q, k, v, causal):
+    try:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=causal, enable_gqa=True)
+    except TypeError:  # older torch: expand the kv heads
+        rep = q.shape[1] // k.shape[1]
+        return F.scaled_dot_product_attention(
+            q, k.repeat_interleave(rep, 1), v.repeat_interleave(rep, 1), is_causal=causal)
+
+
+print("torch", torch.__version__, torch.cuda.get_device_name())
+for dt in (torch.bfloat16, torch.float32):
+    for n in (1024, 8192, 32768):
+        q = torch.randn(1, HQ, n, HD, device="cuda", dtype=dt)
+        k = torch.randn(1, HKV, n, HD, device="cuda", dtype=dt)
+        v = torch.randn(1, HKV, n, HD, device="cuda", dtype=dt)
+        t = seconds(lambda: sdpa(q, k, v, True), 3 if n > 8192 else 10)
+        flop = 4.0 * HQ * HD * n * (n + 1) / 2
+        print(f"sdpa prefill {str(dt):15s} {n:6d} tokens causal: {t * 1e6:12.1f} us "
+              f"{flop / t / 1e12:8.1f} TFLOP/s")
+        del q, k, v
+    for ns, ctx in ((1, 4096), (64, 4096), (1, 32768), (64, 32768)):
+        q = torch.randn(ns, HQ, 1, HD, device="cuda", dtype=dt)
+        k = torch.randn(ns, HKV, ctx, HD, device="cuda", dtype=dt)
+        v = torch.randn(ns, HKV, ctx, HD, device="cuda", dtype=dt)
+        t = seconds(lambda: sdpa(q, k, v, False), 10)
+        gb = 2.0 * ns * ctx * HKV * HD * k.element_size() / 1e9
+        print(f"sdpa decode  {str(dt):15s} {ns:3d} seqs x ctx {ctx:6d}: {t * 1e6:12.1f} us "
+              f"{gb / t:8.1f} GB/s")
+        del q, k, v
+EOF
+else
+    echo "no PyTorch with CUDA here: skipped"
+fi
+
+step "summary"
+if [ $STATUS -eq 0 ]; then
+    echo "PASS: build, test_cuda_twins, test_collective"
+else
+    echo "FAILED: see the FAIL lines above"
+fi
+exit $STATUS
