@@ -9,7 +9,7 @@ if [ ! -x build/venv/bin/python3 ]; then
   mkdir -p build
   python3 -m venv build/venv
 fi
-if ! build/venv/bin/python3 -c "import openai, numpy, gguf" 2>/dev/null; then
+if ! build/venv/bin/python3 -c "import openai, numpy, gguf, yaml, kubernetes_validate, dockerfile_parse" 2>/dev/null; then
   build/venv/bin/python3 -m pip install -q --disable-pip-version-check -r tests/requirements.txt
 fi
 cmake -S . -B build -DCMAKE_BUILD_TYPE=Release -DPython3_EXECUTABLE="$PWD/build/venv/bin/python3" "$@" >/dev/null

@@ -5,7 +5,7 @@
 set -euo pipefail
 
 PKGS=(build-essential cmake pkg-config libmicrohttpd-dev libuv1-dev libjansson-dev
-      libopenblas-dev libcmocka-dev curl python3 python3-venv)
+      libopenblas-dev libcmocka-dev curl python3 python3-venv shellcheck dash)
 
 missing=()
 for p in "${PKGS[@]}"; do

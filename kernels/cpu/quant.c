@@ -707,7 +707,7 @@ AVX2_INLINE void dot_h16_avx2(int n, const uint16_t *w, const void *xq, size_t x
         const float *x = xq;
         __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (; i + 32 <= n; i += 32) {
-            _mm_prefetch((const char *)(w + i) + 256, _MM_HINT_T0);
+            _mm_prefetch((const char *)(w + i) + 512, _MM_HINT_T0);
             a0 = _mm256_fmadd_ps(bf ? load_bf16x8(w + i) : load_f16x8(w + i),
                                  _mm256_loadu_ps(x + i), a0);
             a1 = _mm256_fmadd_ps(bf ? load_bf16x8(w + i + 8) : load_f16x8(w + i + 8),
