@@ -46,6 +46,12 @@ void kern_add_f32(float *y, const float *x, size_t n);
 void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                    int rope_dim, float base);
 
+/* The same rotation on NeoX / Hugging Face layout: pairs (x[i], x[i + d/2])
+ * of the first rope_dim dims, d = rope_dim (qwen2, and llama weights as
+ * Hugging Face stores them). */
+void kern_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                        int rope_dim, float base);
+
 /* ---- matrix products ---------------------------------------------------- */
 
 /* y[m, n] = sum_k x[m, k] * w[n, k] for m < M, n < N (y = x W^T).

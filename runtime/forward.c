@@ -11,6 +11,27 @@
 #include <stdio.h>
 #include <string.h>
 
+/* y = x W^T for a weight of any supported type. */
+static void matmul(rt_model *m, float *y, int ldy, const float *x, int ldx, const rt_weight *w,
+                   int M, int N, int K)
+{
+    if (w->type == KERN_TYPE_F32)
+        kern_matmul_f32(m->pool, y, ldy, x, ldx, w->data, M, N, K);
+    else
+        kern_matmul_q(m->pool, w->type, y, ldy, x, ldx, w->data, M, N, K);
+}
+
+/* Row `id` of the embedding table as f32. */
+static void embed(const rt_model *m, int32_t id, float *out)
+{
+    const rt_weight *e = &m->tok_embd;
+    const char *row = (const char *)e->data + (size_t)id * e->row_bytes;
+    if (e->type == KERN_TYPE_F32)
+        memcpy(out, row, sizeof(float) * (size_t)m->hp.dim);
+    else
+        kern_dequant_row(e->type, row, out, (size_t)m->hp.dim);
+}
+
 /* Resolves each sequence's cache view: a private rt_kv becomes its one-block
  * pool; then checks every count against what the cache can hold. */
 static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err,
@@ -133,8 +154,7 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
     int T = 0;
     for (int i = 0; i < n_seqs; i++) {
         for (int t = 0; t < seqs[i].n_tokens; t++, T++) {
-            memcpy(s->x + (size_t)T * dim, m->tok_embd + (size_t)seqs[i].tokens[t] * dim,
-                   sizeof(float) * (size_t)dim);
+            embed(m, seqs[i].tokens[t], s->x + (size_t)T * dim);
             s->pos[T] = seqs[i].n_past + t;
         }
     }
@@ -142,11 +162,23 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
     for (int l = 0; l < hp->n_layers; l++) {
         const rt_layer *L = &m->layers[l];
         kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
-        kern_matmul_f32(m->pool, s->q, qd, s->xb, dim, L->wq, T, qd, dim);
-        kern_matmul_f32(m->pool, s->k, kvd, s->xb, dim, L->wk, T, kvd, dim);
-        kern_matmul_f32(m->pool, s->v, kvd, s->xb, dim, L->wv, T, kvd, dim);
-        kern_rope_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
-        kern_rope_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
+        matmul(m, s->q, qd, s->xb, dim, &L->wq, T, qd, dim);
+        matmul(m, s->k, kvd, s->xb, dim, &L->wk, T, kvd, dim);
+        matmul(m, s->v, kvd, s->xb, dim, &L->wv, T, kvd, dim);
+        if (L->bq) {
+            for (int t = 0; t < T; t++) {
+                kern_add_f32(s->q + (size_t)t * qd, L->bq, (size_t)qd);
+                kern_add_f32(s->k + (size_t)t * kvd, L->bk, (size_t)kvd);
+                kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
+            }
+        }
+        if (hp->rope_neox) {
+            kern_rope_neox_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
+            kern_rope_neox_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
+        } else {
+            kern_rope_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
+            kern_rope_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
+        }
 
         int row = 0;
         for (int i = 0; i < n_seqs; i++) {
@@ -177,14 +209,14 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
             attend(m, b, l, &a);
             row += n;
         }
-        kern_matmul_f32(m->pool, s->proj, dim, s->att, qd, L->wo, T, dim, qd);
+        matmul(m, s->proj, dim, s->att, qd, &L->wo, T, dim, qd);
         kern_add_f32(s->x, s->proj, (size_t)T * dim);
 
         kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, T, dim, hp->norm_eps);
-        kern_matmul_f32(m->pool, s->gate, ffn, s->xb, dim, L->w_gate, T, ffn, dim);
-        kern_matmul_f32(m->pool, s->up, ffn, s->xb, dim, L->w_up, T, ffn, dim);
+        matmul(m, s->gate, ffn, s->xb, dim, &L->w_gate, T, ffn, dim);
+        matmul(m, s->up, ffn, s->xb, dim, &L->w_up, T, ffn, dim);
         kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)T * ffn);
-        kern_matmul_f32(m->pool, s->proj, dim, s->gate, ffn, L->w_down, T, dim, ffn);
+        matmul(m, s->proj, dim, s->gate, ffn, &L->w_down, T, dim, ffn);
         kern_add_f32(s->x, s->proj, (size_t)T * dim);
     }
 
@@ -196,8 +228,7 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
             kern_rmsnorm_f32(s->last + (size_t)n_out++ * dim, s->x + (size_t)(row - 1) * dim,
                              m->output_norm, 1, dim, hp->norm_eps);
     }
-    kern_matmul_f32(m->pool, s->logits, hp->n_vocab, s->last, dim, m->output, n_out, hp->n_vocab,
-                    dim);
+    matmul(m, s->logits, hp->n_vocab, s->last, dim, &m->output, n_out, hp->n_vocab, dim);
     n_out = 0;
     for (int i = 0; i < n_seqs; i++) {
         if (seqs[i].kv)

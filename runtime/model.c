@@ -68,8 +68,16 @@ static int read_hparams(rt_model *m, char *err, size_t errlen)
                    (unsigned long long)arch.len);
     memcpy(hp->arch, arch.ptr, arch.len);
     hp->arch[arch.len] = 0;
-    if (strcmp(hp->arch, "llama") != 0)
-        return ERR("model: unsupported architecture '%s' (supported: llama)", hp->arch);
+    /* By metadata, not by name guessing: llama and mistral share llama's graph;
+     * qwen2 adds q/k/v biases and rotates NeoX-style pairs, as its converter
+     * leaves the Hugging Face row order. */
+    if (strcmp(hp->arch, "qwen2") == 0) {
+        hp->rope_neox = true;
+        hp->qkv_bias = true;
+    } else if (strcmp(hp->arch, "llama") != 0 && strcmp(hp->arch, "mistral") != 0) {
+        return ERR("model: unsupported architecture '%s' (supported: llama, mistral, qwen2)",
+                   hp->arch);
+    }
     rt_gguf_str name;
     if (rt_gguf_get_str(g, "general.name", &name) == 0 && name.len < sizeof(hp->name)) {
         memcpy(hp->name, name.ptr, name.len);
@@ -101,7 +109,8 @@ static int read_hparams(rt_model *m, char *err, size_t errlen)
         return -1;
     if (hp->rope_dim % 2 != 0)
         return ERR("model: rope.dimension_count %d is odd", hp->rope_dim);
-    if (get_hparam_f(g, a, "rope.freq_base", false, 10000.0, 1.0, 1e12, &hp->rope_base, err,
+    if (get_hparam_f(g, a, "rope.freq_base", false, hp->qkv_bias ? 1000000.0 : 10000.0, 1.0, 1e12,
+                     &hp->rope_base, err,
                      errlen) ||
         get_hparam_f(g, a, "attention.layer_norm_rms_epsilon", true, 0, 0.0, 1.0, &hp->norm_eps,
                      err, errlen))
@@ -162,6 +171,42 @@ static int get_tensor(rt_model *m, const char *name, uint64_t ne0, uint64_t ne1,
     return 0;
 }
 
+/* A matrix weight: F32 in place; the types the quantized kernels run stay in
+ * the mapping as they are (K must be a multiple of the type's block). */
+static int get_weight(rt_model *m, const char *name, uint64_t ne0, uint64_t ne1, bool optional,
+                      rt_weight *out, char *err, size_t errlen)
+{
+    memset(out, 0, sizeof(*out));
+    const rt_gguf_tensor *t = rt_gguf_find_tensor(m->gguf, name);
+    if (!t) {
+        if (optional)
+            return 0;
+        return ERR("model: missing tensor '%s'", name);
+    }
+    if (t->type == RT_GGML_F32 || !kern_type_is_weight((int)t->type)) {
+        const float *f;
+        if (get_tensor(m, name, ne0, ne1, optional, &f, err, errlen) != 0)
+            return -1;
+        out->data = f;
+        out->type = KERN_TYPE_F32;
+        out->row_bytes = (size_t)ne0 * sizeof(float);
+        return 0;
+    }
+    if (t->ne[0] != ne0 || t->ne[1] != ne1 || t->ne[2] != 1 || t->ne[3] != 1)
+        return ERR("model: tensor '%s' has shape [%llu, %llu, %llu, %llu], expected [%llu, %llu]",
+                   name, (unsigned long long)t->ne[0], (unsigned long long)t->ne[1],
+                   (unsigned long long)t->ne[2], (unsigned long long)t->ne[3],
+                   (unsigned long long)ne0, (unsigned long long)ne1);
+    const size_t rb = kern_row_bytes((int)t->type, (int64_t)ne0);
+    if (rb == 0 || rb * ne1 != t->nbytes)
+        return ERR("model: tensor '%s' of type %s: rows of %llu elements do not fit its blocks",
+                   name, rt_ggml_type_name(t->type), (unsigned long long)ne0);
+    out->data = t->data;
+    out->type = (int)t->type;
+    out->row_bytes = rb;
+    return 0;
+}
+
 static int load_tensors(rt_model *m, char *err, size_t errlen)
 {
     const rt_hparams *hp = &m->hp;
@@ -169,26 +214,43 @@ static int load_tensors(rt_model *m, char *err, size_t errlen)
     const uint64_t qd = (uint64_t)hp->n_heads * (uint64_t)hp->head_dim;
     const uint64_t kvd = (uint64_t)hp->n_kv_heads * (uint64_t)hp->head_dim;
     const uint64_t ffn = (uint64_t)hp->ffn_dim;
-    if (get_tensor(m, "token_embd.weight", dim, vocab, false, &m->tok_embd, err, errlen) ||
+    if (get_weight(m, "token_embd.weight", dim, vocab, false, &m->tok_embd, err, errlen) ||
         get_tensor(m, "output_norm.weight", dim, 1, false, &m->output_norm, err, errlen) ||
-        get_tensor(m, "output.weight", dim, vocab, true, &m->output, err, errlen))
+        get_weight(m, "output.weight", dim, vocab, true, &m->output, err, errlen))
         return -1;
-    if (!m->output) /* tied embeddings */
+    if (!m->output.data) /* tied embeddings */
         m->output = m->tok_embd;
     m->layers = calloc((size_t)hp->n_layers, sizeof(rt_layer));
     if (!m->layers)
         return ERR("model: out of memory");
     for (int l = 0; l < hp->n_layers; l++) {
         rt_layer *L = &m->layers[l];
+        char nn[96];
+        snprintf(nn, sizeof(nn), "blk.%d.attn_norm.weight", l);
+        if (get_tensor(m, nn, dim, 1, false, &L->attn_norm, err, errlen))
+            return -1;
+        snprintf(nn, sizeof(nn), "blk.%d.ffn_norm.weight", l);
+        if (get_tensor(m, nn, dim, 1, false, &L->ffn_norm, err, errlen))
+            return -1;
+        if (hp->qkv_bias) {
+            snprintf(nn, sizeof(nn), "blk.%d.attn_q.bias", l);
+            if (get_tensor(m, nn, qd, 1, false, &L->bq, err, errlen))
+                return -1;
+            snprintf(nn, sizeof(nn), "blk.%d.attn_k.bias", l);
+            if (get_tensor(m, nn, kvd, 1, false, &L->bk, err, errlen))
+                return -1;
+            snprintf(nn, sizeof(nn), "blk.%d.attn_v.bias", l);
+            if (get_tensor(m, nn, kvd, 1, false, &L->bv, err, errlen))
+                return -1;
+        }
         struct {
             const char *suffix;
             uint64_t ne0, ne1;
-            const float **dst;
+            rt_weight *dst;
         } want[] = {
-            {"attn_norm", dim, 1, &L->attn_norm}, {"attn_q", dim, qd, &L->wq},
-            {"attn_k", dim, kvd, &L->wk},         {"attn_v", dim, kvd, &L->wv},
-            {"attn_output", qd, dim, &L->wo},     {"ffn_norm", dim, 1, &L->ffn_norm},
-            {"ffn_gate", dim, ffn, &L->w_gate},   {"ffn_up", dim, ffn, &L->w_up},
+            {"attn_q", dim, qd, &L->wq},         {"attn_k", dim, kvd, &L->wk},
+            {"attn_v", dim, kvd, &L->wv},        {"attn_output", qd, dim, &L->wo},
+            {"ffn_gate", dim, ffn, &L->w_gate},  {"ffn_up", dim, ffn, &L->w_up},
             {"ffn_down", ffn, dim, &L->w_down},
         };
         if (m->progress)
@@ -196,7 +258,7 @@ static int load_tensors(rt_model *m, char *err, size_t errlen)
         for (size_t i = 0; i < sizeof(want) / sizeof(want[0]); i++) {
             char name[96];
             snprintf(name, sizeof(name), "blk.%d.%s.weight", l, want[i].suffix);
-            if (get_tensor(m, name, want[i].ne0, want[i].ne1, false, want[i].dst, err, errlen))
+            if (get_weight(m, name, want[i].ne0, want[i].ne1, false, want[i].dst, err, errlen))
                 return -1;
         }
     }

@@ -31,6 +31,8 @@ typedef struct {
     int n_ctx_train;     /* the model's context_length */
     float rope_base;
     float norm_eps;
+    bool rope_neox; /* rotate (i, i + d/2) pairs (qwen2, Hugging Face layout) */
+    bool qkv_bias;  /* attn_q/k/v carry biases (qwen2) */
 } rt_hparams;
 
 typedef struct {

@@ -6,12 +6,23 @@
 #define SIEVE_RUNTIME_MODEL_INTERNAL_H
 
 #include "kernels/kernels.h"
+#include "kernels/quant.h"
 #include "runtime/gguf.h"
 #include "runtime/model.h"
 
+/* A weight matrix as stored: f32 (used in place or widened), or a GGUF type
+ * the quantized kernels run directly (F16, BF16, Q8_0, Q4_0, Q4_K, Q5_K,
+ * Q6_K), kept zero-copy in the mapping. */
 typedef struct {
-    const float *attn_norm, *wq, *wk, *wv, *wo;
-    const float *ffn_norm, *w_gate, *w_up, *w_down;
+    const void *data;
+    int type; /* kern_type */
+    size_t row_bytes;
+} rt_weight;
+
+typedef struct {
+    const float *attn_norm, *ffn_norm;
+    rt_weight wq, wk, wv, wo, w_gate, w_up, w_down;
+    const float *bq, *bk, *bv; /* qwen2's projection biases, or NULL */
 } rt_layer;
 
 /* Scratch of one forward step, sized for max_batch_tokens at load. */
@@ -33,7 +44,8 @@ struct rt_model {
     rt_hparams hp;
     rt_gguf *gguf;
     rt_tokenizer *tok;
-    const float *tok_embd, *output_norm, *output;
+    rt_weight tok_embd, output;
+    const float *output_norm;
     rt_layer *layers;
     float **owned; /* f32 copies of F16/BF16 tensors */
     int n_owned;

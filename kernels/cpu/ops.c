@@ -77,6 +77,33 @@ void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head
     }
 }
 
+void kern_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                        int rope_dim, float base)
+{
+    float freq[512];
+    const int half = rope_dim / 2 <= 512 ? rope_dim / 2 : 512;
+    for (int i = 0; i < half; i++)
+        freq[i] = powf(base, -2.0f * (float)i / (float)rope_dim);
+    for (int r = 0; r < rows; r++) {
+        const float p = (float)pos[r];
+        float cs[512], sn[512];
+        for (int i = 0; i < half; i++) {
+            const float theta = p * freq[i];
+            cs[i] = cosf(theta);
+            sn[i] = sinf(theta);
+        }
+        float *row = x + (size_t)r * n_heads * head_dim;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = row + (size_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                const float a = v[i], b = v[i + half];
+                v[i] = a * cs[i] - b * sn[i];
+                v[i + half] = a * sn[i] + b * cs[i];
+            }
+        }
+    }
+}
+
 float kern_f16_to_f32(uint16_t h)
 {
     const uint32_t sign = (uint32_t)(h >> 15) << 31;
