@@ -354,9 +354,9 @@ static void c_mm(void *c)
 
 static void bench_matmul(void)
 {
-    static const int shapes[][3] = {{1, 4096, 4096},    {1, 14336, 4096}, {1, 4096, 14336},
-                                    {1, 128256, 4096},  {8, 4096, 4096},  {64, 4096, 4096},
-                                    {64, 14336, 4096},  {512, 4096, 4096}, {2048, 14336, 4096}};
+    static const int shapes[][3] = {{1, 4096, 4096},   {1, 14336, 4096},  {1, 4096, 14336},
+                                    {1, 128256, 4096}, {8, 4096, 4096},   {64, 4096, 4096},
+                                    {64, 14336, 4096}, {512, 4096, 4096}, {2048, 14336, 4096}};
     static const int types[] = {KERN_TYPE_F32, KERN_TYPE_BF16, KERN_TYPE_F16};
     for (size_t t = 0; t < 3; t++)
         for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
@@ -429,13 +429,12 @@ static void bench_decode_stream(void)
             const uint16_t *wp = w;
             for (int l = 0; l < n_layers; l++)
                 for (int p = 0; p < 7; p++) {
-                    if (kern_cuda_matmul_q(KERN_TYPE_BF16, y, proj[p][0], x, proj[p][1], wp,
-                                           batch, proj[p][0], proj[p][1]) != 0)
+                    if (kern_cuda_matmul_q(KERN_TYPE_BF16, y, proj[p][0], x, proj[p][1], wp, batch,
+                                           proj[p][0], proj[p][1]) != 0)
                         die("decode stream");
                     wp += (size_t)proj[p][0] * proj[p][1];
                 }
-            if (kern_cuda_matmul_q(KERN_TYPE_BF16, y, vocab, x, 4096, wp, batch, vocab, 4096) !=
-                0)
+            if (kern_cuda_matmul_q(KERN_TYPE_BF16, y, vocab, x, 4096, wp, batch, vocab, 4096) != 0)
                 die("decode stream: LM head");
             if (kern_cuda_sync(err, sizeof(err)) != 0)
                 die("decode stream sync");
@@ -507,7 +506,8 @@ static void bench_attention(void)
         float *k = dev_fill(sizeof(float) * rows * KVS), *v = dev_fill(sizeof(float) * rows * KVS);
         float *q = dev_random((size_t)ns * HQ * HD, -1.0f, 1.0f);
         float *out = dev(sizeof(float) * (size_t)ns * HQ * HD);
-        int32_t *qs = malloc(sizeof(int32_t) * (size_t)(ns + 1)), *cl = malloc(sizeof(int32_t) * ns);
+        int32_t *qs = malloc(sizeof(int32_t) * (size_t)(ns + 1)),
+                *cl = malloc(sizeof(int32_t) * ns);
         int32_t *tab = seq_table(0, ns * nb);
         for (int s = 0; s <= ns; s++)
             qs[s] = s;
@@ -519,11 +519,22 @@ static void bench_attention(void)
             kern_cuda_h2d(dcl, cl, sizeof(int32_t) * ns, KERN_CUDA_COMPUTE) ||
             kern_cuda_h2d(dtab, tab, sizeof(int32_t) * (size_t)ns * nb, KERN_CUDA_COMPUTE))
             die("h2d");
-        j.b = (kern_cuda_attn_varlen){.q = q, .k = k, .v = v, .out = out, .q_start = dqs,
-                                      .ctx_len = dcl, .blocks = dtab, .blocks_stride = nb,
-                                      .block_size = BS, .n_seqs = ns, .max_q = 1,
-                                      .max_ctx = ctx, .n_heads = HQ, .n_kv_heads = HKV,
-                                      .head_dim = HD, .kv_stride = KVS};
+        j.b = (kern_cuda_attn_varlen){.q = q,
+                                      .k = k,
+                                      .v = v,
+                                      .out = out,
+                                      .q_start = dqs,
+                                      .ctx_len = dcl,
+                                      .blocks = dtab,
+                                      .blocks_stride = nb,
+                                      .block_size = BS,
+                                      .n_seqs = ns,
+                                      .max_q = 1,
+                                      .max_ctx = ctx,
+                                      .n_heads = HQ,
+                                      .n_kv_heads = HKV,
+                                      .head_dim = HD,
+                                      .kv_stride = KVS};
         char shape[64];
         snprintf(shape, sizeof(shape), "%d seqs x ctx %d, 32/8 x 128", ns, ctx);
         row("attention decode f32", shape, time_gpu(g_attn, &j), 8.0 * (double)rows * KVS, "GB/s",
@@ -555,8 +566,10 @@ static void bench_attention(void)
         double cpu = 0.0;
         if (n <= 1024) {
             attn_cpu_job cj;
-            float *hq = host_random((size_t)n * HQ * HD, -1, 1), *hk = host_random((size_t)n * KVS, -1, 1);
-            float *hv = host_random((size_t)n * KVS, -1, 1), *ho = malloc(sizeof(float) * (size_t)n * HQ * HD);
+            float *hq = host_random((size_t)n * HQ * HD, -1, 1),
+                  *hk = host_random((size_t)n * KVS, -1, 1);
+            float *hv = host_random((size_t)n * KVS, -1, 1),
+                  *ho = malloc(sizeof(float) * (size_t)n * HQ * HD);
             cj.a = (kern_attn_args){hq, hk, hv, ho, n, n, HQ, HKV, HD, KVS, NULL, 0};
             cpu = time_cpu(c_attn, &cj);
             free(hq);
@@ -604,8 +617,7 @@ int main(int argc, char **argv)
     g_pool = kern_pool_create(threads > 0 ? threads : 1);
     kern_set_blas_threads(threads > 0 ? threads : 1);
     printf("bench_cuda: %s (cc %d.%d, %d SMs, %.0f GiB), CPU twin on %d threads\n", info.name,
-           info.cc_major, info.cc_minor, info.n_sm, (double)info.total_mem / (1 << 30),
-           threads);
+           info.cc_major, info.cc_minor, info.n_sm, (double)info.total_mem / (1 << 30), threads);
     printf("%-22s %-34s %12s %10s %-7s %12s %9s\n", "op", "shape", "gpu us", "rate", "", "cpu us",
            "speedup");
     bench_elementwise();

@@ -133,15 +133,17 @@ void kern_cuda_graph_destroy(kern_cuda_graph *g);
 
 /* ---- elementwise and normalization (twins of kernels.h) ------------------ */
 
-int kern_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int rows, int dim,
-                          float eps);
+int kern_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int rows, int dim, float eps);
 int kern_cuda_swiglu_f32(float *out, const float *gate, const float *up, size_t n);
 int kern_cuda_add_f32(float *y, const float *x, size_t n);
-/* pos is a device array of rows positions. Frequencies and angles are
+/* Both pairings (adjacent, and NeoX: (i, i + rope_dim / 2)). pos is a device
+ * array of rows positions. Frequencies and angles are
  * computed as the CPU op computes them (float exponent, then double pow, sin
  * and cos rounded to float), so both agree to an ulp or so at any position. */
 int kern_cuda_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                        int rope_dim, float base);
+int kern_cuda_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                            int rope_dim, float base);
 
 /* ---- conversions (twins of kernels.h and kernels/quant.h) --------------- */
 

@@ -46,6 +46,11 @@ void kern_add_f32(float *y, const float *x, size_t n);
 void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                    int rope_dim, float base);
 
+/* Both rotations with explicit inverse frequencies (rope_dim / 2 of them), for
+ * scaled RoPE (Llama 3's rope_scaling): neox selects the pairing. */
+void kern_rope_table_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                         int rope_dim, const float *inv_freq, int neox);
+
 /* The same rotation on NeoX / Hugging Face layout: pairs (x[i], x[i + d/2])
  * of the first rope_dim dims, d = rope_dim (qwen2, and llama weights as
  * Hugging Face stores them). */

@@ -183,7 +183,11 @@ int kern_matmul_q_ref(int type, float *y, int ldy, const float *x, int ldx, cons
  * this thread allocates it again). */
 void kern_quant_scratch_free(void);
 
-/* ---- instruction sets ---- */
+/* ---- instruction sets ----
+ * Detected at run time (__builtin_cpu_supports plus CPUID for F16C); the SIMD
+ * code is compiled for its instruction set whatever -march says. There is no
+ * AVX-512 level yet: no machine available to this project exposes AVX-512, so
+ * such code could not be tested; AVX-512 CPUs run the AVX2 path. */
 
 typedef enum {
     KERN_ISA_SCALAR = 0, /* portable C */

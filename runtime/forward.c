@@ -172,7 +172,12 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
                 kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
             }
         }
-        if (hp->rope_neox) {
+        if (m->rope_inv_freq) {
+            kern_rope_table_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, m->rope_inv_freq,
+                                hp->rope_neox);
+            kern_rope_table_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim,
+                                m->rope_inv_freq, hp->rope_neox);
+        } else if (hp->rope_neox) {
             kern_rope_neox_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
             kern_rope_neox_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
         } else {

@@ -8,8 +8,11 @@
  * the quantized kernels exist.
  */
 #include "runtime/model_internal.h"
+#include "runtime/safetensors.h"
 
+#include <math.h>
 #include <stdio.h>
+#include <sys/stat.h>
 #include <stdlib.h>
 #include <string.h>
 
@@ -290,6 +293,29 @@ static int alloc_scratch(rt_model *m, char *err, size_t errlen)
     return 0;
 }
 
+/* Llama 3 GGUFs carry their scaled RoPE as per-frequency divisors in
+ * rope_freqs.weight: the table is base^(-2i/d) / factor[i]. */
+static int load_rope_freqs(rt_model *m, char *err, size_t errlen)
+{
+    const rt_gguf_tensor *t = rt_gguf_find_tensor(m->gguf, "rope_freqs.weight");
+    if (!t)
+        return 0;
+    const int half = m->hp.rope_dim / 2;
+    const float *factors;
+    if (get_tensor(m, "rope_freqs.weight", (uint64_t)half, 1, false, &factors, err, errlen))
+        return -1;
+    m->rope_inv_freq = malloc(sizeof(float) * (size_t)half);
+    if (!m->rope_inv_freq)
+        return ERR("model: out of memory");
+    for (int i = 0; i < half; i++) {
+        if (!(factors[i] > 0.0f))
+            return ERR("model: rope_freqs.weight[%d] = %g is not positive", i, factors[i]);
+        m->rope_inv_freq[i] =
+            powf(m->hp.rope_base, -2.0f * (float)i / (float)m->hp.rope_dim) / factors[i];
+    }
+    return 0;
+}
+
 int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, char *err,
                   size_t errlen)
 {
@@ -298,24 +324,33 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
     if (!m)
         return ERR("model: out of memory");
     char inner[512];
-    if (rt_gguf_open(&m->gguf, path, inner, sizeof(inner)) != 0) {
-        snprintf(err, errlen, "%s", inner);
-        rt_model_destroy(m);
-        return -1;
-    }
-    if (read_hparams(m, err, errlen) != 0)
-        goto fail;
-    if (rt_tokenizer_from_gguf(&m->tok, m->gguf, inner, sizeof(inner)) != 0) {
-        snprintf(err, errlen, "%s", inner);
-        goto fail;
-    }
-    m->hp.n_vocab = (int)rt_tokenizer_n_vocab(m->tok);
     if (opts) {
         m->progress = opts->progress;
         m->progress_ctx = opts->progress_ctx;
     }
-    if (load_tensors(m, err, errlen) != 0)
-        goto fail;
+    struct stat sb;
+    if (stat(path, &sb) == 0 && S_ISDIR(sb.st_mode)) {
+        /* A Hugging Face directory: config.json + safetensors + tokenizer.json. */
+        if (rt_model_load_hf(m, path, err, errlen) != 0)
+            goto fail;
+    } else {
+        if (rt_gguf_open(&m->gguf, path, inner, sizeof(inner)) != 0) {
+            snprintf(err, errlen, "%s", inner);
+            rt_model_destroy(m);
+            return -1;
+        }
+        if (read_hparams(m, err, errlen) != 0)
+            goto fail;
+        if (rt_tokenizer_from_gguf(&m->tok, m->gguf, inner, sizeof(inner)) != 0) {
+            snprintf(err, errlen, "%s", inner);
+            goto fail;
+        }
+        m->hp.n_vocab = (int)rt_tokenizer_n_vocab(m->tok);
+        if (load_tensors(m, err, errlen) != 0)
+            goto fail;
+        if (load_rope_freqs(m, err, errlen) != 0)
+            goto fail;
+    }
     if (m->progress)
         m->progress(m->progress_ctx, 1.0f);
     m->n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx : m->hp.n_ctx_train;
@@ -373,6 +408,8 @@ void rt_model_destroy(rt_model *m)
     free(m->layers);
     rt_tokenizer_destroy(m->tok);
     rt_gguf_close(m->gguf);
+    rt_st_dir_close(m->st);
+    free(m->rope_inv_freq);
     free(m);
 }
 
@@ -383,6 +420,10 @@ int rt_model_n_ctx(const rt_model *m) { return m->n_ctx; }
 const char *rt_model_chat_template(const rt_model *m, size_t *len)
 {
     rt_gguf_str s;
+    if (!m->gguf) {
+        *len = 0;
+        return NULL;
+    }
     if (rt_gguf_get_str(m->gguf, "tokenizer.chat_template", &s) != 0 || s.len == 0) {
         *len = 0;
         return NULL;

@@ -55,6 +55,8 @@ struct rt_model {
     rt_scratch s;
     void (*progress)(void *ctx, float frac);
     void *progress_ctx;
+    float *rope_inv_freq; /* rope_dim / 2 entries when RoPE is scaled, else NULL */
+    struct rt_st_dir *st;  /* a Hugging Face directory's tensors, or NULL */
     kern_flex_ws *flex_ws; /* FlexPrefill scratch for contexts up to n_ctx */
     uint64_t *mask_bits;   /* PowerAttention masks for up to max_batch_tokens queries */
     size_t mask_words;
@@ -71,5 +73,8 @@ struct rt_kv {
     int32_t block0;   /* the block table: just block 0 */
     int len;
 };
+
+/* Fills m from a Hugging Face directory (model_hf.c). 0, or -1 with err. */
+int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen);
 
 #endif

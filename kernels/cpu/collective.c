@@ -57,14 +57,22 @@ static int say(char *err, size_t errlen, int rc, const char *msg)
 const char *kern_comm_strerror(int rc)
 {
     switch (rc) {
-    case 0: return "ok";
-    case KERN_COMM_E_ARG: return "invalid argument";
-    case KERN_COMM_E_TIMEOUT: return "ranks timed out";
-    case KERN_COMM_E_BROKEN: return "communicator broken by an earlier failure";
-    case KERN_COMM_E_NOSYS: return "not built into this binary";
-    case KERN_COMM_E_BACKEND: return "NCCL or CUDA error";
-    case KERN_COMM_E_NOMEM: return "out of memory";
-    default: return "unknown error";
+    case 0:
+        return "ok";
+    case KERN_COMM_E_ARG:
+        return "invalid argument";
+    case KERN_COMM_E_TIMEOUT:
+        return "ranks timed out";
+    case KERN_COMM_E_BROKEN:
+        return "communicator broken by an earlier failure";
+    case KERN_COMM_E_NOSYS:
+        return "not built into this binary";
+    case KERN_COMM_E_BACKEND:
+        return "NCCL or CUDA error";
+    case KERN_COMM_E_NOMEM:
+        return "out of memory";
+    default:
+        return "unknown error";
     }
 }
 
@@ -151,9 +159,15 @@ void kern_comm_destroy(kern_comm *c)
     free(c);
 }
 
-int kern_comm_size(const kern_comm *c) { return c ? c->n : 0; }
+int kern_comm_size(const kern_comm *c)
+{
+    return c ? c->n : 0;
+}
 
-kern_comm_kind kern_comm_get_kind(const kern_comm *c) { return c->kind; }
+kern_comm_kind kern_comm_get_kind(const kern_comm *c)
+{
+    return c->kind;
+}
 
 void kern_comm_set_timeout_ms(kern_comm *c, int ms)
 {
@@ -234,8 +248,7 @@ static void sum_slice(float *const *bufs, int n_ranks, size_t lo, size_t hi)
     }
 }
 
-static int threads_allreduce(kern_comm *c, int rank, float *buf, size_t n, char *err,
-                             size_t errlen)
+static int threads_allreduce(kern_comm *c, int rank, float *buf, size_t n, char *err, size_t errlen)
 {
     c->bufs[rank] = buf;
     c->sizes[rank] = n;
@@ -258,8 +271,8 @@ static int threads_allreduce(kern_comm *c, int rank, float *buf, size_t n, char 
         return rc;
     if (odd >= 0) {
         if (err && errlen)
-            snprintf(err, errlen, "all-reduce: rank %d passed %zu elements, rank 0 passed %zu",
-                     odd, n_odd, n0);
+            snprintf(err, errlen, "all-reduce: rank %d passed %zu elements, rank 0 passed %zu", odd,
+                     n_odd, n0);
         return KERN_COMM_E_ARG;
     }
     return 0;

@@ -77,6 +77,30 @@ void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head
     }
 }
 
+void kern_rope_table_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                         int rope_dim, const float *inv_freq, int neox)
+{
+    const int half = rope_dim / 2 <= 512 ? rope_dim / 2 : 512;
+    for (int r = 0; r < rows; r++) {
+        float cs[512], sn[512];
+        for (int i = 0; i < half; i++) {
+            const float theta = (float)pos[r] * inv_freq[i];
+            cs[i] = cosf(theta);
+            sn[i] = sinf(theta);
+        }
+        float *row = x + (size_t)r * n_heads * head_dim;
+        for (int h = 0; h < n_heads; h++) {
+            float *v = row + (size_t)h * head_dim;
+            for (int i = 0; i < half; i++) {
+                const int i0 = neox ? i : 2 * i, i1 = neox ? i + half : 2 * i + 1;
+                const float a = v[i0], b = v[i1];
+                v[i0] = a * cs[i] - b * sn[i];
+                v[i1] = a * sn[i] + b * cs[i];
+            }
+        }
+    }
+}
+
 void kern_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                         int rope_dim, float base)
 {

@@ -33,9 +33,9 @@
 #include <limits.h>
 #include <math.h>
 
-#define TK 32     /* keys per chunk: one per lane */
+#define TK 32 /* keys per chunk: one per lane */
 #define WARPS 4
-#define QPW 4     /* query vectors per warp */
+#define QPW 4 /* query vectors per warp */
 #define NV_MAX (WARPS * QPW)
 #define SPLIT_MIN_KEYS 256 /* keys per split at least */
 #define MAX_SPLITS 64
@@ -81,9 +81,9 @@ __global__ void __launch_bounds__(WARPS * 32) attention_kernel(const attn_params
 {
     extern __shared__ float smem[];
     const int hd = p.head_dim;
-    float *Vs = smem;                  /* [TK][hd] */
-    float *Qs = Vs + TK * hd;          /* [NV_MAX][hd] */
-    float *Ks = Qs + NV_MAX * hd;      /* [TK][hd + 1] */
+    float *Vs = smem;             /* [TK][hd] */
+    float *Qs = Vs + TK * hd;     /* [NV_MAX][hd] */
+    float *Ks = Qs + NV_MAX * hd; /* [TK][hd + 1] */
     const int ks = hd + 1;
 
     const int s = blockIdx.z, kvh = blockIdx.y;
@@ -215,8 +215,8 @@ __global__ void __launch_bounds__(WARPS * 32) attention_kernel(const attn_params
         if (vi >= n_vec)
             break;
         if (p.n_splits > 1) {
-            float *pp = p.part + (((size_t)s * p.n_kv_heads + kvh) * NV_MAX + vi) * p.n_splits *
-                                     (hd + 2) +
+            float *pp = p.part +
+                        (((size_t)s * p.n_kv_heads + kvh) * NV_MAX + vi) * p.n_splits * (hd + 2) +
                         (size_t)split * (hd + 2);
             if (lane == 0) {
                 pp[0] = m[j];
@@ -320,8 +320,8 @@ static int check_shape(const char *what, int n_heads, int n_kv_heads, int hd, in
     if (n_kv_heads <= 0 || n_heads <= 0 || n_heads % n_kv_heads != 0 ||
         n_heads / n_kv_heads > KERN_ATTN_MAX_GROUP)
         return kc_fail(KERN_CUDA_E_ARG,
-                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d",
-                       what, n_heads, KERN_ATTN_MAX_GROUP, n_kv_heads);
+                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d", what,
+                       n_heads, KERN_ATTN_MAX_GROUP, n_kv_heads);
     if (kv_stride < n_kv_heads * hd)
         return kc_fail(KERN_CUDA_E_ARG, "%s: kv_stride %d < n_kv_heads * head_dim %d", what,
                        kv_stride, n_kv_heads * hd);
@@ -392,8 +392,8 @@ extern "C" int kern_cuda_attention_f32(const kern_attn_args *a)
         return kc_fail(KERN_CUDA_E_ARG, "attention: args is NULL");
     if (a->n_q <= 0)
         return 0;
-    rc = check_shape("attention", a->n_heads, a->n_kv_heads, a->head_dim, a->kv_stride, a->q,
-                     a->k, a->v, a->out);
+    rc = check_shape("attention", a->n_heads, a->n_kv_heads, a->head_dim, a->kv_stride, a->q, a->k,
+                     a->v, a->out);
     if (rc)
         return rc;
     if (a->ctx_len < a->n_q)
@@ -426,8 +426,8 @@ extern "C" int kern_cuda_attention_varlen_f32(const kern_cuda_attn_varlen *a)
         return kc_fail(KERN_CUDA_E_ARG, "attention_varlen: args is NULL");
     if (a->n_seqs == 0 || a->max_q == 0)
         return 0;
-    rc = check_shape("attention_varlen", a->n_heads, a->n_kv_heads, a->head_dim, a->kv_stride,
-                     a->q, a->k, a->v, a->out);
+    rc = check_shape("attention_varlen", a->n_heads, a->n_kv_heads, a->head_dim, a->kv_stride, a->q,
+                     a->k, a->v, a->out);
     if (rc)
         return rc;
     if (a->n_seqs < 0 || a->n_seqs > 65535 || a->max_q < 0 || !a->q_start || !a->ctx_len)

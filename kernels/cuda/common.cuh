@@ -50,16 +50,24 @@ int kc_fail(int rc, const char *fmt, ...) __attribute__((format(printf, 2, 3)));
 int kc_check(cudaError_t e, const char *what);
 int kc_check_blas(cublasStatus_t s, const char *what);
 /* After a launch: its configuration error, if any, as kc_check. */
-static inline int kc_launched(const char *what) { return kc_check(cudaGetLastError(), what); }
+static inline int kc_launched(const char *what)
+{
+    return kc_check(cudaGetLastError(), what);
+}
 
 /* The context, or KERN_CUDA_E_NOCTX recorded under `what`. */
 static inline int kc_need_ctx(kc_ctx **c, const char *what)
 {
     *c = kc_current();
-    return *c ? 0 : kc_fail(KERN_CUDA_E_NOCTX, "%s: kern_cuda_init was not called on this thread", what);
+    return *c ? 0
+              : kc_fail(KERN_CUDA_E_NOCTX, "%s: kern_cuda_init was not called on this thread",
+                        what);
 }
 
-static inline cudaStream_t kc_stream(const kc_ctx *c) { return c->queue[KERN_CUDA_COMPUTE]; }
+static inline cudaStream_t kc_stream(const kc_ctx *c)
+{
+    return c->queue[KERN_CUDA_COMPUTE];
+}
 
 /* Blocks for n items at `threads` per block, capped (grid-stride loops cover the rest). */
 static inline unsigned kc_blocks(size_t n, unsigned threads, unsigned cap)

@@ -29,7 +29,10 @@ static thread_local kc_ctx *t_ctx;
 static thread_local int t_err_code;
 static thread_local char t_err_msg[512];
 
-kc_ctx *kc_current(void) { return t_ctx; }
+kc_ctx *kc_current(void)
+{
+    return t_ctx;
+}
 
 int kc_fail(int rc, const char *fmt, ...)
 {
@@ -91,17 +94,28 @@ static int report_cuda(char *err, size_t errlen, cudaError_t e, const char *what
 extern "C" const char *kern_cuda_strerror(int rc)
 {
     switch (rc) {
-    case 0: return "ok";
-    case KERN_CUDA_E_NODEV: return "no CUDA device";
-    case KERN_CUDA_E_NOCTX: return "no CUDA context on this thread";
-    case KERN_CUDA_E_ARG: return "invalid argument";
-    case KERN_CUDA_E_TYPE: return "unsupported element type";
-    case KERN_CUDA_E_NOMEM: return "out of memory";
-    case KERN_CUDA_E_RUNTIME: return "CUDA runtime error";
-    case KERN_CUDA_E_CUBLAS: return "cuBLAS error";
-    case KERN_CUDA_E_TIMEOUT: return "CUDA device timed out";
-    case KERN_CUDA_E_STATE: return "not allowed in this state";
-    default: return "unknown error";
+    case 0:
+        return "ok";
+    case KERN_CUDA_E_NODEV:
+        return "no CUDA device";
+    case KERN_CUDA_E_NOCTX:
+        return "no CUDA context on this thread";
+    case KERN_CUDA_E_ARG:
+        return "invalid argument";
+    case KERN_CUDA_E_TYPE:
+        return "unsupported element type";
+    case KERN_CUDA_E_NOMEM:
+        return "out of memory";
+    case KERN_CUDA_E_RUNTIME:
+        return "CUDA runtime error";
+    case KERN_CUDA_E_CUBLAS:
+        return "cuBLAS error";
+    case KERN_CUDA_E_TIMEOUT:
+        return "CUDA device timed out";
+    case KERN_CUDA_E_STATE:
+        return "not allowed in this state";
+    default:
+        return "unknown error";
     }
 }
 
@@ -166,8 +180,8 @@ static int wait_stream(cudaStream_t s, int timeout_ms, const char *name)
         if (i < SPIN_POLLS)
             continue;
         clock_gettime(CLOCK_MONOTONIC, &now);
-        const double ms = (double)(now.tv_sec - t0.tv_sec) * 1e3 +
-                          (double)(now.tv_nsec - t0.tv_nsec) / 1e6;
+        const double ms =
+            (double)(now.tv_sec - t0.tv_sec) * 1e3 + (double)(now.tv_nsec - t0.tv_nsec) / 1e6;
         if (ms > (double)timeout_ms)
             return kc_fail(KERN_CUDA_E_TIMEOUT, "%s: the device did not finish within %d ms", name,
                            timeout_ms);
@@ -278,7 +292,10 @@ extern "C" int kern_cuda_init(int device, char *err, size_t errlen)
     return 0;
 }
 
-extern "C" int kern_cuda_current_device(void) { return t_ctx ? t_ctx->device : -1; }
+extern "C" int kern_cuda_current_device(void)
+{
+    return t_ctx ? t_ctx->device : -1;
+}
 
 extern "C" void kern_cuda_set_timeout_ms(int ms)
 {

@@ -31,8 +31,7 @@ static int check_dims(const char *what, float *y, int ldy, const float *x, int l
     if (!y || !w || !x)
         return kc_fail(KERN_CUDA_E_ARG, "%s: NULL pointer", what);
     if (ldx < K || (M > 1 && ldy < N))
-        return kc_fail(KERN_CUDA_E_ARG, "%s: ldx %d < K %d or ldy %d < N %d", what, ldx, K, ldy,
-                       N);
+        return kc_fail(KERN_CUDA_E_ARG, "%s: ldx %d < K %d or ldy %d < N %d", what, ldx, K, ldy, N);
     return 0;
 }
 
@@ -49,9 +48,9 @@ extern "C" int kern_cuda_matmul_f32(float *y, int ldy, const float *x, int ldx, 
     /* With one row, cuBLAS still checks the unused leading dimensions. */
     const int lb = ldx > K ? ldx : K;
     const int lc = M == 1 && ldy < N ? N : ldy;
-    return kc_check_blas(cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, K,
-                                     x, lb, &zero, y, lc),
-                         "cublasSgemm");
+    return kc_check_blas(
+        cublasSgemm(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, K, x, lb, &zero, y, lc),
+        "cublasSgemm");
 }
 
 /* ---- half weights ---- */
@@ -148,11 +147,11 @@ static void launch_gemv(bool vec, cudaStream_t s, float *y, int ldy, const float
 {
     const unsigned blocks = (unsigned)((N + GEMV_WARPS - 1) / GEMV_WARPS);
     if (vec)
-        gemv_half_kernel<MR, BF16, true><<<blocks, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, w, M,
-                                                                             N, K);
+        gemv_half_kernel<MR, BF16, true>
+            <<<blocks, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, w, M, N, K);
     else
-        gemv_half_kernel<MR, BF16, false><<<blocks, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, w, M,
-                                                                              N, K);
+        gemv_half_kernel<MR, BF16, false>
+            <<<blocks, GEMV_WARPS * 32, 0, s>>>(y, ldy, x, ldx, w, M, N, K);
 }
 
 template <bool BF16>
@@ -169,7 +168,10 @@ static void gemv(bool vec, cudaStream_t s, float *y, int ldy, const float *x, in
         launch_gemv<8, BF16>(vec, s, y, ldy, x, ldx, w, M, N, K);
 }
 
-static bool aligned16(const void *p) { return ((uintptr_t)p & 15u) == 0; }
+static bool aligned16(const void *p)
+{
+    return ((uintptr_t)p & 15u) == 0;
+}
 
 extern "C" int kern_cuda_matmul_q(int type, float *y, int ldy, const float *x, int ldx,
                                   const void *w, int M, int N, int K)
@@ -211,8 +213,8 @@ extern "C" int kern_cuda_matmul_q(int type, float *y, int ldy, const float *x, i
         return rc;
     const cudaDataType_t t = bf16 ? CUDA_R_16BF : CUDA_R_16F;
     const float one = 1.0f, zero = 0.0f;
-    return kc_check_blas(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, t, K,
-                                      xh, t, K, &zero, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F,
+    return kc_check_blas(cublasGemmEx(c->blas, CUBLAS_OP_T, CUBLAS_OP_N, N, M, K, &one, w, t, K, xh,
+                                      t, K, &zero, y, CUDA_R_32F, ldy, CUBLAS_COMPUTE_32F,
                                       CUBLAS_GEMM_DEFAULT),
                          "cublasGemmEx");
 }

@@ -121,7 +121,9 @@ extern "C" int kern_cuda_add_f32(float *y, const float *x, size_t n)
 
 /* One block per row: the row's cos/sin table first (one double-precision
  * evaluation per pair, rounded to float as glibc's cosf/sinf round), then
- * every (head, pair) rotation. */
+ * every (head, pair) rotation. Pair i is (2i, 2i + 1), or with NEOX (i, i +
+ * n_pairs) as kern_rope_neox_f32 pairs them. */
+template <bool NEOX>
 __global__ void rope_kernel(float *x, const int32_t *pos, int n_heads, int head_dim, int rope_dim,
                             int n_pairs, float base)
 {
@@ -142,31 +144,45 @@ __global__ void rope_kernel(float *x, const int32_t *pos, int n_heads, int head_
     const int n = n_heads * n_pairs;
     for (int t = threadIdx.x; t < n; t += blockDim.x) {
         const int h = t / n_pairs, i = t % n_pairs;
-        float *v = row + (size_t)h * head_dim + 2 * i;
-        const float a = v[0], b = v[1];
+        float *v = row + (size_t)h * head_dim + (NEOX ? i : 2 * i);
+        const int other = NEOX ? n_pairs : 1;
+        const float a = v[0], b = v[other];
         v[0] = __fsub_rn(__fmul_rn(a, cs[i]), __fmul_rn(b, sn[i]));
-        v[1] = __fadd_rn(__fmul_rn(a, sn[i]), __fmul_rn(b, cs[i]));
+        v[other] = __fadd_rn(__fmul_rn(a, sn[i]), __fmul_rn(b, cs[i]));
     }
 }
 
-extern "C" int kern_cuda_rope_f32(float *x, const int32_t *pos, int rows, int n_heads,
-                                  int head_dim, int rope_dim, float base)
+template <bool NEOX>
+static int rope(float *x, const int32_t *pos, int rows, int n_heads, int head_dim, int rope_dim,
+                float base, const char *what)
 {
     kc_ctx *c;
-    int rc = kc_need_ctx(&c, "rope");
+    int rc = kc_need_ctx(&c, what);
     if (rc || rows == 0)
         return rc;
     if (rows < 0 || n_heads <= 0 || head_dim <= 0 || rope_dim < 0 || rope_dim > head_dim || !x ||
         !pos)
         return kc_fail(KERN_CUDA_E_ARG,
-                       "rope: rows %d, n_heads %d, head_dim %d, rope_dim %d, or a NULL pointer",
+                       "%s: rows %d, n_heads %d, head_dim %d, rope_dim %d, or a NULL pointer", what,
                        rows, n_heads, head_dim, rope_dim);
     const int n_pairs = rope_dim / 2 <= ROPE_MAX_PAIRS ? rope_dim / 2 : ROPE_MAX_PAIRS;
     if (n_pairs == 0)
         return 0;
-    rope_kernel<<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(x, pos, n_heads, head_dim,
-                                                                  rope_dim, n_pairs, base);
-    return kc_launched("rope launch");
+    rope_kernel<NEOX><<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(x, pos, n_heads, head_dim,
+                                                                        rope_dim, n_pairs, base);
+    return kc_launched(what);
+}
+
+extern "C" int kern_cuda_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                                  int rope_dim, float base)
+{
+    return rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, base, "rope");
+}
+
+extern "C" int kern_cuda_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads,
+                                       int head_dim, int rope_dim, float base)
+{
+    return rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, base, "rope_neox");
 }
 
 /* ---- conversions ---- */
@@ -190,8 +206,7 @@ __device__ __forceinline__ uint16_t f32_to_f16(float f)
     return __half_as_ushort(__float2half_rn(f));
 }
 
-template <int TO>
-__global__ void convert_kernel(void *dst, const void *src, size_t n)
+template <int TO> __global__ void convert_kernel(void *dst, const void *src, size_t n)
 {
     for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < n;
          i += (size_t)gridDim.x * blockDim.x) {
@@ -206,8 +221,7 @@ __global__ void convert_kernel(void *dst, const void *src, size_t n)
     }
 }
 
-template <int TO>
-static int convert(void *dst, const void *src, size_t n, const char *what)
+template <int TO> static int convert(void *dst, const void *src, size_t n, const char *what)
 {
     kc_ctx *c;
     int rc = kc_need_ctx(&c, what);
@@ -215,8 +229,8 @@ static int convert(void *dst, const void *src, size_t n, const char *what)
         return rc;
     if (!dst || !src)
         return kc_fail(KERN_CUDA_E_ARG, "%s: NULL pointer", what);
-    convert_kernel<TO><<<kc_blocks(n, EW_THREADS, EW_MAX_BLOCKS), EW_THREADS, 0, kc_stream(c)>>>(
-        dst, src, n);
+    convert_kernel<TO>
+        <<<kc_blocks(n, EW_THREADS, EW_MAX_BLOCKS), EW_THREADS, 0, kc_stream(c)>>>(dst, src, n);
     return kc_launched(what);
 }
 
@@ -253,8 +267,7 @@ __global__ void rows_to_half_kernel(uint16_t *dst, const float *x, int ldx, int 
     }
 }
 
-int kc_rows_to_half(uint16_t *dst, const float *x, int ldx, int M, int K, bool bf16,
-                    cudaStream_t s)
+int kc_rows_to_half(uint16_t *dst, const float *x, int ldx, int M, int K, bool bf16, cudaStream_t s)
 {
     const size_t total = (size_t)M * (size_t)K;
     rows_to_half_kernel<<<kc_blocks(total, EW_THREADS, EW_MAX_BLOCKS), EW_THREADS, 0, s>>>(
@@ -316,17 +329,25 @@ extern "C" int kern_cuda_embed(int type, float *out, const void *table, int n_vo
     if (rc || n_tokens == 0)
         return rc;
     if (n_tokens < 0 || n_vocab <= 0 || dim <= 0 || !out || !table || !tokens)
-        return kc_fail(KERN_CUDA_E_ARG,
-                       "embed: n_tokens %d, n_vocab %d, dim %d, or a NULL pointer", n_tokens,
-                       n_vocab, dim);
+        return kc_fail(KERN_CUDA_E_ARG, "embed: n_tokens %d, n_vocab %d, dim %d, or a NULL pointer",
+                       n_tokens, n_vocab, dim);
     size_t row_bytes;
     switch (type) {
-    case KC_TYPE_F32: row_bytes = 4 * (size_t)dim; break;
+    case KC_TYPE_F32:
+        row_bytes = 4 * (size_t)dim;
+        break;
     case KC_TYPE_F16:
-    case KC_TYPE_BF16: row_bytes = 2 * (size_t)dim; break;
-    case KC_TYPE_Q8_0: row_bytes = (size_t)dim / 32 * 34; break;
-    case KC_TYPE_Q4_0: row_bytes = (size_t)dim / 32 * 18; break;
-    default: return kc_fail(KERN_CUDA_E_TYPE, "embed: type %d is not supported on CUDA", type);
+    case KC_TYPE_BF16:
+        row_bytes = 2 * (size_t)dim;
+        break;
+    case KC_TYPE_Q8_0:
+        row_bytes = (size_t)dim / 32 * 34;
+        break;
+    case KC_TYPE_Q4_0:
+        row_bytes = (size_t)dim / 32 * 18;
+        break;
+    default:
+        return kc_fail(KERN_CUDA_E_TYPE, "embed: type %d is not supported on CUDA", type);
     }
     if ((type == KC_TYPE_Q8_0 || type == KC_TYPE_Q4_0) && dim % 32 != 0)
         return kc_fail(KERN_CUDA_E_ARG, "embed: dim %d is not a multiple of 32", dim);

@@ -13,7 +13,8 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
+
+#include <cmocka.h> /* after the headers it needs */
 
 #include <pthread.h>
 #include <stdio.h>
@@ -51,7 +52,7 @@ typedef struct {
     int rank;
     int rounds;
     int exact;
-    int vary;       /* sizes vary by round (up to 3000); else n_fixed every round */
+    int vary; /* sizes vary by round (up to 3000); else n_fixed every round */
     size_t n_fixed;
     size_t n_override; /* > 0: this rank passes this size instead (mismatch test) */
     float *out;        /* when non-NULL: the last round's result, n_fixed elements */
@@ -60,7 +61,10 @@ typedef struct {
     char err[256];
 } rank_job;
 
-static size_t round_size(int round) { return (size_t)(mix((uint64_t)round) % 3000); }
+static size_t round_size(int round)
+{
+    return (size_t)(mix((uint64_t)round) % 3000);
+}
 
 static void expected(float *want, int n_ranks, int round, size_t n, int exact)
 {
@@ -88,8 +92,8 @@ static void *rank_main(void *arg)
         for (size_t i = 0; i < n; i++)
             buf[i] = input(round, j->rank, i, j->exact);
         const size_t pass = j->n_override ? j->n_override : n;
-        const int rc = kern_comm_allreduce_sum_f32(j->comm, j->rank, buf, pass, j->err,
-                                                   sizeof(j->err));
+        const int rc =
+            kern_comm_allreduce_sum_f32(j->comm, j->rank, buf, pass, j->err, sizeof(j->err));
         if (rc) {
             j->rc = rc;
             break;
@@ -143,15 +147,15 @@ static void test_allreduce_sums_exactly_for_1_to_4_ranks(void **state)
             rank_job jobs[MAX_RANKS];
             memset(jobs, 0, sizeof(jobs));
             for (int r = 0; r < n_ranks; r++)
-                jobs[r] = (rank_job){.comm = c, .rank = r, .rounds = 3, .exact = 1,
-                                     .n_fixed = sizes[s]};
+                jobs[r] =
+                    (rank_job){.comm = c, .rank = r, .rounds = 3, .exact = 1, .n_fixed = sizes[s]};
             run_ranks(jobs, n_ranks);
             for (int r = 0; r < n_ranks; r++) {
                 if (jobs[r].rc)
                     fail_msg("%d ranks, n %zu, rank %d: %s", n_ranks, sizes[s], r, jobs[r].err);
                 if (jobs[r].bad_round >= 0)
-                    fail_msg("%d ranks, n %zu, rank %d: wrong sum in round %d", n_ranks,
-                             sizes[s], r, jobs[r].bad_round);
+                    fail_msg("%d ranks, n %zu, rank %d: wrong sum in round %d", n_ranks, sizes[s],
+                             r, jobs[r].bad_round);
             }
             kern_comm_destroy(c);
         }
@@ -170,8 +174,12 @@ static void test_allreduce_is_deterministic_in_rank_order(void **state)
             float *outs = malloc(sizeof(float) * N * MAX_RANKS);
             assert_non_null(outs);
             for (int r = 0; r < n_ranks; r++)
-                jobs[r] = (rank_job){.comm = c, .rank = r, .rounds = 1, .exact = 0,
-                                     .n_fixed = N, .out = outs + (size_t)r * N};
+                jobs[r] = (rank_job){.comm = c,
+                                     .rank = r,
+                                     .rounds = 1,
+                                     .exact = 0,
+                                     .n_fixed = N,
+                                     .out = outs + (size_t)r * N};
             run_ranks(jobs, n_ranks);
             for (int r = 0; r < n_ranks; r++) {
                 assert_int_equal(jobs[r].rc, 0);
@@ -206,8 +214,7 @@ static void test_allreduce_many_rounds_without_deadlock(void **state)
             if (jobs[r].rc)
                 fail_msg("%d ranks, rank %d: %s", n_ranks, r, jobs[r].err);
             if (jobs[r].bad_round >= 0)
-                fail_msg("%d ranks, rank %d: wrong sum in round %d", n_ranks, r,
-                         jobs[r].bad_round);
+                fail_msg("%d ranks, rank %d: wrong sum in round %d", n_ranks, r, jobs[r].bad_round);
         }
         kern_comm_destroy(c);
     }
@@ -277,10 +284,8 @@ static void test_comm_refuses_bad_arguments(void **state)
     float x = 1.0f;
     assert_int_equal(kern_comm_allreduce_sum_f32(c, 2, &x, 1, err, sizeof(err)), KERN_COMM_E_ARG);
     assert_non_null(strstr(err, "rank 2"));
-    assert_int_equal(kern_comm_allreduce_sum_f32(c, -1, &x, 1, err, sizeof(err)),
-                     KERN_COMM_E_ARG);
-    assert_int_equal(kern_comm_allreduce_sum_f32(c, 0, NULL, 4, err, sizeof(err)),
-                     KERN_COMM_E_ARG);
+    assert_int_equal(kern_comm_allreduce_sum_f32(c, -1, &x, 1, err, sizeof(err)), KERN_COMM_E_ARG);
+    assert_int_equal(kern_comm_allreduce_sum_f32(c, 0, NULL, 4, err, sizeof(err)), KERN_COMM_E_ARG);
     assert_int_equal(kern_comm_allreduce_sum_f32(NULL, 0, &x, 1, err, sizeof(err)),
                      KERN_COMM_E_ARG);
     kern_comm_destroy(c);

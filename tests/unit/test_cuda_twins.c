@@ -16,7 +16,8 @@
 #include <stdarg.h>
 #include <stddef.h>
 #include <stdint.h>
-#include <cmocka.h>
+
+#include <cmocka.h> /* after the headers it needs */
 
 #include <math.h>
 #include <pthread.h>
@@ -227,40 +228,47 @@ static void case_add(void)
 
 static void case_rope(void)
 {
-    /* Tolerance: the angle pos * freq can differ by the rounding of freq (an
-     * ulp of powf), so |err| <= (|a| + |b|) * (pos * 2.4e-7 + 1e-6) per pair;
-     * in practice almost every value is bit-identical (counted and printed). */
+    /* Both pairings. Tolerance: the angle pos * freq can differ by the
+     * rounding of freq (an ulp of powf), so |err| <= (|a| + |b|) * (pos *
+     * 2.4e-7 + 1e-6) per pair; in practice almost every value is
+     * bit-identical (counted and printed). */
     static const int32_t pos[] = {0, 1, 2, 17, 1000, 4095, 32768, 100000, 131071};
     const int rows = (int)(sizeof(pos) / sizeof(pos[0]));
     static const struct {
         int n_heads, head_dim, rope_dim;
         float base;
     } cfg[] = {{4, 128, 128, 10000.0f}, {3, 64, 32, 500000.0f}, {2, 96, 96, 1000000.0f}};
-    for (size_t c = 0; c < sizeof(cfg) / sizeof(cfg[0]); c++) {
-        const int nh = cfg[c].n_heads, hd = cfg[c].head_dim;
+    for (size_t c = 0; c < 2 * sizeof(cfg) / sizeof(cfg[0]); c++) {
+        const bool neox = c % 2 == 1;
+        const size_t k = c / 2;
+        const int nh = cfg[k].n_heads, hd = cfg[k].head_dim;
         const size_t n = (size_t)rows * nh * hd;
         float *x = random_floats(n, -1.0f, 1.0f);
         float *want = xmalloc(sizeof(float) * n), *got = xmalloc(sizeof(float) * n);
         float *scale = xmalloc(sizeof(float) * n);
         memcpy(want, x, sizeof(float) * n);
-        kern_rope_f32(want, pos, rows, nh, hd, cfg[c].rope_dim, cfg[c].base);
+        const int rd = cfg[k].rope_dim;
+        if (neox)
+            kern_rope_neox_f32(want, pos, rows, nh, hd, rd, cfg[k].base);
+        else
+            kern_rope_f32(want, pos, rows, nh, hd, rd, cfg[k].base);
+        /* |a| + |b| <= 2 for inputs in [-1, 1]. */
         for (int r = 0; r < rows; r++)
-            for (size_t i = 0; i < (size_t)nh * hd; i += 2) {
-                const size_t k = (size_t)r * nh * hd + i;
-                const float s = (fabsf(x[k]) + fabsf(x[k + 1])) *
-                                ((float)pos[r] * 2.4e-7f + 1e-6f);
-                scale[k] = scale[k + 1] = s;
-            }
+            for (size_t i = 0; i < (size_t)nh * hd; i++)
+                scale[(size_t)r * nh * hd + i] = 2.0f * ((float)pos[r] * 2.4e-7f + 1e-6f);
         float *dx = dev_from(x, sizeof(float) * n);
         int32_t *dpos = dev_from(pos, sizeof(pos));
-        check(kern_cuda_rope_f32(dx, dpos, rows, nh, hd, cfg[c].rope_dim, cfg[c].base), "rope");
+        if (neox)
+            check(kern_cuda_rope_neox_f32(dx, dpos, rows, nh, hd, rd, cfg[k].base), "rope_neox");
+        else
+            check(kern_cuda_rope_f32(dx, dpos, rows, nh, hd, rd, cfg[k].base), "rope");
         to_host(got, dx, sizeof(float) * n);
-        expect_close("rope", got, want, scale, n, 1.0, 1e-30);
+        expect_close(neox ? "rope_neox" : "rope", got, want, scale, n, 1.0, 1e-30);
         size_t same = 0;
         for (size_t i = 0; i < n; i++)
             same += memcmp(&got[i], &want[i], 4) == 0;
-        print_message("rope (heads %d, dim %d, rope_dim %d): %zu of %zu values bit-identical\n",
-                      nh, hd, cfg[c].rope_dim, same, n);
+        print_message("%s (heads %d, dim %d, rope_dim %d): %zu of %zu values bit-identical\n",
+                      neox ? "rope_neox" : "rope", nh, hd, rd, same, n);
         kern_cuda_free(dx);
         kern_cuda_free(dpos);
         free(x);
@@ -296,9 +304,9 @@ static void case_conversions(void)
     /* f32 -> half: random bit patterns (every class: NaN payloads, infinities,
      * subnormals) and the rounding edges. */
     float *x = xmalloc(sizeof(float) * F);
-    static const float edges[] = {0.0f,      -0.0f,      65504.0f,      65519.996f, 65520.0f,
-                                  -65520.0f, 6.1e-5f,    5.96e-8f,      2.98e-8f,   2.99e-8f,
-                                  1.0f,      1.0009765f, 1.00048828125f, INFINITY,  -INFINITY,
+    static const float edges[] = {0.0f,      -0.0f,      65504.0f,       65519.996f, 65520.0f,
+                                  -65520.0f, 6.1e-5f,    5.96e-8f,       2.98e-8f,   2.99e-8f,
+                                  1.0f,      1.0009765f, 1.00048828125f, INFINITY,   -INFINITY,
                                   NAN,       3.4e38f,    1.0e-40f};
     const size_t n_edges = sizeof(edges) / sizeof(edges[0]);
     for (size_t i = 0; i < F; i++) {
@@ -390,10 +398,10 @@ static void case_argmax(void)
     float *x = random_floats((size_t)ROWS * N, -20.0f, 20.0f);
     float *r1 = x + N, *r2 = x + 2 * N, *r3 = x + 3 * N, *r4 = x + 4 * N, *r5 = x + 5 * N;
     for (int i = 0; i < N; i++) {
-        r1[i] = 1.0f;       /* all tied: index 0 */
-        r3[i] = -INFINITY;  /* all -inf: index 0 */
+        r1[i] = 1.0f;      /* all tied: index 0 */
+        r3[i] = -INFINITY; /* all -inf: index 0 */
         if (i % 97 == 5)
-            r4[i] = NAN;    /* NaN ignored */
+            r4[i] = NAN; /* NaN ignored */
     }
     r2[5] = 100.0f;
     r2[N - 1] = 100.0f; /* tie: the earlier wins */
@@ -446,8 +454,10 @@ static void case_matmul_f32(void)
 {
     /* Tolerance: 1e-5 * sum_k |x w| (f32 accumulation in any order). */
     static const int shapes[][5] = {/* M, N, K, ldx, ldy */
-                                    {1, 4096, 4096, 4096, 4096}, {1, 1000, 333, 340, 1003},
-                                    {7, 513, 257, 260, 520},    {64, 1024, 2048, 2048, 1024},
+                                    {1, 4096, 4096, 4096, 4096},
+                                    {1, 1000, 333, 340, 1003},
+                                    {7, 513, 257, 260, 520},
+                                    {64, 1024, 2048, 2048, 1024},
                                     {33, 77, 1, 1, 80}};
     for (size_t s = 0; s < sizeof(shapes) / sizeof(shapes[0]); s++) {
         const int M = shapes[s][0], N = shapes[s][1], K = shapes[s][2];
@@ -602,8 +612,9 @@ static void case_attention(void)
         float *q = random_floats(qn, -1.0f, 1.0f);
         float *want = xmalloc(sizeof(float) * qn), *cpu = xmalloc(sizeof(float) * qn);
         float *got = xmalloc(sizeof(float) * qn);
-        kern_attn_args a = {q, p.k, p.v, want, s->n_q, s->ctx_len, s->n_heads, s->n_kv_heads,
-                            s->head_dim, p.kv_stride, p.blocks, s->block_size};
+        kern_attn_args a = {q,           p.k,         p.v,        want,
+                            s->n_q,      s->ctx_len,  s->n_heads, s->n_kv_heads,
+                            s->head_dim, p.kv_stride, p.blocks,   s->block_size};
         kern_attention_ref(&a);
         a.out = cpu;
         kern_attention_f32(NULL, &a);
@@ -679,8 +690,8 @@ static void varlen_run(const char *what, const int *nq, const int *ctx, int ns)
     float *want = xmalloc(sizeof(float) * qn), *got = xmalloc(sizeof(float) * qn);
     for (int s = 0; s < ns; s++) {
         const size_t off = (size_t)q_start[s] * HQ * HD;
-        kern_attn_args a = {q + off, k, v, want + off, nq[s], ctx[s], HQ, HKV, HD, kvs,
-                            table + s * stride, BS};
+        kern_attn_args a = {q + off, k,  v,   want + off,         nq[s], ctx[s], HQ,
+                            HKV,     HD, kvs, table + s * stride, BS};
         kern_attention_ref(&a);
     }
     kern_cuda_attn_varlen b = {
@@ -925,7 +936,7 @@ static const twin_case cases[] = {
     {"test_cuda_rmsnorm_matches_cpu", CUDA_CASE(case_rmsnorm)},
     {"test_cuda_swiglu_matches_cpu", CUDA_CASE(case_swiglu)},
     {"test_cuda_add_matches_cpu_exactly", CUDA_CASE(case_add)},
-    {"test_cuda_rope_matches_cpu", CUDA_CASE(case_rope)},
+    {"test_cuda_rope_and_rope_neox_match_cpu", CUDA_CASE(case_rope)},
     {"test_cuda_conversions_match_cpu_bit_for_bit", CUDA_CASE(case_conversions)},
     {"test_cuda_embed_matches_dequant_row", CUDA_CASE(case_embed)},
     {"test_cuda_argmax_matches_cpu", CUDA_CASE(case_argmax)},
