@@ -39,6 +39,7 @@ typedef struct {
     const char *arg;  /* the value's placeholder in --help */
     const char *help; /* one line for --help */
     const char *doc;  /* the reference text (docs/config.md, config/sieve.json) */
+    bool json_object; /* K_STR holding a JSON object's text (a file may give the object) */
 } key_def;
 
 #define FIELD_SIZE(field) sizeof(((cfg_config *)0)->field)
@@ -46,6 +47,11 @@ typedef struct {
     {                                                                                              \
         .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
         .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_                          \
+    }
+#define JSONSTR(field, flag_, arg_, help_, doc_)                                                   \
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
+        .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_, .json_object = true     \
     }
 #define INT(field, flag_, lo, hi, arg_, help_, doc_)                                               \
     {                                                                                              \
@@ -107,6 +113,16 @@ static const key_def keys[] = {
         "Concurrent HTTP connections; above it new connections are refused."),
     BOOL(log_requests, "--log-requests", "one log line per request",
          "Log one line per finished request to stderr."),
+    JSONSTR(attention, "--attention", "JSON",
+            "attention policy defaults, allowed fields, bounds (a JSON object)",
+            "Per-request attention policies (README 'Attention policies'): a JSON object with "
+            "'default' (the request object's shape: prefill dense|flex|power|auto, flex{gamma, "
+            "tau, min_budget, max_budget, block_size}, power{window_blocks, block_size, "
+            "dense_layers}, kv_cache), 'allow' (fields requests may set, e.g. [\"prefill\", "
+            "\"flex.gamma\"]; \"*\" for all), 'bounds' ({\"flex.gamma\": [0.8, 1.0]}) and "
+            "'auto_min_prompt_tokens' (default 4096). Empty: dense by default, every field "
+            "allowed within the kernels' limits. In a config file the object may be given "
+            "directly; flags and SIEVE_ATTENTION take its JSON text."),
     STR(chat_template, "--chat-template", "NAME",
         "plain, chatml, llama2, llama3, mistral, gemma, phi3, zephyr",
         "Chat template family for /v1/chat/completions: plain, chatml, llama2, llama3, "
@@ -356,6 +372,16 @@ static int apply_json_value(cfg_config *c, const key_def *k, json_t *v, char *er
     snprintf(label, sizeof(label), "config key '%s'", k->name);
     switch (k->kind) {
     case K_STR:
+        if (k->json_object && json_is_object(v)) {
+            char *text = json_dumps(v, JSON_COMPACT | JSON_SORT_KEYS);
+            if (!text) {
+                snprintf(err, errlen, "%s: out of memory", label);
+                return -1;
+            }
+            int rc = set_str(c, k, text, label, err, errlen);
+            free(text);
+            return rc;
+        }
         if (!json_is_string(v))
             break;
         return set_str(c, k, json_string_value(v), label, err, errlen);

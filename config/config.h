@@ -45,6 +45,7 @@ typedef struct {
     int max_connections;      /* concurrent HTTP connections */
     bool log_requests;        /* one log line per finished request */
     char chat_template[64];   /* family name; "" = from the model, else "plain" */
+    char attention[4096];     /* JSON object: attention policy defaults and bounds */
     int64_t kv_cache_bytes;   /* KV pool budget; 0 = auto */
     int kv_block_size;        /* tokens per KV block */
     bool prefix_caching;      /* reuse KV blocks of identical prompt prefixes */

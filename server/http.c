@@ -1339,7 +1339,10 @@ int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen
     }
     s->cfg = *cfg;
     s->created = (long)time(NULL);
-    srv_attention_conf_default(&s->attn_conf);
+    if (srv_attention_conf_parse(&s->attn_conf, cfg->attention, err, errlen) != 0) {
+        free(s);
+        return -1;
+    }
     s->listen_fd = MHD_INVALID_SOCKET;
     if (cfg->model_name[0]) {
         snprintf(s->model_name, sizeof(s->model_name), "%s", cfg->model_name);
