@@ -617,7 +617,7 @@ static void check_product_shapes(int type)
 {
     const int kq = kern_type_block_size(type) == KERN_QK_K;
     const int odd = kern_type_block_size(type) == 1 ? 3 : 0;
-    const int K1 = kq ? 512 : 288, K2 = kq ? 768 : 320;
+    const int K1 = 512, K2 = kq ? 768 : 320;
     const mm_shape shapes[] = {
         {1, 301, K1 + odd, K1 + odd, 301},    /* matvec, split over the pool */
         {1, 37, K2 + odd, K2 + odd, 37},      /* matvec below the threshold */
