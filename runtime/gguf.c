@@ -87,18 +87,18 @@ static const ggml_type_info ggml_types[RT_GGML_TYPE_COUNT] = {
 };
 
 static const char *const gguf_type_names[RT_GGUF_TYPE_COUNT] = {
-    [RT_GGUF_UINT8] = "UINT8",     [RT_GGUF_INT8] = "INT8",       [RT_GGUF_UINT16] = "UINT16",
-    [RT_GGUF_INT16] = "INT16",     [RT_GGUF_UINT32] = "UINT32",   [RT_GGUF_INT32] = "INT32",
-    [RT_GGUF_FLOAT32] = "FLOAT32", [RT_GGUF_BOOL] = "BOOL",       [RT_GGUF_STRING] = "STRING",
-    [RT_GGUF_ARRAY] = "ARRAY",     [RT_GGUF_UINT64] = "UINT64",   [RT_GGUF_INT64] = "INT64",
+    [RT_GGUF_UINT8] = "UINT8",     [RT_GGUF_INT8] = "INT8",     [RT_GGUF_UINT16] = "UINT16",
+    [RT_GGUF_INT16] = "INT16",     [RT_GGUF_UINT32] = "UINT32", [RT_GGUF_INT32] = "INT32",
+    [RT_GGUF_FLOAT32] = "FLOAT32", [RT_GGUF_BOOL] = "BOOL",     [RT_GGUF_STRING] = "STRING",
+    [RT_GGUF_ARRAY] = "ARRAY",     [RT_GGUF_UINT64] = "UINT64", [RT_GGUF_INT64] = "INT64",
     [RT_GGUF_FLOAT64] = "FLOAT64",
 };
 
 /* Encoded size of fixed-size value types; 0 for STRING and ARRAY. */
 static const uint8_t gguf_type_sizes[RT_GGUF_TYPE_COUNT] = {
-    [RT_GGUF_UINT8] = 1,   [RT_GGUF_INT8] = 1,  [RT_GGUF_UINT16] = 2, [RT_GGUF_INT16] = 2,
-    [RT_GGUF_UINT32] = 4,  [RT_GGUF_INT32] = 4, [RT_GGUF_FLOAT32] = 4, [RT_GGUF_BOOL] = 1,
-    [RT_GGUF_UINT64] = 8,  [RT_GGUF_INT64] = 8, [RT_GGUF_FLOAT64] = 8,
+    [RT_GGUF_UINT8] = 1,  [RT_GGUF_INT8] = 1,  [RT_GGUF_UINT16] = 2,  [RT_GGUF_INT16] = 2,
+    [RT_GGUF_UINT32] = 4, [RT_GGUF_INT32] = 4, [RT_GGUF_FLOAT32] = 4, [RT_GGUF_BOOL] = 1,
+    [RT_GGUF_UINT64] = 8, [RT_GGUF_INT64] = 8, [RT_GGUF_FLOAT64] = 8,
 };
 
 const char *rt_ggml_type_name(uint32_t type)
@@ -182,14 +182,30 @@ static void load_scalar(rt_gguf_type t, const uint8_t *p, rt_gguf_kv *kv)
 {
     switch (t) {
     case RT_GGUF_UINT8:
-    case RT_GGUF_BOOL: kv->v.u = p[0]; break;
-    case RT_GGUF_INT8: kv->v.i = sext(p[0], 8); break;
-    case RT_GGUF_UINT16: kv->v.u = ld16(p); break;
-    case RT_GGUF_INT16: kv->v.i = sext(ld16(p), 16); break;
-    case RT_GGUF_UINT32: kv->v.u = ld32(p); break;
-    case RT_GGUF_INT32: kv->v.i = sext(ld32(p), 32); break;
-    case RT_GGUF_UINT64: kv->v.u = ld64(p); break;
-    case RT_GGUF_INT64: kv->v.i = sext(ld64(p), 64); break;
+    case RT_GGUF_BOOL:
+        kv->v.u = p[0];
+        break;
+    case RT_GGUF_INT8:
+        kv->v.i = sext(p[0], 8);
+        break;
+    case RT_GGUF_UINT16:
+        kv->v.u = ld16(p);
+        break;
+    case RT_GGUF_INT16:
+        kv->v.i = sext(ld16(p), 16);
+        break;
+    case RT_GGUF_UINT32:
+        kv->v.u = ld32(p);
+        break;
+    case RT_GGUF_INT32:
+        kv->v.i = sext(ld32(p), 32);
+        break;
+    case RT_GGUF_UINT64:
+        kv->v.u = ld64(p);
+        break;
+    case RT_GGUF_INT64:
+        kv->v.i = sext(ld64(p), 64);
+        break;
     case RT_GGUF_FLOAT32: {
         uint32_t bits = ld32(p);
         float f;
@@ -202,7 +218,8 @@ static void load_scalar(rt_gguf_type t, const uint8_t *p, rt_gguf_kv *kv)
         memcpy(&kv->v.f, &bits, sizeof kv->v.f);
         break;
     }
-    default: break; /* callers only pass fixed-size types */
+    default:
+        break; /* callers only pass fixed-size types */
     }
 }
 
@@ -240,8 +257,8 @@ static int cmp_entries(const void *x, const void *y)
 /* Indexes the n names found at items + i * stride + name_off. Returns -1 when out of
  * memory; otherwise 0, with *dup set to the file-order-first item whose name an
  * earlier item already has (and *first to that earlier item), or SIZE_MAX. */
-static int index_build(name_index *ix, const void *items, size_t n, size_t stride,
-                       size_t name_off, size_t *dup, size_t *first)
+static int index_build(name_index *ix, const void *items, size_t n, size_t stride, size_t name_off,
+                       size_t *dup, size_t *first)
 {
     *dup = *first = SIZE_MAX;
     ix->n = n;
@@ -405,10 +422,12 @@ static int read_str(cursor *c, rt_gguf_str *s, const char *what, uint64_t max_le
     if (read_u64(c, &len, what) < 0)
         return -1;
     if (max_len && len > max_len)
-        return fail(c, "%s length %" PRIu64 " at offset %" PRIu64 " exceeds the limit of %" PRIu64
-                    " bytes", what, len, at, max_len);
+        return fail(
+            c, "%s length %" PRIu64 " at offset %" PRIu64 " exceeds the limit of %" PRIu64 " bytes",
+            what, len, at, max_len);
     if (len > left(c))
-        return fail(c, "%s at offset %" PRIu64 " has length %" PRIu64
+        return fail(c,
+                    "%s at offset %" PRIu64 " has length %" PRIu64
                     ", which extends past the end of the file (%" PRIu64 " bytes)",
                     what, at, len, c->size);
     s->ptr = (const char *)(c->buf + c->pos);
@@ -456,7 +475,8 @@ static int read_array(cursor *c, rt_gguf_kv *kv)
     /* Bound the count by the bytes left before multiplying or allocating. */
     uint64_t min_elem = et == RT_GGUF_STRING ? MIN_STRING_BYTES : gguf_type_sizes[et];
     if (n > left(c) / min_elem)
-        return fail(c, "array count %" PRIu64 " at offset %" PRIu64
+        return fail(c,
+                    "array count %" PRIu64 " at offset %" PRIu64
                     " is larger than the file can hold (%" PRIu64 " bytes left)",
                     n, at + 4, left(c));
     const uint8_t *data = c->buf + c->pos;
@@ -475,8 +495,9 @@ static int read_array(cursor *c, rt_gguf_kv *kv)
         if (et == RT_GGUF_BOOL)
             for (uint64_t i = 0; i < n; i++)
                 if (data[i] > 1)
-                    return fail(c, "bool array element %" PRIu64 " at offset %" PRIu64
-                                " is %u, not 0 or 1", i, c->pos + i, data[i]);
+                    return fail(
+                        c, "bool array element %" PRIu64 " at offset %" PRIu64 " is %u, not 0 or 1",
+                        i, c->pos + i, data[i]);
         c->pos += bytes;
     }
     kv->v.arr.type = (rt_gguf_type)et;
@@ -534,8 +555,10 @@ static int read_kvs(cursor *c, gguf_impl *g)
         return fail(c, "out of memory indexing %" PRIu64 " metadata entries", pub->n_kv);
     if (dup != SIZE_MAX) {
         set_ctx_name(c, "key", pub->kv[dup].key);
-        return fail(c, "duplicate key at offset %" PRIu64 " (kv pair %zu; first defined by kv "
-                    "pair %zu)", name_offset(c, pub->kv[dup].key), dup, first);
+        return fail(c,
+                    "duplicate key at offset %" PRIu64 " (kv pair %zu; first defined by kv "
+                    "pair %zu)",
+                    name_offset(c, pub->kv[dup].key), dup, first);
     }
     return 0;
 }
@@ -583,11 +606,13 @@ static int read_tensor_info(cursor *c, gguf_impl *g, uint64_t i)
         if (read_u64(c, &t->ne[d], "tensor dimension") < 0)
             return -1;
         if (t->ne[d] == 0 || t->ne[d] > (uint64_t)INT64_MAX)
-            return fail(c, "ne[%" PRIu32 "] = %" PRIu64 " at offset %" PRIu64
-                        " is not in 1..INT64_MAX", d, t->ne[d], at);
+            return fail(
+                c, "ne[%" PRIu32 "] = %" PRIu64 " at offset %" PRIu64 " is not in 1..INT64_MAX", d,
+                t->ne[d], at);
         if (nelem > (uint64_t)INT64_MAX / t->ne[d])
-            return fail(c, "element count overflows at ne[%" PRIu32 "] = %" PRIu64
-                        " (offset %" PRIu64 ")", d, t->ne[d], at);
+            return fail(
+                c, "element count overflows at ne[%" PRIu32 "] = %" PRIu64 " (offset %" PRIu64 ")",
+                d, t->ne[d], at);
         nelem *= t->ne[d];
     }
 
@@ -612,7 +637,8 @@ static int read_tensor_info(cursor *c, gguf_impl *g, uint64_t i)
     if (read_u64(c, &t->offset, "tensor data offset") < 0)
         return -1;
     if (t->offset % g->pub.alignment != 0)
-        return fail(c, "data offset %" PRIu64 " (at offset %" PRIu64
+        return fail(c,
+                    "data offset %" PRIu64 " (at offset %" PRIu64
                     ") is not a multiple of the alignment %" PRIu64,
                     t->offset, at, g->pub.alignment);
     return 0;
@@ -623,8 +649,10 @@ static int read_tensors(cursor *c, gguf_impl *g)
     rt_gguf *pub = &g->pub;
     /* Checked against the bytes left again now that the metadata is consumed. */
     if (pub->n_tensors > left(c) / MIN_TENSOR_INFO_BYTES)
-        return fail(c, "tensor_count %" PRIu64 " is larger than the file can hold (%" PRIu64
-                    " bytes left at offset %" PRIu64 ")", pub->n_tensors, left(c), c->pos);
+        return fail(c,
+                    "tensor_count %" PRIu64 " is larger than the file can hold (%" PRIu64
+                    " bytes left at offset %" PRIu64 ")",
+                    pub->n_tensors, left(c), c->pos);
     pub->tensors = calloc(pub->n_tensors ? (size_t)pub->n_tensors : 1, sizeof *pub->tensors);
     if (!pub->tensors)
         return fail(c, "out of memory for %" PRIu64 " tensors", pub->n_tensors);
@@ -633,13 +661,15 @@ static int read_tensors(cursor *c, gguf_impl *g)
             return -1;
     c->ctx_kind = NULL;
     size_t dup, first;
-    if (index_build(&g->tensor_index, pub->tensors, (size_t)pub->n_tensors,
-                    sizeof *pub->tensors, offsetof(rt_gguf_tensor, name), &dup, &first) < 0)
+    if (index_build(&g->tensor_index, pub->tensors, (size_t)pub->n_tensors, sizeof *pub->tensors,
+                    offsetof(rt_gguf_tensor, name), &dup, &first) < 0)
         return fail(c, "out of memory indexing %" PRIu64 " tensors", pub->n_tensors);
     if (dup != SIZE_MAX) {
         set_ctx_name(c, "tensor", pub->tensors[dup].name);
-        return fail(c, "duplicate tensor name at offset %" PRIu64 " (tensor %zu; first used by "
-                    "tensor %zu)", name_offset(c, pub->tensors[dup].name), dup, first);
+        return fail(c,
+                    "duplicate tensor name at offset %" PRIu64 " (tensor %zu; first used by "
+                    "tensor %zu)",
+                    name_offset(c, pub->tensors[dup].name), dup, first);
     }
 
     /* pos <= size and alignment <= 2^32, so this cannot overflow. */
@@ -647,8 +677,10 @@ static int read_tensors(cursor *c, gguf_impl *g)
     uint64_t data_offset = (c->pos + a - 1) / a * a;
     if (data_offset > c->size) {
         if (pub->n_tensors > 0)
-            return fail(c, "data section would start at offset %" PRIu64
-                        ", past the end of the file (%" PRIu64 " bytes)", data_offset, c->size);
+            return fail(c,
+                        "data section would start at offset %" PRIu64
+                        ", past the end of the file (%" PRIu64 " bytes)",
+                        data_offset, c->size);
         /* A metadata-only file need not carry the final padding. */
         data_offset = c->size;
     }
@@ -660,10 +692,12 @@ static int read_tensors(cursor *c, gguf_impl *g)
         if (t->offset > room || t->nbytes > room - t->offset) {
             set_ctx_name(c, "tensor", t->name);
             if (t->offset > UINT64_MAX - data_offset)
-                return fail(c, "data [data section + %" PRIu64 ", %" PRIu64
+                return fail(c,
+                            "data [data section + %" PRIu64 ", %" PRIu64
                             " bytes] extends past the end of the file (%" PRIu64 " bytes)",
                             t->offset, t->nbytes, c->size);
-            return fail(c, "data [offset %" PRIu64 ", %" PRIu64
+            return fail(c,
+                        "data [offset %" PRIu64 ", %" PRIu64
                         " bytes] extends past the end of the file (%" PRIu64 " bytes)",
                         data_offset + t->offset, t->nbytes, c->size);
         }
@@ -680,8 +714,8 @@ static int read_header(cursor *c, rt_gguf *g)
     if (c->size < 4)
         return fail(c, "file is too small to be GGUF (%" PRIu64 " bytes)", c->size);
     if (memcmp(c->buf, magic, 4) != 0)
-        return fail(c, "bad magic %02x %02x %02x %02x (expected \"GGUF\")", c->buf[0],
-                    c->buf[1], c->buf[2], c->buf[3]);
+        return fail(c, "bad magic %02x %02x %02x %02x (expected \"GGUF\")", c->buf[0], c->buf[1],
+                    c->buf[2], c->buf[3]);
     c->pos = 4;
     if (read_u32(c, &g->version, "version") < 0)
         return -1;
@@ -689,9 +723,11 @@ static int read_header(cursor *c, rt_gguf *g)
         uint32_t v = g->version;
         uint32_t swapped = v >> 24 | (v >> 8 & 0xff00) | (v << 8 & 0xff0000) | v << 24;
         if (swapped == 2 || swapped == 3)
-            return fail(c, "unsupported GGUF version %" PRIu32
-                        " (a big-endian version %" PRIu32 " file?); only little-endian "
-                        "versions 2 and 3 are supported", v, swapped);
+            return fail(c,
+                        "unsupported GGUF version %" PRIu32 " (a big-endian version %" PRIu32
+                        " file?); only little-endian "
+                        "versions 2 and 3 are supported",
+                        v, swapped);
         return fail(c, "unsupported GGUF version %" PRIu32 "; only versions 2 and 3 are supported",
                     v);
     }
@@ -699,11 +735,15 @@ static int read_header(cursor *c, rt_gguf *g)
         return -1;
     /* Refuse counts the file cannot back before any allocation is sized by them. */
     if (g->n_kv > left(c) / MIN_KV_BYTES)
-        return fail(c, "kv_count %" PRIu64 " is larger than the file can hold (%" PRIu64
-                    " bytes after the header)", g->n_kv, left(c));
+        return fail(c,
+                    "kv_count %" PRIu64 " is larger than the file can hold (%" PRIu64
+                    " bytes after the header)",
+                    g->n_kv, left(c));
     if (g->n_tensors > left(c) / MIN_TENSOR_INFO_BYTES)
-        return fail(c, "tensor_count %" PRIu64 " is larger than the file can hold (%" PRIu64
-                    " bytes after the header)", g->n_tensors, left(c));
+        return fail(c,
+                    "tensor_count %" PRIu64 " is larger than the file can hold (%" PRIu64
+                    " bytes after the header)",
+                    g->n_tensors, left(c));
     return 0;
 }
 

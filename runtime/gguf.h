@@ -87,10 +87,10 @@ typedef struct {
         double f;   /* FLOAT32, FLOAT64 */
         rt_gguf_str str;
         struct {
-            rt_gguf_type type;  /* element type; never ARRAY (nested arrays are refused) */
-            uint64_t n;         /* element count */
+            rt_gguf_type type;   /* element type; never ARRAY (nested arrays are refused) */
+            uint64_t n;          /* element count */
             const uint8_t *data; /* raw little-endian elements (numeric types; may be unaligned) */
-            rt_gguf_str *strs;  /* STRING elements, n entries, owned by the rt_gguf */
+            rt_gguf_str *strs;   /* STRING elements, n entries, owned by the rt_gguf */
         } arr;
     } v;
 } rt_gguf_kv;

@@ -35,8 +35,8 @@ static int hf_weight(rt_model *m, const char *name, uint64_t rows, uint64_t cols
         (!vec && (t->n_dims != 2 || t->shape[0] != rows || t->shape[1] != cols)))
         return ERR("model: tensor '%s' has shape [%llu, %llu], expected [%llu, %llu]", name,
                    (unsigned long long)t->shape[0],
-                   (unsigned long long)(t->n_dims > 1 ? t->shape[1] : 0),
-                   (unsigned long long)rows, (unsigned long long)cols);
+                   (unsigned long long)(t->n_dims > 1 ? t->shape[1] : 0), (unsigned long long)rows,
+                   (unsigned long long)cols);
     const uint64_t n = vec ? rows : rows * cols;
     int type;
     switch (t->dtype) {
@@ -129,8 +129,8 @@ int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen)
                    hp->head_dim, hp->n_heads, hp->dim);
     if (hp->head_dim > KERN_ATTN_MAX_HEAD_DIM || hp->n_heads % hp->n_kv_heads != 0 ||
         hp->n_heads / hp->n_kv_heads > KERN_ATTN_MAX_GROUP)
-        return ERR("model: head size %d or query group of %d heads is not supported",
-                   hp->head_dim, hp->n_heads / (hp->n_kv_heads ? hp->n_kv_heads : 1));
+        return ERR("model: head size %d or query group of %d heads is not supported", hp->head_dim,
+                   hp->n_heads / (hp->n_kv_heads ? hp->n_kv_heads : 1));
     if (cfg.rope_scaling.type != RT_HF_ROPE_NONE) {
         m->rope_inv_freq = malloc(sizeof(float) * (size_t)(hp->head_dim / 2));
         if (!m->rope_inv_freq)
@@ -160,8 +160,7 @@ int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen)
     const uint64_t qd = (uint64_t)hp->n_heads * (uint64_t)hp->head_dim;
     const uint64_t kvd = (uint64_t)hp->n_kv_heads * (uint64_t)hp->head_dim;
     const uint64_t ffn = (uint64_t)hp->ffn_dim;
-    if (hf_weight(m, "model.embed_tokens.weight", vocab, dim, false, &m->tok_embd, err,
-                  errlen) ||
+    if (hf_weight(m, "model.embed_tokens.weight", vocab, dim, false, &m->tok_embd, err, errlen) ||
         hf_vector(m, "model.norm.weight", dim, &m->output_norm, err, errlen) ||
         hf_weight(m, "lm_head.weight", vocab, dim, cfg.tie_word_embeddings, &m->output, err,
                   errlen))
@@ -178,22 +177,19 @@ int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen)
         if (m->progress)
             m->progress(m->progress_ctx, (float)l / (float)hp->n_layers);
         if (hf_vector(m, NAME("input_layernorm.weight"), dim, &L->attn_norm, err, errlen) ||
-            hf_vector(m, NAME("post_attention_layernorm.weight"), dim, &L->ffn_norm, err,
-                      errlen) ||
+            hf_vector(m, NAME("post_attention_layernorm.weight"), dim, &L->ffn_norm, err, errlen) ||
             hf_weight(m, NAME("self_attn.q_proj.weight"), qd, dim, false, &L->wq, err, errlen) ||
             hf_weight(m, NAME("self_attn.k_proj.weight"), kvd, dim, false, &L->wk, err, errlen) ||
             hf_weight(m, NAME("self_attn.v_proj.weight"), kvd, dim, false, &L->wv, err, errlen) ||
             hf_weight(m, NAME("self_attn.o_proj.weight"), dim, qd, false, &L->wo, err, errlen) ||
-            hf_weight(m, NAME("mlp.gate_proj.weight"), ffn, dim, false, &L->w_gate, err,
-                      errlen) ||
+            hf_weight(m, NAME("mlp.gate_proj.weight"), ffn, dim, false, &L->w_gate, err, errlen) ||
             hf_weight(m, NAME("mlp.up_proj.weight"), ffn, dim, false, &L->w_up, err, errlen) ||
             hf_weight(m, NAME("mlp.down_proj.weight"), dim, ffn, false, &L->w_down, err, errlen))
             return -1;
-        if (hp->qkv_bias && (hf_vector(m, NAME("self_attn.q_proj.bias"), qd, &L->bq, err, errlen) ||
-                             hf_vector(m, NAME("self_attn.k_proj.bias"), kvd, &L->bk, err,
-                                       errlen) ||
-                             hf_vector(m, NAME("self_attn.v_proj.bias"), kvd, &L->bv, err,
-                                       errlen)))
+        if (hp->qkv_bias &&
+            (hf_vector(m, NAME("self_attn.q_proj.bias"), qd, &L->bq, err, errlen) ||
+             hf_vector(m, NAME("self_attn.k_proj.bias"), kvd, &L->bk, err, errlen) ||
+             hf_vector(m, NAME("self_attn.v_proj.bias"), kvd, &L->bv, err, errlen)))
             return -1;
 #undef NAME
     }

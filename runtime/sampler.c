@@ -151,7 +151,10 @@ static uint64_t splitmix64(uint64_t *state)
     return z ^ (z >> 31);
 }
 
-double rt_sampler_uniform(rt_sampler *s) { return (double)(splitmix64(&s->rng) >> 11) * 0x1.0p-53; }
+double rt_sampler_uniform(rt_sampler *s)
+{
+    return (double)(splitmix64(&s->rng) >> 11) * 0x1.0p-53;
+}
 
 int rt_argmax(const float *logits, int n)
 {

@@ -45,11 +45,11 @@ typedef struct {
     rt_sampling p;
     uint64_t rng;
     int n_vocab;
-    rt_candidate *cand;   /* n_vocab entries */
-    float *work;          /* n_vocab processed logits */
-    uint32_t *counts;     /* generated-token counts (penalties), or NULL */
-    uint8_t *seen;        /* prompt or generated (repetition penalty), or NULL */
-    rt_logit_bias *bias;  /* owned copy */
+    rt_candidate *cand;  /* n_vocab entries */
+    float *work;         /* n_vocab processed logits */
+    uint32_t *counts;    /* generated-token counts (penalties), or NULL */
+    uint8_t *seen;       /* prompt or generated (repetition penalty), or NULL */
+    rt_logit_bias *bias; /* owned copy */
 } rt_sampler;
 
 /* Neutral parameters: temperature 1, no filters, seed 0. */

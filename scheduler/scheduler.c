@@ -48,10 +48,10 @@ struct sched_request {
     size_t text_final; /* bytes that are final */
     int32_t *tokens;   /* generated; capacity max_tokens */
     int n_tokens;
-    float *lp;         /* logprobs >= 0: max_tokens entries */
-    int32_t *top_ids;  /* max_tokens * logprobs */
+    float *lp;        /* logprobs >= 0: max_tokens entries */
+    int32_t *top_ids; /* max_tokens * logprobs */
     float *top_lps;
-    size_t *tok_end;   /* max_tokens entries */
+    size_t *tok_end; /* max_tokens entries */
     sched_finish finish;
     char error[256];
     double t_arrival, t_first, t_finish;
@@ -234,10 +234,19 @@ void sched_request_release(sched_request *r)
         request_free(r);
 }
 
-void sched_request_cancel(sched_request *r) { atomic_store(&r->cancel, true); }
+void sched_request_cancel(sched_request *r)
+{
+    atomic_store(&r->cancel, true);
+}
 
-int sched_request_n_computed(const sched_request *r) { return r->n_computed; }
-int sched_request_n_preempted(const sched_request *r) { return r->n_preempted; }
+int sched_request_n_computed(const sched_request *r)
+{
+    return r->n_computed;
+}
+int sched_request_n_preempted(const sched_request *r)
+{
+    return r->n_preempted;
+}
 
 int sched_request_output(sched_request *r, size_t text_from, sched_output *out)
 {
@@ -786,8 +795,7 @@ static int64_t pool_blocks(const sched_opts *o, size_t bytes_per_token, int bloc
     return budget / block_bytes;
 }
 
-sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char *err,
-                                  size_t errlen)
+sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char *err, size_t errlen)
 {
     sched_engine *e = calloc(1, sizeof(*e));
     if (!e) {
@@ -930,7 +938,10 @@ int sched_submit_many(sched_engine *e, sched_request **rs, int n)
     return rc;
 }
 
-int sched_submit(sched_engine *e, sched_request *r) { return sched_submit_many(e, &r, 1); }
+int sched_submit(sched_engine *e, sched_request *r)
+{
+    return sched_submit_many(e, &r, 1);
+}
 
 void sched_engine_cancel_all(sched_engine *e)
 {
@@ -947,4 +958,7 @@ void sched_engine_stats(sched_engine *e, sched_stats *out)
     pthread_mutex_unlock(&e->mu);
 }
 
-int sched_engine_n_ctx(const sched_engine *e) { return e->n_ctx; }
+int sched_engine_n_ctx(const sched_engine *e)
+{
+    return e->n_ctx;
+}

@@ -35,14 +35,14 @@ typedef enum {
 typedef struct {
     int32_t *prompt; /* copied at create */
     int n_prompt;
-    int max_tokens;  /* > 0 */
+    int max_tokens; /* > 0 */
     rt_sampling sampling;
     char *stop[SCHED_MAX_STOP]; /* copied; n_stop used */
     int n_stop;
     bool ignore_eos;
-    int min_tokens; /* EOS is suppressed until this many tokens exist */
-    int logprobs;   /* -1: none; k >= 0: each token's logprob and the top k */
-    int priority;   /* lower runs first (vLLM's convention); ties: first come first served */
+    int min_tokens;        /* EOS is suppressed until this many tokens exist */
+    int logprobs;          /* -1: none; k >= 0: each token's logprob and the top k */
+    int priority;          /* lower runs first (vLLM's convention); ties: first come first served */
     rt_attn_policy policy; /* prefill attention (zeroed: dense) */
 } sched_params;
 
@@ -68,7 +68,7 @@ typedef struct {
                                capped at a quarter of available memory */
     int kv_block_size;      /* tokens per block; 0: 16 */
     bool prefix_caching;
-    bool manual;            /* no engine thread: the caller runs sched_engine_step (tests) */
+    bool manual; /* no engine thread: the caller runs sched_engine_step (tests) */
     /* Tests only (model == NULL): the geometry and the forward to use. */
     sched_forward_fn forward;
     void *forward_ctx;
@@ -136,8 +136,8 @@ typedef struct {
     int top_n;
     const size_t *tok_end;
     int n_prompt;
-    sched_finish finish;   /* NONE while running */
-    char error[256];       /* for SCHED_FINISH_ERROR */
+    sched_finish finish;                       /* NONE while running */
+    char error[256];                           /* for SCHED_FINISH_ERROR */
     double t_arrival, t_first_token, t_finish; /* seconds, monotonic */
     rt_attn_stats attn;    /* what attention did (blocks on the policy's grid) */
     int prefix_hit_tokens; /* prompt tokens whose KV came from the prefix cache */
@@ -165,7 +165,7 @@ typedef struct {
     int waiting;
     uint64_t requests_finished;
     uint64_t finished_by_reason[5]; /* indexed by sched_finish */
-    uint64_t prompt_tokens;          /* prompt tokens computed (prefix hits excluded) */
+    uint64_t prompt_tokens;         /* prompt tokens computed (prefix hits excluded) */
     uint64_t generated_tokens;
     uint64_t steps;
     uint64_t preemptions;

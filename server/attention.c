@@ -14,7 +14,7 @@ typedef enum { F_INT, F_FLOAT } field_kind;
 typedef struct {
     const char *name; /* dotted path inside "attention" */
     field_kind kind;
-    double lo, hi;    /* the kernels' limits */
+    double lo, hi; /* the kernels' limits */
 } field_def;
 
 /* Indexes into the table; kept in step with field_ptr(). */
@@ -112,7 +112,7 @@ static int apply(const srv_attention_conf *conf, json_t *obj, srv_attention *out
 {
 #define FAIL(p, ...)                                                                               \
     do {                                                                                           \
-        snprintf(param, param_len, "attention%s%s", (p)[0] ? "." : "", p);                        \
+        snprintf(param, param_len, "attention%s%s", (p)[0] ? "." : "", p);                         \
         snprintf(msg, msg_len, __VA_ARGS__);                                                       \
         return -1;                                                                                 \
     } while (0)
@@ -174,8 +174,7 @@ static int apply(const srv_attention_conf *conf, json_t *obj, srv_attention *out
                 const double lo = conf ? conf->lo[f] : fields[f].lo;
                 const double hi = conf ? conf->hi[f] : fields[f].hi;
                 if (!(d >= lo && d <= hi))
-                    FAIL(name, "'attention.%s' must be between %g and %g, got %g", name, lo, hi,
-                         d);
+                    FAIL(name, "'attention.%s' must be between %g and %g, got %g", name, lo, hi, d);
                 void *p = field_ptr(out, f);
                 if (fields[f].kind == F_INT)
                     *(int *)p = (int)d;
@@ -261,8 +260,8 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *text, char *err,
                 if (!json_is_array(b) || json_array_size(b) != 2 ||
                     !json_is_number(json_array_get(b, 0)) ||
                     !json_is_number(json_array_get(b, 1))) {
-                    snprintf(err, errlen,
-                             "config key 'attention.bounds.%s': must be [low, high]", name);
+                    snprintf(err, errlen, "config key 'attention.bounds.%s': must be [low, high]",
+                             name);
                     goto done;
                 }
                 const double lo = json_number_value(json_array_get(b, 0));
@@ -280,8 +279,9 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *text, char *err,
         } else if (strcmp(key, "auto_min_prompt_tokens") == 0) {
             if (!json_is_integer(v) || json_integer_value(v) < 0 ||
                 json_integer_value(v) > (1 << 24)) {
-                snprintf(err, errlen, "config key 'attention.auto_min_prompt_tokens': must be an "
-                                      "integer in [0, 16777216]");
+                snprintf(err, errlen,
+                         "config key 'attention.auto_min_prompt_tokens': must be an "
+                         "integer in [0, 16777216]");
                 goto done;
             }
             c->auto_min_prompt_tokens = (int)json_integer_value(v);

@@ -27,7 +27,12 @@
 
 struct srv_error_s;
 
-typedef enum { SRV_PREFILL_DENSE, SRV_PREFILL_FLEX, SRV_PREFILL_POWER, SRV_PREFILL_AUTO } srv_prefill;
+typedef enum {
+    SRV_PREFILL_DENSE,
+    SRV_PREFILL_FLEX,
+    SRV_PREFILL_POWER,
+    SRV_PREFILL_AUTO
+} srv_prefill;
 
 /* A request's (or the server's default) attention choice before "auto" is
  * resolved. */
@@ -59,8 +64,8 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *json, char *err,
 /* Parses a request's "attention" value (may be NULL: the defaults) into out,
  * starting from the configured defaults. 0, or -1 with a 400 in err whose
  * param names the field. */
-int srv_attention_parse(const srv_attention_conf *c, json_t *v, srv_attention *out,
-                        char *param, size_t param_len, char *msg, size_t msg_len);
+int srv_attention_parse(const srv_attention_conf *c, json_t *v, srv_attention *out, char *param,
+                        size_t param_len, char *msg, size_t msg_len);
 
 /* Resolves "auto" for a prompt of n_prompt tokens and fills the runtime
  * policy. */

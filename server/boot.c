@@ -45,8 +45,8 @@ int srv_boot_model(const cfg_config *cfg, rt_model **model_out, sched_engine **e
     fprintf(stderr,
             "sieve: loaded %s (%s, %d layers, dim %d, %d heads / %d kv, vocab %d, ctx %d) "
             "in %.2f s; backend cpu, %d threads\n",
-            cfg->model, hp->arch, hp->n_layers, hp->dim, hp->n_heads, hp->n_kv_heads,
-            hp->n_vocab, rt_model_n_ctx(model), sched_now() - t0, threads);
+            cfg->model, hp->arch, hp->n_layers, hp->dim, hp->n_heads, hp->n_kv_heads, hp->n_vocab,
+            rt_model_n_ctx(model), sched_now() - t0, threads);
     sched_opts so = {.max_running_seqs = cfg->max_running_seqs,
                      .max_waiting = cfg->max_waiting,
                      .kv_cache_bytes = cfg->kv_cache_bytes,
@@ -60,12 +60,11 @@ int srv_boot_model(const cfg_config *cfg, rt_model **model_out, sched_engine **e
     }
     sched_stats st;
     sched_engine_stats(engine, &st);
-    fprintf(stderr,
-            "sieve: KV cache %d blocks of %d tokens (%.1f MiB, %d tokens), prefix caching %s\n",
-            st.kv_blocks_total, st.kv_block_size,
-            (double)st.kv_blocks_total * st.kv_block_size * (double)st.kv_bytes_per_token /
-                1048576.0,
-            st.kv_blocks_total * st.kv_block_size, cfg->prefix_caching ? "on" : "off");
+    fprintf(
+        stderr, "sieve: KV cache %d blocks of %d tokens (%.1f MiB, %d tokens), prefix caching %s\n",
+        st.kv_blocks_total, st.kv_block_size,
+        (double)st.kv_blocks_total * st.kv_block_size * (double)st.kv_bytes_per_token / 1048576.0,
+        st.kv_blocks_total * st.kv_block_size, cfg->prefix_caching ? "on" : "off");
     *model_out = model;
     *engine_out = engine;
     return 0;

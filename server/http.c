@@ -70,7 +70,7 @@ typedef struct conn {
     size_t sent_text[SRV_MAX_CHOICES]; /* streaming: bytes already sent per choice */
     int sent_tokens[SRV_MAX_CHOICES];  /* streaming: tokens whose logprobs were sent */
     bool sent_final[SRV_MAX_CHOICES];
-    int n_done; /* finish notifications received (guarded by srv->done_mu) */
+    int n_done;  /* finish notifications received (guarded by srv->done_mu) */
     bool queued; /* on srv->ready (guarded by srv->done_mu) */
     struct conn *next_ready;
 
@@ -86,9 +86,9 @@ typedef struct conn {
     char id[40];
     long created;
     double t_start;
-    bool closed; /* MHD finished with it while the engine still ran */
+    bool closed;     /* MHD finished with it while the engine still ran */
     uv_poll_t *peer; /* watches a suspended connection's socket for a hang-up */
-    int http_status;  /* for the access log */
+    int http_status; /* for the access log */
     char method[8];
     char path[128];
     int log_prompt_tokens, log_completion_tokens;
@@ -115,14 +115,14 @@ struct srv_server {
     pthread_mutex_t done_mu;
     conn *ready; /* connections with engine output to handle */
     int port;
-    int active; /* connections whose requests are with the worker pool or engine */
-    bool model_ready;  /* model loaded and engine running (loop thread) */
+    int active;       /* connections whose requests are with the worker pool or engine */
+    bool model_ready; /* model loaded and engine running (loop thread) */
     bool load_failed;
     int exit_code;
     uv_work_t load_work;
     char load_err[1024];
     bool draining;
-    int idle_ticks; /* drain ticks in a row with nothing in flight */
+    int idle_ticks;       /* drain ticks in a row with nothing in flight */
     MHD_socket listen_fd; /* returned by MHD_quiesce_daemon; closed after stop */
     double drain_deadline;
     bool engine_cancelled;
@@ -138,15 +138,23 @@ static void set_json_response(conn *c, int status, json_t *j)
     json_decref(j);
 }
 
-static void set_error(conn *c, const srv_error *e) { set_json_response(c, e->status, srv_error_json(e)); }
+static void set_error(conn *c, const srv_error *e)
+{
+    set_json_response(c, e->status, srv_error_json(e));
+}
 
 /* Extra header of an error response: Retry-After for 429 and 503. */
-static const char *retry_header(int status) { return status == 429 || status == 503 ? "Retry-After" : NULL; }
-
-static enum MHD_Result queue_body(conn *c, int status, char *body,
-                                  const char *extra_header, const char *extra_value)
+static const char *retry_header(int status)
 {
-    const char *text = body ? body : "{\"error\":{\"message\":\"out of memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
+    return status == 429 || status == 503 ? "Retry-After" : NULL;
+}
+
+static enum MHD_Result queue_body(conn *c, int status, char *body, const char *extra_header,
+                                  const char *extra_value)
+{
+    const char *text = body ? body
+                            : "{\"error\":{\"message\":\"out of "
+                              "memory\",\"type\":\"server_error\",\"param\":null,\"code\":null}}";
     struct MHD_Response *r =
         MHD_create_response_from_buffer(strlen(text), (void *)text, MHD_RESPMEM_MUST_COPY);
     if (!r)
@@ -175,9 +183,15 @@ static enum MHD_Result queue_error(conn *c, const srv_error *e)
 
 static void run_mhd(srv_server *s);
 
-static void on_timer(uv_timer_t *t) { run_mhd(t->data); }
+static void on_timer(uv_timer_t *t)
+{
+    run_mhd(t->data);
+}
 
-static void on_poll(uv_poll_t *p, int status, int events) { run_mhd(p->data); }
+static void on_poll(uv_poll_t *p, int status, int events)
+{
+    run_mhd(p->data);
+}
 
 static void run_mhd(srv_server *s)
 {
@@ -213,7 +227,10 @@ static void on_engine_notify(sched_request *r, bool finished, void *user)
 
 static void free_conn(conn *c);
 
-static void free_handle(uv_handle_t *h) { free(h); }
+static void free_handle(uv_handle_t *h)
+{
+    free(h);
+}
 
 static void unwatch_peer(conn *c)
 {
@@ -272,7 +289,10 @@ static void release_reqs(conn *c)
     c->n_choices = 0;
 }
 
-static const char *finish_name(const sched_output *o) { return srv_finish_reason(o->finish); }
+static const char *finish_name(const sched_output *o)
+{
+    return srv_finish_reason(o->finish);
+}
 
 /* A failed or cancelled choice turns the whole response into an error. */
 static bool output_error(const sched_output *o, srv_error *e)
@@ -348,7 +368,8 @@ static void build_full_response(conn *c)
                                      false, finish_name(&o), lp);
             free(t);
         } else {
-            choice = srv_choice_json(kind, false, i, o.text, o.text_len, false, finish_name(&o), lp);
+            choice =
+                srv_choice_json(kind, false, i, o.text, o.text_len, false, finish_name(&o), lp);
         }
         json_array_append_new(choices, choice);
         prompt_tokens = o.n_prompt;
@@ -407,8 +428,8 @@ static void out_chunk(conn *c, json_t *choice)
     srv_server *s = c->srv;
     json_t *choices = json_array();
     json_array_append_new(choices, choice);
-    json_t *chunk = srv_response_json(c->creq.kind, true, c->id, s->model_name, c->created,
-                                      choices, NULL);
+    json_t *chunk =
+        srv_response_json(c->creq.kind, true, c->id, s->model_name, c->created, choices, NULL);
     if (c->creq.include_usage)
         json_object_set_new(chunk, "usage", json_null());
     out_event(c, chunk);
@@ -449,8 +470,8 @@ static void stream_progress(conn *c)
         const int tok_to = o.finish != SCHED_FINISH_NONE ? o.n_tokens : o.n_tokens;
         const bool new_tokens = c->creq.logprobs >= 0 && tok_to > c->sent_tokens[i];
         if (new_len > 0 || new_tokens) {
-            json_t *lp = new_tokens ? srv_logprobs_json(kind, s->tok, &o, c->sent_tokens[i],
-                                                        tok_to, c->echo_len)
+            json_t *lp = new_tokens ? srv_logprobs_json(kind, s->tok, &o, c->sent_tokens[i], tok_to,
+                                                        c->echo_len)
                                     : NULL;
             out_chunk(c, srv_choice_json(kind, true, i, o.text, new_len, false, NULL, lp));
             c->sent_text[i] = o.text_len;
@@ -471,9 +492,9 @@ static void stream_progress(conn *c)
         c->log_prompt_tokens = prompt_tokens;
         c->log_completion_tokens = completion_tokens;
         if (c->creq.include_usage) {
-            json_t *u = srv_response_json(kind, true, c->id, s->model_name, c->created,
-                                          json_array(),
-                                          srv_usage_json(prompt_tokens, completion_tokens));
+            json_t *u =
+                srv_response_json(kind, true, c->id, s->model_name, c->created, json_array(),
+                                  srv_usage_json(prompt_tokens, completion_tokens));
             sched_output o0;
             if (sched_request_output(c->reqs[0], (size_t)-1, &o0) == 0)
                 json_object_set_new(u, "sieve", sieve_json(s, c, &o0));
@@ -492,8 +513,8 @@ static void stream_start(conn *c)
         if (c->creq.kind == SRV_CHAT)
             out_chunk(c, srv_choice_json(SRV_CHAT, true, i, "", 0, true, NULL, NULL));
         else if (c->echo_text)
-            out_chunk(c, srv_choice_json(SRV_COMPLETION, true, i, c->echo_text, c->echo_len,
-                                         false, NULL, NULL));
+            out_chunk(c, srv_choice_json(SRV_COMPLETION, true, i, c->echo_text, c->echo_len, false,
+                                         NULL, NULL));
     }
 }
 
@@ -582,8 +603,8 @@ static void tokenize_work(uv_work_t *w)
             return;
         }
         for (int i = 0; i < q->n_msgs; i++)
-            msgs[i] = (rt_chat_msg){q->msgs[i].role, strlen(q->msgs[i].role),
-                                    q->msgs[i].content, q->msgs[i].content_len};
+            msgs[i] = (rt_chat_msg){q->msgs[i].role, strlen(q->msgs[i].role), q->msgs[i].content,
+                                    q->msgs[i].content_len};
         const int32_t bos = rt_tokenizer_bos(s->tok), eos = rt_tokenizer_eos(s->tok);
         size_t bl = 0, el = 0;
         const char *bp = bos >= 0 ? rt_token_piece(s->tok, bos, &bl) : NULL;
@@ -695,8 +716,8 @@ static void tokenize_done(uv_work_t *w, int status)
                       "%d tokens (%d in the %s, %d for the completion). Please reduce the "
                       "length of the %s or max_tokens.",
                       n_ctx, n_prompt + (max_tokens > 0 ? max_tokens : 1), n_prompt,
-                      q->kind == SRV_CHAT ? "messages" : "prompt",
-                      max_tokens > 0 ? max_tokens : 1, q->kind == SRV_CHAT ? "messages" : "prompt");
+                      q->kind == SRV_CHAT ? "messages" : "prompt", max_tokens > 0 ? max_tokens : 1,
+                      q->kind == SRV_CHAT ? "messages" : "prompt");
         fail_working(c, &e);
         return;
     }
@@ -840,15 +861,14 @@ static enum MHD_Result handle_tokenize(conn *c)
     json_t *add = json_object_get(root, "add_special");
     json_t *parse = json_object_get(root, "parse_special");
     json_t *pieces = json_object_get(root, "with_pieces");
-    const char *bad_field = !json_is_string(content)           ? "content"
-                            : add && !json_is_boolean(add)     ? "add_special"
-                            : parse && !json_is_boolean(parse) ? "parse_special"
+    const char *bad_field = !json_is_string(content)             ? "content"
+                            : add && !json_is_boolean(add)       ? "add_special"
+                            : parse && !json_is_boolean(parse)   ? "parse_special"
                             : pieces && !json_is_boolean(pieces) ? "with_pieces"
                                                                  : NULL;
     if (bad_field) {
-        srv_error_set(&e, 400, "invalid_request_error", NULL, bad_field,
-                      "'%s' must be a %s", bad_field,
-                      strcmp(bad_field, "content") == 0 ? "string" : "boolean");
+        srv_error_set(&e, 400, "invalid_request_error", NULL, bad_field, "'%s' must be a %s",
+                      bad_field, strcmp(bad_field, "content") == 0 ? "string" : "boolean");
         json_decref(root);
         return queue_error(c, &e);
     }
@@ -1096,9 +1116,8 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
 }
 
 static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const char *url,
-                                  const char *method, const char *version,
-                                  const char *upload_data, size_t *upload_data_size,
-                                  void **con_cls)
+                                  const char *method, const char *version, const char *upload_data,
+                                  size_t *upload_data_size, void **con_cls)
 {
     srv_server *s = cls;
     conn *c = *con_cls;
@@ -1372,14 +1391,13 @@ int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen
         sa = (struct sockaddr *)&sa6;
         flags |= MHD_USE_IPv6;
     } else {
-        snprintf(err, errlen, "config key 'host': '%s' is not an IPv4 or IPv6 address",
-                 cfg->host);
+        snprintf(err, errlen, "config key 'host': '%s' is not an IPv4 or IPv6 address", cfg->host);
         srv_destroy(s);
         return -1;
     }
     s->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
-                            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, on_completed,
-                            s, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
+                            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
+                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
                             MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
                             MHD_OPTION_END);
     if (!s->d) {
@@ -1394,7 +1412,10 @@ int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen
     return 0;
 }
 
-int srv_port(const srv_server *s) { return s->port; }
+int srv_port(const srv_server *s)
+{
+    return s->port;
+}
 
 static void load_work(uv_work_t *w)
 {
@@ -1442,8 +1463,8 @@ int srv_run(srv_server *s)
     uv_signal_start(&s->sigint, on_signal, SIGINT);
     uv_signal_start(&s->sigterm, on_signal, SIGTERM);
     signal(SIGPIPE, SIG_IGN);
-    fprintf(stderr, "sieve: listening on http://%s:%d (model '%s' loading)\n", s->cfg.host,
-            s->port, s->model_name);
+    fprintf(stderr, "sieve: listening on http://%s:%d (model '%s' loading)\n", s->cfg.host, s->port,
+            s->model_name);
     s->load_work.data = s;
     uv_queue_work(s->loop, &s->load_work, load_work, load_done);
     run_mhd(s);

@@ -82,8 +82,7 @@ char *srv_metrics_text(const sched_stats *st, const char *model_name, size_t *le
            "Prompt tokens computed (prefix-cache hits excluded).");
     sb_printf(&b, "sieve_prompt_tokens_total %llu\n", (unsigned long long)st->prompt_tokens);
     metric(&b, "sieve_generation_tokens_total", "counter", "Tokens generated.");
-    sb_printf(&b, "sieve_generation_tokens_total %llu\n",
-              (unsigned long long)st->generated_tokens);
+    sb_printf(&b, "sieve_generation_tokens_total %llu\n", (unsigned long long)st->generated_tokens);
     metric(&b, "sieve_preemptions_total", "counter",
            "Sequences preempted (blocks freed, recomputed later) for lack of KV blocks.");
     sb_printf(&b, "sieve_preemptions_total %llu\n", (unsigned long long)st->preemptions);
@@ -108,8 +107,7 @@ char *srv_metrics_text(const sched_stats *st, const char *model_name, size_t *le
            "Prompt tokens whose KV came from the prefix cache.");
     sb_printf(&b, "sieve_prefix_cache_hits_total %llu\n",
               (unsigned long long)st->prefix_hit_tokens);
-    hist(&b, "sieve_time_to_first_token_seconds", "Arrival to first generated token.",
-         &st->ttft);
+    hist(&b, "sieve_time_to_first_token_seconds", "Arrival to first generated token.", &st->ttft);
     hist(&b, "sieve_time_per_output_token_seconds",
          "Mean time between generated tokens of a finished sequence.", &st->tpot);
     hist(&b, "sieve_e2e_request_latency_seconds", "Arrival to finish of a sequence.", &st->e2e);

@@ -178,8 +178,7 @@ static int parse_prompt(json_t *root, const srv_limits *lim, srv_completion_req 
 {
     json_t *p = json_object_get(root, "prompt");
     if (!p || json_is_null(p)) {
-        srv_error_set(err, 400, "invalid_request_error", NULL, "prompt",
-                      "'prompt' is required");
+        srv_error_set(err, 400, "invalid_request_error", NULL, "prompt", "'prompt' is required");
         return -1;
     }
     if (json_is_array(p) && json_array_size(p) == 1 && json_is_string(json_array_get(p, 0)))
@@ -273,8 +272,8 @@ static int parse_stop(json_t *root, srv_completion_req *out, srv_error *err)
  * not implement: refusing them beats answering something else. */
 static int refuse_unsupported(json_t *root, srv_kind kind, srv_error *err)
 {
-    static const char *const fields[] = {"suffix", "tools", "functions", "audio", "modalities",
-                                         "prediction"};
+    static const char *const fields[] = {"suffix", "tools",      "functions",
+                                         "audio",  "modalities", "prediction"};
     for (size_t i = 0; i < sizeof(fields) / sizeof(fields[0]); i++) {
         json_t *v = json_object_get(root, fields[i]);
         if (!v || json_is_null(v) || (json_is_array(v) && json_array_size(v) == 0))
@@ -311,8 +310,7 @@ static int parse_logit_bias(json_t *root, const srv_limits *lim, srv_completion_
     if (!lb || json_is_null(lb))
         return 0;
     if (!json_is_object(lb))
-        return bad(err, "logit_bias", "'%s' must be an object mapping token ids to numbers%s",
-                   "");
+        return bad(err, "logit_bias", "'%s' must be an object mapping token ids to numbers%s", "");
     const size_t n = json_object_size(lb);
     if (n > RT_MAX_LOGIT_BIAS) {
         srv_error_set(err, 400, "invalid_request_error", NULL, "logit_bias",
@@ -563,8 +561,7 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
     }
     if (refuse_unsupported(root, kind, err) != 0)
         goto done;
-    long long max_tokens = 0, top_k = 0, seed = 0, n = 1, best_of = 0, min_tokens = 0,
-              priority = 0;
+    long long max_tokens = 0, top_k = 0, seed = 0, n = 1, best_of = 0, min_tokens = 0, priority = 0;
     bool have_max = false, have_seed = false, have_mct = false, have_best = false;
     if (get_int(root, "max_tokens", 1, lim->n_ctx, &max_tokens, &have_max, err) != 0)
         goto done;
@@ -586,8 +583,7 @@ int srv_parse_request(srv_kind kind, const char *body, size_t len, const srv_lim
         get_int(root, "priority", -1000000, 1000000, &priority, NULL, err) != 0 ||
         get_float(root, "presence_penalty", -2.0, 2.0, &out->sampling.presence_penalty, err) ||
         get_float(root, "frequency_penalty", -2.0, 2.0, &out->sampling.frequency_penalty, err) ||
-        get_float(root, "repetition_penalty", 0.01, 10.0, &out->sampling.repetition_penalty,
-                  err) ||
+        get_float(root, "repetition_penalty", 0.01, 10.0, &out->sampling.repetition_penalty, err) ||
         parse_stream(root, out, err) != 0 || parse_logprobs(root, kind, out, err) != 0 ||
         parse_logit_bias(root, lim, out, err) != 0)
         goto done;
@@ -726,8 +722,8 @@ json_t *srv_completion_json(const char *id, const char *model, long created, con
                             int completion_tokens)
 {
     json_t *choices = json_array();
-    json_array_append_new(choices, srv_choice_json(SRV_COMPLETION, false, 0, text, text_len,
-                                                   false, finish_reason, NULL));
+    json_array_append_new(choices, srv_choice_json(SRV_COMPLETION, false, 0, text, text_len, false,
+                                                   finish_reason, NULL));
     return srv_response_json(SRV_COMPLETION, false, id, model, created, choices,
                              usage_json(prompt_tokens, completion_tokens));
 }
@@ -746,8 +742,8 @@ static json_t *bytes_json(const char *b, size_t n)
     return a;
 }
 
-json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_output *o,
-                          int from, int to, size_t text_base)
+json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_output *o, int from,
+                          int to, size_t text_base)
 {
     char piece[256];
     if (kind == SRV_CHAT) {
@@ -778,8 +774,7 @@ json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_ou
         json_object_set_new(lp, "content", content);
         return lp;
     }
-    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(),
-           *offs = json_array();
+    json_t *tokens = json_array(), *lps = json_array(), *tops = json_array(), *offs = json_array();
     for (int i = from; i < to; i++) {
         size_t n = rt_token_to_bytes(tok, o->tokens[i], piece, sizeof(piece));
         n = n < sizeof(piece) ? n : sizeof(piece);

@@ -59,7 +59,7 @@ typedef struct {
     size_t prompt_len;
     int32_t *prompt_tokens;
     int n_prompt_tokens;
-    int max_tokens;    /* 0 when the request left it to the server */
+    int max_tokens; /* 0 when the request left it to the server */
     rt_sampling sampling;
     bool seed_set;
     char *stop[SCHED_MAX_STOP];
@@ -73,8 +73,8 @@ typedef struct {
     int min_tokens;
     int priority; /* lower is served first (vLLM's convention) */
     bool stream, include_usage;
-    int logprobs; /* -1: none; else the number of top alternatives */
-    bool echo;    /* completions: prepend the prompt */
+    int logprobs;       /* -1: none; else the number of top alternatives */
+    bool echo;          /* completions: prepend the prompt */
     srv_attention attn; /* the "attention" extension, defaults applied */
 } srv_completion_req;
 
@@ -108,8 +108,8 @@ json_t *srv_choice_json(srv_kind kind, bool chunk, int index, const char *text, 
 json_t *srv_usage_json(int prompt_tokens, int completion_tokens);
 /* Logprobs of generated tokens [from, to) in the endpoint's format; text_base
  * is added to completions' text offsets (the echoed prompt's length). */
-json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_output *o,
-                          int from, int to, size_t text_base);
+json_t *srv_logprobs_json(srv_kind kind, const rt_tokenizer *tok, const sched_output *o, int from,
+                          int to, size_t text_base);
 
 /* GET /v1/models; caller decrefs. */
 json_t *srv_models_json(const char *model_name, long created, int n_ctx);

@@ -49,8 +49,8 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
     for (int j0 = 0; j0 <= pos; j0 += KEY_CHUNK) {
         const int j1 = j0 + KEY_CHUNK <= pos + 1 ? j0 + KEY_CHUNK : pos + 1;
         for (int j = j0; j < j1; j++) {
-            const size_t row = a->blocks ? (size_t)a->blocks[blk] * (size_t)bs + (size_t)in_blk
-                                         : (size_t)j;
+            const size_t row =
+                a->blocks ? (size_t)a->blocks[blk] * (size_t)bs + (size_t)in_blk : (size_t)j;
             off[j - j0] = row * (size_t)a->kv_stride + (size_t)kvh * hd;
             if (++in_blk == bs) {
                 in_blk = 0;

@@ -48,8 +48,8 @@ void kern_add_f32(float *y, const float *x, size_t n)
         y[i] += x[i];
 }
 
-void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
-                   int rope_dim, float base)
+void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim, int rope_dim,
+                   float base)
 {
     /* theta_i = pos * base^(-2i/rope_dim), computed per pair; rows share the
      * frequency table so it is built once per call. */

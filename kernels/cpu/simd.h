@@ -11,8 +11,8 @@
 #define KERN_HAVE_AVX2 1
 
 /* The horizontal sums of eight vectors, as one vector: out[i] = sum(v[i]). */
-static inline __m256 kern_hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4,
-                                __m256 a5, __m256 a6, __m256 a7)
+static inline __m256 kern_hsum8(__m256 a0, __m256 a1, __m256 a2, __m256 a3, __m256 a4, __m256 a5,
+                                __m256 a6, __m256 a7)
 {
     const __m256 t0 = _mm256_hadd_ps(a0, a1);
     const __m256 t1 = _mm256_hadd_ps(a2, a3);
@@ -42,8 +42,8 @@ static inline __m256 kern_exp256_neg(__m256 x)
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(1.6666665459e-1f));
     p = _mm256_fmadd_ps(p, r, _mm256_set1_ps(5.0000001201e-1f));
     p = _mm256_fmadd_ps(p, _mm256_mul_ps(r, r), _mm256_add_ps(r, _mm256_set1_ps(1.0f)));
-    const __m256i e = _mm256_slli_epi32(
-        _mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
+    const __m256i e =
+        _mm256_slli_epi32(_mm256_add_epi32(_mm256_cvtps_epi32(n), _mm256_set1_epi32(127)), 23);
     return _mm256_mul_ps(p, _mm256_castsi256_ps(e));
 }
 

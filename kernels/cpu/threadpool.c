@@ -22,7 +22,7 @@ struct kern_pool {
     pthread_t *workers;
     pthread_mutex_t mu;
     pthread_cond_t wake;
-    atomic_uint generation; /* bumped once per job */
+    atomic_uint generation;  /* bumped once per job */
     _Atomic uint64_t ticket; /* generation << 32 | next task index */
     atomic_int done_tasks;
     atomic_bool stop;
@@ -41,8 +41,7 @@ static void drain_tasks(kern_pool *p, unsigned gen)
         do {
             if ((unsigned)(t >> 32) != gen || (uint32_t)t >= (uint32_t)p->n_tasks)
                 return;
-        } while (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1,
-                                                        memory_order_acq_rel,
+        } while (!atomic_compare_exchange_weak_explicit(&p->ticket, &t, t + 1, memory_order_acq_rel,
                                                         memory_order_acquire));
         p->fn(p->ctx, (int)(uint32_t)t, p->n_tasks);
         atomic_fetch_add_explicit(&p->done_tasks, 1, memory_order_release);
@@ -118,7 +117,10 @@ void kern_pool_destroy(kern_pool *p)
     free(p);
 }
 
-int kern_pool_size(const kern_pool *p) { return p ? p->n_threads : 1; }
+int kern_pool_size(const kern_pool *p)
+{
+    return p ? p->n_threads : 1;
+}
 
 void kern_pool_run(kern_pool *p, kern_task_fn fn, void *ctx, int n_tasks)
 {

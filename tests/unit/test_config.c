@@ -196,12 +196,12 @@ static void test_config_load_json_sets_every_kind_of_key(void **state)
                        " \"max_connections\": 10, \"log_requests\": true}";
     if (load(&c, json, err, sizeof err) != 0)
         fail_msg("load failed: %s", err);
-    assert_string_equal(c.model, "/m/x.gguf");         /* string */
+    assert_string_equal(c.model, "/m/x.gguf"); /* string */
     assert_string_equal(c.model_name, "tiny");
     assert_string_equal(c.host, "0.0.0.0");
-    assert_int_equal(c.port, 9001);                      /* int */
+    assert_int_equal(c.port, 9001); /* int */
     assert_int_equal(c.threads, 3);
-    assert_true(c.max_body_bytes == (int64_t)1 << 32);   /* int64 above 2^31 */
+    assert_true(c.max_body_bytes == (int64_t)1 << 32); /* int64 above 2^31 */
     assert_int_equal(c.context_length, 2048);
     assert_int_equal(c.max_running_seqs, 4);
     assert_int_equal(c.max_batch_tokens, 64);
@@ -210,7 +210,7 @@ static void test_config_load_json_sets_every_kind_of_key(void **state)
     assert_int_equal(c.default_max_tokens, 32);
     assert_int_equal(c.connection_timeout_s, 60);
     assert_int_equal(c.max_connections, 10);
-    assert_true(c.log_requests);                         /* bool */
+    assert_true(c.log_requests); /* bool */
 
     /* Loading applies over the current values: keys not named keep theirs. */
     assert_int_equal(load(&c, "{\"log_requests\": false, \"port\": 0}", err, sizeof err), 0);
@@ -344,9 +344,9 @@ static void test_config_underscore_keys_are_ignored(void **state)
     cfg_config c;
     cfg_defaults(&c);
     char err[512];
-    assert_int_equal(load(&c, "{\"_comment\": 5, \"_port\": \"x\", \"_\": [1], \"port\": 81}", err,
-                          sizeof err),
-                     0);
+    assert_int_equal(
+        load(&c, "{\"_comment\": 5, \"_port\": \"x\", \"_\": [1], \"port\": 81}", err, sizeof err),
+        0);
     assert_int_equal(c.port, 81);
 }
 
@@ -444,9 +444,17 @@ static void test_config_flag_value_forms(void **state)
     assert_int_equal(parse(&c, err, sizeof err, sep), 0);
     assert_int_equal(c.port, 9000);
 
-    const char *many[] = {"--model", "/x/y.gguf", "--model-name=m", "--threads", "2",
-                          "--max-body-bytes=4000000000", "--log-requests", "true",
-                          "--max-running-seqs", "3", NULL};
+    const char *many[] = {"--model",
+                          "/x/y.gguf",
+                          "--model-name=m",
+                          "--threads",
+                          "2",
+                          "--max-body-bytes=4000000000",
+                          "--log-requests",
+                          "true",
+                          "--max-running-seqs",
+                          "3",
+                          NULL};
     if (parse(&c, err, sizeof err, many) != 0)
         fail_msg("%s", err);
     assert_string_equal(c.model, "/x/y.gguf");
@@ -607,7 +615,7 @@ static void test_config_env_sets_every_kind_of_key(void **state)
     setenv("SIEVE_PREFIX_CACHING", "false", 1);
     setenv("SIEVE_KV_CACHE_BYTES", "1048576", 1);
     setenv("SIEVE_API_KEYS", " key-one , key-two,k3\n", 1); /* as a mounted secret */
-    setenv("SIEVE_MODEL_NAME", "", 1); /* empty = unset */
+    setenv("SIEVE_MODEL_NAME", "", 1);                      /* empty = unset */
     const char *none[] = {NULL};
     if (parse(&c, err, sizeof err, none) != 0)
         fail_msg("%s", err);

@@ -28,8 +28,8 @@ static int setup(void **state)
     fixture *f = calloc(1, sizeof(*f));
     char err[512];
     rt_model_opts o = {.n_threads = 2, .max_batch_tokens = 512, .n_ctx = 0};
-    if (rt_model_load(&f->model, tu_shared_path("models/stories260K.gguf"), &o, err,
-                      sizeof(err)) != 0) {
+    if (rt_model_load(&f->model, tu_shared_path("models/stories260K.gguf"), &o, err, sizeof(err)) !=
+        0) {
         fprintf(stderr, "load: %s\n", err);
         return -1;
     }
@@ -69,7 +69,9 @@ static void generate(rt_model *m, const int32_t *prompt, int n_prompt, int chunk
     char err[256];
     for (int i = 0; i < n_prompt; i += chunk) {
         const int n = n_prompt - i < chunk ? n_prompt - i : chunk;
-        rt_seq_batch b = {.kv = kv, .tokens = prompt + i, .n_tokens = n,
+        rt_seq_batch b = {.kv = kv,
+                          .tokens = prompt + i,
+                          .n_tokens = n,
                           .logits = i + n == n_prompt ? logits : NULL};
         assert_int_equal(rt_forward(m, &b, 1, err, sizeof(err)), 0);
     }
@@ -160,14 +162,16 @@ static void test_forward_batched_sequences_match_golden(void **state)
         json_ids(json_object_get(c, "completion_token_ids"), want[s], 64);
         kv[s] = rt_kv_create(f->model, np[s] + N_GEN);
         logits[s] = malloc(sizeof(float) * (size_t)n_vocab);
-        b[s] = (rt_seq_batch){.kv = kv[s], .tokens = prompts[s], .n_tokens = np[s], .logits = logits[s]};
+        b[s] = (rt_seq_batch){
+            .kv = kv[s], .tokens = prompts[s], .n_tokens = np[s], .logits = logits[s]};
     }
     char err[256];
     assert_int_equal(rt_forward(f->model, b, ns, err, sizeof(err)), 0);
     for (int t = 0; t < N_GEN; t++) {
         for (int s = 0; s < ns; s++) {
             got[s][t] = rt_argmax(logits[s], n_vocab);
-            b[s] = (rt_seq_batch){.kv = kv[s], .tokens = &got[s][t], .n_tokens = 1, .logits = logits[s]};
+            b[s] = (rt_seq_batch){
+                .kv = kv[s], .tokens = &got[s][t], .n_tokens = 1, .logits = logits[s]};
         }
         if (t + 1 < N_GEN)
             assert_int_equal(rt_forward(f->model, b, ns, err, sizeof(err)), 0);
@@ -214,9 +218,12 @@ static void test_forward_paged_pool_with_scattered_blocks_matches_golden(void **
                 continue;
             }
             const int n = np[s] - past[s] < 3 ? np[s] - past[s] : 3;
-            b[nb++] = (rt_seq_batch){.tokens = prompts[s] + past[s], .n_tokens = n,
+            b[nb++] = (rt_seq_batch){.tokens = prompts[s] + past[s],
+                                     .n_tokens = n,
                                      .logits = past[s] + n == np[s] ? logits[s] : NULL,
-                                     .pool = pool, .blocks = tables[s], .n_blocks = 16,
+                                     .pool = pool,
+                                     .blocks = tables[s],
+                                     .n_blocks = 16,
                                      .n_past = past[s]};
             past[s] += n;
         }
@@ -226,8 +233,12 @@ static void test_forward_paged_pool_with_scattered_blocks_matches_golden(void **
     for (int t = 0; t < N_GEN; t++) {
         for (int s = 0; s < NS; s++) {
             got[s][t] = rt_argmax(logits[s], n_vocab);
-            b[s] = (rt_seq_batch){.tokens = &got[s][t], .n_tokens = 1, .logits = logits[s],
-                                  .pool = pool, .blocks = tables[s], .n_blocks = 16,
+            b[s] = (rt_seq_batch){.tokens = &got[s][t],
+                                  .n_tokens = 1,
+                                  .logits = logits[s],
+                                  .pool = pool,
+                                  .blocks = tables[s],
+                                  .n_blocks = 16,
                                   .n_past = past[s]++};
         }
         if (t + 1 < N_GEN)
@@ -240,8 +251,12 @@ static void test_forward_paged_pool_with_scattered_blocks_matches_golden(void **
     /* A table pointing outside the pool is refused. */
     int32_t bad_table[1] = {NB};
     int32_t tok = 1;
-    rt_seq_batch bad = {.tokens = &tok, .n_tokens = 1, .pool = pool, .blocks = bad_table,
-                        .n_blocks = 1, .n_past = 0};
+    rt_seq_batch bad = {.tokens = &tok,
+                        .n_tokens = 1,
+                        .pool = pool,
+                        .blocks = bad_table,
+                        .n_blocks = 1,
+                        .n_past = 0};
     assert_int_equal(rt_forward(f->model, &bad, 1, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "not in the pool"));
     rt_kv_pool_destroy(pool);

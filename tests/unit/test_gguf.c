@@ -68,8 +68,7 @@ static int setup_model(void **state)
     model_size = model ? fread(model, 1, MODEL_SIZE + 1, f) : 0;
     fclose(f);
     if (model_size != MODEL_SIZE) {
-        fprintf(stderr, "test_gguf: %s is %zu bytes, expected %u\n", path, model_size,
-                MODEL_SIZE);
+        fprintf(stderr, "test_gguf: %s is %zu bytes, expected %u\n", path, model_size, MODEL_SIZE);
         return -1;
     }
     char err[512];
@@ -195,10 +194,22 @@ static void put_uint(wbuf *w, uint64_t v, int bytes)
     put(w, b, (size_t)bytes);
 }
 
-static void put_u8(wbuf *w, uint8_t v) { put_uint(w, v, 1); }
-static void put_u16(wbuf *w, uint16_t v) { put_uint(w, v, 2); }
-static void put_u32(wbuf *w, uint32_t v) { put_uint(w, v, 4); }
-static void put_u64(wbuf *w, uint64_t v) { put_uint(w, v, 8); }
+static void put_u8(wbuf *w, uint8_t v)
+{
+    put_uint(w, v, 1);
+}
+static void put_u16(wbuf *w, uint16_t v)
+{
+    put_uint(w, v, 2);
+}
+static void put_u32(wbuf *w, uint32_t v)
+{
+    put_uint(w, v, 4);
+}
+static void put_u64(wbuf *w, uint64_t v)
+{
+    put_uint(w, v, 8);
+}
 
 static void put_f32(wbuf *w, float f)
 {
@@ -334,7 +345,10 @@ static void check_model(const rt_gguf *g, const uint8_t *base)
     assert_non_null(types);
     assert_int_equal(types->v.arr.type, RT_GGUF_INT32);
     int64_t i;
-    static const struct { uint64_t idx; int64_t want; } tt[] = {{0, 2}, {1, 3}, {3, 6}, {259, 1}};
+    static const struct {
+        uint64_t idx;
+        int64_t want;
+    } tt[] = {{0, 2}, {1, 3}, {3, 6}, {259, 1}};
     for (size_t k = 0; k < sizeof tt / sizeof tt[0]; k++) {
         assert_int_equal(rt_gguf_arr_int(types, tt[k].idx, &i), 0);
         assert_int_equal(i, tt[k].want);
@@ -353,7 +367,11 @@ static void check_model(const rt_gguf *g, const uint8_t *base)
     assert_ptr_equal(t->data, base + MODEL_DATA_OFFSET);
 
     /* First floats of three tensors, bit patterns from GGUFReader. */
-    static const struct { const char *name; uint32_t bits; uint64_t offset; } first[] = {
+    static const struct {
+        const char *name;
+        uint32_t bits;
+        uint64_t offset;
+    } first[] = {
         {"token_embd.weight", 0xbe96e950, 0},
         {"output_norm.weight", 0x401d54ef, 131072},
         {"blk.0.attn_q.weight", 0x3d35d536, 262400},
@@ -839,17 +857,20 @@ static void test_gguf_parses_synthetic_v2_with_every_type(void **state)
     double f;
     bool bo;
     rt_gguf_str s;
-    static const struct { const char *key; uint64_t want; } uints[] = {
-        {"u8", 200}, {"u16", 60000}, {"u32", 4000000000u}, {"u64", UINT64_MAX},
-        {"i32.pos", 123}, {"bool", 1}, {"bool.false", 0},
+    static const struct {
+        const char *key;
+        uint64_t want;
+    } uints[] = {
+        {"u8", 200},      {"u16", 60000}, {"u32", 4000000000u}, {"u64", UINT64_MAX},
+        {"i32.pos", 123}, {"bool", 1},    {"bool.false", 0},
     };
     for (size_t k = 0; k < sizeof uints / sizeof uints[0]; k++) {
         assert_int_equal(rt_gguf_get_uint(g, uints[k].key, &u), 0);
         assert_true(u == uints[k].want);
     }
     /* Negative integers do not convert; non-integers are the wrong type. */
-    static const char *const not_uint[] = {"i8", "i16", "i32", "i64", "f32", "f64", "str",
-                                           "arr.u8"};
+    static const char *const not_uint[] = {"i8",  "i16", "i32", "i64",
+                                           "f32", "f64", "str", "arr.u8"};
     for (size_t k = 0; k < sizeof not_uint / sizeof not_uint[0]; k++)
         assert_int_equal(rt_gguf_get_uint(g, not_uint[k], &u), -2);
     assert_int_equal(rt_gguf_find_kv(g, "i8")->v.i, -100);
@@ -881,12 +902,16 @@ static void test_gguf_parses_synthetic_v2_with_every_type(void **state)
     assert_int_equal(rt_gguf_get_str(g, "missing", &s), -1);
 
     /* Integer arrays through arr_int, every element type. */
-    static const struct { const char *key; uint64_t i; int64_t want; } ints[] = {
-        {"arr.u8", 0, 1},          {"arr.u8", 2, 255},         {"arr.i8", 0, -128},
-        {"arr.i8", 1, 127},        {"arr.u16", 0, 65535},      {"arr.i16", 0, -32768},
-        {"arr.i16", 1, 300},       {"arr.u32", 0, UINT32_MAX}, {"arr.i32", 0, INT32_MIN},
-        {"arr.i32", 2, -5},        {"arr.bool", 0, 1},         {"arr.bool", 1, 0},
-        {"arr.u64", 1, 42},        {"arr.i64", 0, INT64_MIN},  {"arr.i64", 1, -3},
+    static const struct {
+        const char *key;
+        uint64_t i;
+        int64_t want;
+    } ints[] = {
+        {"arr.u8", 0, 1},    {"arr.u8", 2, 255},         {"arr.i8", 0, -128},
+        {"arr.i8", 1, 127},  {"arr.u16", 0, 65535},      {"arr.i16", 0, -32768},
+        {"arr.i16", 1, 300}, {"arr.u32", 0, UINT32_MAX}, {"arr.i32", 0, INT32_MIN},
+        {"arr.i32", 2, -5},  {"arr.bool", 0, 1},         {"arr.bool", 1, 0},
+        {"arr.u64", 1, 42},  {"arr.i64", 0, INT64_MIN},  {"arr.i64", 1, -3},
     };
     for (size_t k = 0; k < sizeof ints / sizeof ints[0]; k++) {
         int64_t v = 0;
@@ -903,13 +928,19 @@ static void test_gguf_parses_synthetic_v2_with_every_type(void **state)
     assert_int_equal(rt_gguf_arr_int(rt_gguf_find_kv(g, "arr.empty"), 0, &iv), -1);
     assert_int_equal(rt_gguf_find_kv(g, "arr.empty")->v.arr.n, 0);
 
-    static const struct { const char *key; uint64_t i; double want; } floats[] = {
-        {"arr.f32", 0, 0.5}, {"arr.f32", 1, -1.25}, {"arr.f64", 0, 1e300},
-        {"arr.i16", 0, -32768.0}, {"arr.u64", 0, 18446744073709551615.0},
+    static const struct {
+        const char *key;
+        uint64_t i;
+        double want;
+    } floats[] = {
+        {"arr.f32", 0, 0.5},
+        {"arr.f32", 1, -1.25},
+        {"arr.f64", 0, 1e300},
+        {"arr.i16", 0, -32768.0},
+        {"arr.u64", 0, 18446744073709551615.0},
     };
     for (size_t k = 0; k < sizeof floats / sizeof floats[0]; k++) {
-        assert_int_equal(rt_gguf_arr_float(rt_gguf_find_kv(g, floats[k].key), floats[k].i, &f),
-                         0);
+        assert_int_equal(rt_gguf_arr_float(rt_gguf_find_kv(g, floats[k].key), floats[k].i, &f), 0);
         assert_true(f == floats[k].want);
     }
     assert_int_equal(rt_gguf_arr_float(rt_gguf_find_kv(g, "arr.f32"), 2, &f), -1);
@@ -1068,22 +1099,26 @@ static void test_gguf_quotes_hostile_names_safely(void **state)
 static void test_gguf_type_table_matches_ggml(void **state)
 {
     (void)state;
-    static const struct { uint32_t type; const char *name; uint64_t block, bytes; } want[] = {
-        {RT_GGML_F32, "F32", 1, 4},         {RT_GGML_F16, "F16", 1, 2},
-        {RT_GGML_BF16, "BF16", 1, 2},       {RT_GGML_Q4_0, "Q4_0", 32, 18},
-        {RT_GGML_Q4_1, "Q4_1", 32, 20},     {RT_GGML_Q5_0, "Q5_0", 32, 22},
-        {RT_GGML_Q5_1, "Q5_1", 32, 24},     {RT_GGML_Q8_0, "Q8_0", 32, 34},
-        {RT_GGML_Q8_1, "Q8_1", 32, 36},     {RT_GGML_Q2_K, "Q2_K", 256, 84},
-        {RT_GGML_Q3_K, "Q3_K", 256, 110},   {RT_GGML_Q4_K, "Q4_K", 256, 144},
-        {RT_GGML_Q5_K, "Q5_K", 256, 176},   {RT_GGML_Q6_K, "Q6_K", 256, 210},
-        {RT_GGML_Q8_K, "Q8_K", 256, 292},   {RT_GGML_IQ2_XXS, "IQ2_XXS", 256, 66},
-        {RT_GGML_IQ2_XS, "IQ2_XS", 256, 74}, {RT_GGML_IQ3_XXS, "IQ3_XXS", 256, 98},
-        {RT_GGML_IQ1_S, "IQ1_S", 256, 50},  {RT_GGML_IQ4_NL, "IQ4_NL", 32, 18},
-        {RT_GGML_IQ3_S, "IQ3_S", 256, 110}, {RT_GGML_IQ2_S, "IQ2_S", 256, 82},
+    static const struct {
+        uint32_t type;
+        const char *name;
+        uint64_t block, bytes;
+    } want[] = {
+        {RT_GGML_F32, "F32", 1, 4},           {RT_GGML_F16, "F16", 1, 2},
+        {RT_GGML_BF16, "BF16", 1, 2},         {RT_GGML_Q4_0, "Q4_0", 32, 18},
+        {RT_GGML_Q4_1, "Q4_1", 32, 20},       {RT_GGML_Q5_0, "Q5_0", 32, 22},
+        {RT_GGML_Q5_1, "Q5_1", 32, 24},       {RT_GGML_Q8_0, "Q8_0", 32, 34},
+        {RT_GGML_Q8_1, "Q8_1", 32, 36},       {RT_GGML_Q2_K, "Q2_K", 256, 84},
+        {RT_GGML_Q3_K, "Q3_K", 256, 110},     {RT_GGML_Q4_K, "Q4_K", 256, 144},
+        {RT_GGML_Q5_K, "Q5_K", 256, 176},     {RT_GGML_Q6_K, "Q6_K", 256, 210},
+        {RT_GGML_Q8_K, "Q8_K", 256, 292},     {RT_GGML_IQ2_XXS, "IQ2_XXS", 256, 66},
+        {RT_GGML_IQ2_XS, "IQ2_XS", 256, 74},  {RT_GGML_IQ3_XXS, "IQ3_XXS", 256, 98},
+        {RT_GGML_IQ1_S, "IQ1_S", 256, 50},    {RT_GGML_IQ4_NL, "IQ4_NL", 32, 18},
+        {RT_GGML_IQ3_S, "IQ3_S", 256, 110},   {RT_GGML_IQ2_S, "IQ2_S", 256, 82},
         {RT_GGML_IQ4_XS, "IQ4_XS", 256, 136}, {RT_GGML_I8, "I8", 1, 1},
-        {RT_GGML_I16, "I16", 1, 2},         {RT_GGML_I32, "I32", 1, 4},
-        {RT_GGML_I64, "I64", 1, 8},         {RT_GGML_F64, "F64", 1, 8},
-        {RT_GGML_IQ1_M, "IQ1_M", 256, 56},  {RT_GGML_TQ1_0, "TQ1_0", 256, 54},
+        {RT_GGML_I16, "I16", 1, 2},           {RT_GGML_I32, "I32", 1, 4},
+        {RT_GGML_I64, "I64", 1, 8},           {RT_GGML_F64, "F64", 1, 8},
+        {RT_GGML_IQ1_M, "IQ1_M", 256, 56},    {RT_GGML_TQ1_0, "TQ1_0", 256, 54},
         {RT_GGML_TQ2_0, "TQ2_0", 256, 66},
     };
     size_t known = 0;

@@ -30,7 +30,10 @@
 
 static uint64_t rng_state;
 
-static void rng_seed(uint64_t s) { rng_state = s ? s : 0x9E3779B97F4A7C15ull; }
+static void rng_seed(uint64_t s)
+{
+    rng_state = s ? s : 0x9E3779B97F4A7C15ull;
+}
 
 static uint64_t xorshift64(void)
 {
@@ -114,8 +117,8 @@ static void check_matmul(kern_pool *pool, int M, int N, int K, int ldx, int ldy)
             const double a = y[(size_t)m * ldy + n], r = ref[(size_t)m * ldy + n];
             const double e = fabs(a - r) / fmax(1.0, fabs(r));
             if (!(e <= tol))
-                fail_msg("matmul M=%d N=%d K=%d: y[%d,%d]=%g ref=%g (rel err %g > %g)", M, N, K,
-                         m, n, a, r, e, tol);
+                fail_msg("matmul M=%d N=%d K=%d: y[%d,%d]=%g ref=%g (rel err %g > %g)", M, N, K, m,
+                         n, a, r, e, tol);
         }
         for (int n = N; n < ldy && m < M - 1; n++) /* padding between rows */
             assert_true(y[(size_t)m * ldy + n] == GUARD);
@@ -204,9 +207,16 @@ static double attention_error(kern_pool *pool, attn_case c)
     fill(out, nq, NAN);
     fill(out + nq, 4, GUARD);
     fill(ref, nq, NAN);
-    kern_attn_args a = {.q = q, .k = k, .v = v, .out = out, .n_q = c.n_q, .ctx_len = c.ctx_len,
-                        .n_heads = c.n_heads, .n_kv_heads = c.n_kv_heads,
-                        .head_dim = c.head_dim, .kv_stride = kv_stride};
+    kern_attn_args a = {.q = q,
+                        .k = k,
+                        .v = v,
+                        .out = out,
+                        .n_q = c.n_q,
+                        .ctx_len = c.ctx_len,
+                        .n_heads = c.n_heads,
+                        .n_kv_heads = c.n_kv_heads,
+                        .head_dim = c.head_dim,
+                        .kv_stride = kv_stride};
     kern_attention_f32(pool, &a);
     a.out = ref;
     kern_attention_ref(&a);
@@ -302,8 +312,16 @@ static void test_attention_first_query_sees_only_the_first_key(void **state)
     float *v = random_floats((size_t)ctx * hd, -1.0f, 1.0f);
     float out[5 * 8];
     fill(out, 40, NAN);
-    kern_attn_args a = {.q = q, .k = k, .v = v, .out = out, .n_q = ctx, .ctx_len = ctx,
-                        .n_heads = 1, .n_kv_heads = 1, .head_dim = hd, .kv_stride = hd};
+    kern_attn_args a = {.q = q,
+                        .k = k,
+                        .v = v,
+                        .out = out,
+                        .n_q = ctx,
+                        .ctx_len = ctx,
+                        .n_heads = 1,
+                        .n_kv_heads = 1,
+                        .head_dim = hd,
+                        .kv_stride = hd};
     kern_attention_f32(NULL, &a);
     for (int i = 0; i < hd; i++)
         assert_true(fabsf(out[i] - v[i]) <= 1e-6f);
@@ -517,9 +535,9 @@ static void test_f16_known_bit_patterns(void **state)
     assert_true(kern_f16_to_f32(0xC000) == -2.0f);
     assert_true(kern_f16_to_f32(0x3555) == (float)(1.0 + 341.0 / 1024.0) / 4.0f);
     assert_true(kern_f16_to_f32(0x7BFF) == 65504.0f);
-    assert_true(kern_f16_to_f32(0x0001) == ldexpf(1.0f, -24)); /* smallest subnormal */
+    assert_true(kern_f16_to_f32(0x0001) == ldexpf(1.0f, -24));    /* smallest subnormal */
     assert_true(kern_f16_to_f32(0x03FF) == ldexpf(1023.0f, -24)); /* largest subnormal */
-    assert_true(kern_f16_to_f32(0x0400) == ldexpf(1.0f, -14));   /* smallest normal */
+    assert_true(kern_f16_to_f32(0x0400) == ldexpf(1.0f, -14));    /* smallest normal */
     assert_true(kern_f16_to_f32(0x7C00) == INFINITY);
     assert_true(kern_f16_to_f32(0xFC00) == -INFINITY);
     assert_int_equal(f32_bits(kern_f16_to_f32(0x0000)), 0x00000000u);
@@ -607,8 +625,8 @@ static void check_pool_runs_every_index_once(kern_pool *pool, int n_jobs)
             atomic_store(&j->count[i], 0);
         kern_pool_run(pool, count_task, j, n);
         if (atomic_load(&j->bad) != 0)
-            fail_msg("pool of %d, job %d (n=%d): %d calls outside the job",
-                     kern_pool_size(pool), r, n, atomic_load(&j->bad));
+            fail_msg("pool of %d, job %d (n=%d): %d calls outside the job", kern_pool_size(pool), r,
+                     n, atomic_load(&j->bad));
         for (int i = 0; i < POOL_MAX_TASKS; i++) {
             const int c = atomic_load(&j->count[i]);
             if (c != (i < n ? 1 : 0))

@@ -29,8 +29,11 @@
 #include "server/openai.h"
 #include "tests/common/testutil.h"
 
-static const srv_limits LIM = {.model_name = "stories260K", .n_vocab = 512, .n_ctx = 2048,
-                               .default_max_tokens = 16, .attention = NULL};
+static const srv_limits LIM = {.model_name = "stories260K",
+                               .n_vocab = 512,
+                               .n_ctx = 2048,
+                               .default_max_tokens = 16,
+                               .attention = NULL};
 
 #define A16 "aaaaaaaaaaaaaaaa"
 #define A256 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16 A16
@@ -240,8 +243,8 @@ static const bad_body BAD[] = {
      "'stream_options' is only allowed when 'stream' is true"},
     {P "\"stream\":false,\"stream_options\":{}}", 400, "stream_options", NULL,
      "only allowed when 'stream' is true"},
-    {P "\"stream\":true,\"stream_options\":{\"include_usage\":\"x\"}}", 400, "stream_options",
-     NULL, "'stream_options.include_usage' must be a boolean"},
+    {P "\"stream\":true,\"stream_options\":{\"include_usage\":\"x\"}}", 400, "stream_options", NULL,
+     "'stream_options.include_usage' must be a boolean"},
     {P "\"stream\":true,\"stream_options\":5}", 400, "stream_options", NULL,
      "'stream_options' must be an object"},
     /* logprobs and echo (completions: logprobs is the number of alternatives) */
@@ -1022,9 +1025,9 @@ static void test_chat_rejects_each_bad_body_with_its_error(void **state)
             failures++;
             print_error("chat row %zu %.100s\n  want %d param=%s code=%s msg~\"%s\"\n"
                         "  got rc=%d %d type=%s param=%s code=%s msg=\"%s\"\n",
-                        i, b->body, b->status, want_param, b->code ? b->code : "(null)",
-                        b->message, rc, rc ? e.status : 0, rc && e.type ? e.type : "(null)",
-                        rc ? e.param : "", rc && e.code ? e.code : "(null)", rc ? e.message : "");
+                        i, b->body, b->status, want_param, b->code ? b->code : "(null)", b->message,
+                        rc, rc ? e.status : 0, rc && e.type ? e.type : "(null)", rc ? e.param : "",
+                        rc && e.code ? e.code : "(null)", rc ? e.message : "");
         }
     }
     assert_int_equal(failures, 0);
@@ -1485,8 +1488,8 @@ static int logprobs_setup(void **state)
     (void)state;
     char err[512];
     rt_model_opts o = {.n_threads = 1, .max_batch_tokens = 64, .n_ctx = 64};
-    if (rt_model_load(&g_model, tu_shared_path("models/stories260K.gguf"), &o, err,
-                      sizeof(err)) != 0) {
+    if (rt_model_load(&g_model, tu_shared_path("models/stories260K.gguf"), &o, err, sizeof(err)) !=
+        0) {
         fprintf(stderr, "cannot load %s: %s\n", tu_shared_path("models/stories260K.gguf"), err);
         return -1;
     }

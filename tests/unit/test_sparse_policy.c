@@ -69,8 +69,11 @@ static void prefill(fixture *f, const rt_attn_policy *pol, int chunk, float *log
     char err[256];
     for (int i = 0; i < N_PROMPT; i += chunk) {
         const int n = N_PROMPT - i < chunk ? N_PROMPT - i : chunk;
-        rt_seq_batch b = {.kv = kv, .tokens = f->prompt + i, .n_tokens = n,
-                          .logits = i + n == N_PROMPT ? logits : NULL, .policy = pol,
+        rt_seq_batch b = {.kv = kv,
+                          .tokens = f->prompt + i,
+                          .n_tokens = n,
+                          .logits = i + n == N_PROMPT ? logits : NULL,
+                          .policy = pol,
                           .stats = st};
         assert_int_equal(rt_forward(f->m, &b, 1, err, sizeof(err)), 0);
     }
