@@ -113,6 +113,11 @@ static const key_def keys[] = {
         "Concurrent HTTP connections; above it new connections are refused."),
     BOOL(log_requests, "--log-requests", "one log line per request",
          "Log one line per finished request to stderr."),
+    INT(request_timeout_s, "--request-timeout-s", 0, 86400, "S",
+        "per-request deadline in seconds (0 = none)",
+        "Seconds a request may take from arrival to its last token, 0..86400. Past it the "
+        "engine stops the request and frees its blocks at the next step; the client gets 504 "
+        "(code 'timeout'), or an error event on a stream. 0 = no deadline. Default 0."),
     JSONSTR(attention, "--attention", "JSON",
             "attention policy defaults, allowed fields, bounds (a JSON object)",
             "Per-request attention policies (README 'Attention policies'): a JSON object with "

@@ -46,6 +46,7 @@ typedef struct {
     bool log_requests;        /* one log line per finished request */
     char chat_template[64];   /* family name; "" = from the model, else "plain" */
     char attention[4096];     /* JSON object: attention policy defaults and bounds */
+    int request_timeout_s;    /* 0 = none; else a request's deadline from arrival */
     int64_t kv_cache_bytes;   /* KV pool budget; 0 = auto */
     int kv_block_size;        /* tokens per KV block */
     bool prefix_caching;      /* reuse KV blocks of identical prompt prefixes */

@@ -511,22 +511,34 @@ static void take_inbox(sched_engine *e, bool block)
     }
 }
 
+static bool past_deadline(const sched_request *r, double now)
+{
+    return r->p.timeout_s > 0 && now - r->t_arrival > r->p.timeout_s;
+}
+
+/* Finishes cancelled requests (all of them when `all`) and those past their
+ * deadline; their blocks are free before the step runs. */
 static void drop_cancelled(sched_engine *e, bool all)
 {
+    const double now = sched_now();
     for (sched_request **pp = &e->waiting; *pp;) {
         sched_request *r = *pp;
-        if (all || atomic_load(&r->cancel)) {
+        const bool late = past_deadline(r, now);
+        if (all || late || atomic_load(&r->cancel)) {
             *pp = r->next;
             e->n_waiting--;
-            finish_request(e, r, SCHED_FINISH_CANCELLED, NULL);
+            finish_request(e, r, late && !all ? SCHED_FINISH_TIMEOUT : SCHED_FINISH_CANCELLED,
+                           late && !all ? "the request's deadline passed" : NULL);
         } else {
             pp = &r->next;
         }
     }
     for (int i = e->n_running - 1; i >= 0; i--) {
         sched_request *r = e->running[i];
-        if (all || atomic_load(&r->cancel))
-            finish_request(e, r, SCHED_FINISH_CANCELLED, NULL);
+        const bool late = past_deadline(r, now);
+        if (all || late || atomic_load(&r->cancel))
+            finish_request(e, r, late && !all ? SCHED_FINISH_TIMEOUT : SCHED_FINISH_CANCELLED,
+                           late && !all ? "the request's deadline passed" : NULL);
     }
 }
 

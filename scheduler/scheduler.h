@@ -30,6 +30,8 @@ typedef enum {
     SCHED_FINISH_STOP,      /* EOS or a stop string */
     SCHED_FINISH_CANCELLED, /* the client went away or the server is stopping */
     SCHED_FINISH_ERROR,     /* the forward pass refused the batch */
+    SCHED_FINISH_TIMEOUT,   /* the request's deadline passed */
+    SCHED_FINISH_COUNT
 } sched_finish;
 
 typedef struct {
@@ -43,6 +45,7 @@ typedef struct {
     int min_tokens;        /* EOS is suppressed until this many tokens exist */
     int logprobs;          /* -1: none; k >= 0: each token's logprob and the top k */
     int priority;          /* lower runs first (vLLM's convention); ties: first come first served */
+    double timeout_s;      /* > 0: finish with SCHED_FINISH_TIMEOUT this long after submit */
     rt_attn_policy policy; /* prefill attention (zeroed: dense) */
 } sched_params;
 
@@ -164,7 +167,7 @@ typedef struct {
     int running;
     int waiting;
     uint64_t requests_finished;
-    uint64_t finished_by_reason[5]; /* indexed by sched_finish */
+    uint64_t finished_by_reason[SCHED_FINISH_COUNT]; /* indexed by sched_finish */
     uint64_t prompt_tokens;         /* prompt tokens computed (prefix hits excluded) */
     uint64_t generated_tokens;
     uint64_t steps;

@@ -297,6 +297,11 @@ static const char *finish_name(const sched_output *o)
 /* A failed or cancelled choice turns the whole response into an error. */
 static bool output_error(const sched_output *o, srv_error *e)
 {
+    if (o->finish == SCHED_FINISH_TIMEOUT) {
+        srv_error_set(e, 504, "server_error", "timeout", NULL,
+                      "the request did not finish within the server's request_timeout_s");
+        return true;
+    }
     if (o->finish == SCHED_FINISH_ERROR) {
         srv_error_set(e, 500, "server_error", NULL, NULL, "generation failed: %s", o->error);
         return true;
@@ -752,6 +757,7 @@ static void tokenize_done(uv_work_t *w, int status)
         p.ignore_eos = q->ignore_eos;
         p.min_tokens = q->min_tokens;
         p.priority = q->priority;
+        p.timeout_s = s->cfg.request_timeout_s;
         srv_attention_resolve(&s->attn_conf, &q->attn, n_prompt, &p.policy);
         p.logprobs = q->logprobs;
         c->reqs[i] = sched_request_create(&p, on_engine_notify, c);

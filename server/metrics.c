@@ -74,8 +74,9 @@ char *srv_metrics_text(const sched_stats *st, const char *model_name, size_t *le
     sb_printf(&b, "sieve_requests_waiting %d\n", st->waiting);
     metric(&b, "sieve_requests_finished_total", "counter",
            "Finished sequences (one per choice) by finish reason.");
-    static const char *reasons[] = {"none", "length", "stop", "cancelled", "error"};
-    for (int i = 1; i < 5; i++)
+    static const char *reasons[SCHED_FINISH_COUNT] = {"none",      "length", "stop",
+                                                      "cancelled", "error",  "timeout"};
+    for (int i = 1; i < SCHED_FINISH_COUNT; i++)
         sb_printf(&b, "sieve_requests_finished_total{reason=\"%s\"} %llu\n", reasons[i],
                   (unsigned long long)st->finished_by_reason[i]);
     metric(&b, "sieve_prompt_tokens_total", "counter",

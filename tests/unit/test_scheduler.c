@@ -31,6 +31,7 @@
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
+#include <time.h>
 
 #include "runtime/model.h"
 #include "runtime/sampler.h"
@@ -223,6 +224,7 @@ static void on_notify(sched_request *r, bool finished, void *user)
 typedef struct {
     int max_tokens, priority, min_tokens, logprobs;
     bool ignore_eos;
+    double timeout_s;
 } req_cfg;
 
 static sched_request *req_open(const int32_t *prompt, int n_prompt, const req_cfg *c, note *nt)
@@ -235,6 +237,7 @@ static sched_request *req_open(const int32_t *prompt, int n_prompt, const req_cf
         .min_tokens = c->min_tokens,
         .logprobs = c->logprobs,
         .priority = c->priority,
+        .timeout_s = c->timeout_s,
     };
     rt_sampling_defaults(&p.sampling);
     p.sampling.temperature = 0.0f;
@@ -741,6 +744,44 @@ static void test_sched_sibling_survives_release_of_its_finished_leader(void **st
 
 /* ---- 8. cancellation ---- */
 
+/* A request past its deadline, running or waiting, finishes with TIMEOUT at the
+ * next step and gives its blocks back; one without a deadline carries on. */
+static void test_sched_deadline_finishes_late_requests(void **state)
+{
+    (void)state;
+    bench b;
+    bench_open(&b, &(bench_cfg){.blocks = 16, .batch = 64, .running = 1, .ctx = 64});
+    int32_t pa[8], pb[8], pc[8];
+    make_prompt(pa, 8, 60);
+    make_prompt(pb, 8, 61);
+    make_prompt(pc, 8, 62);
+    note na = {0}, nb = {0}, nc = {0};
+    const req_cfg late = {.max_tokens = 40, .logprobs = -1, .timeout_s = 0.05};
+    sched_request *a = req_open(pa, 8, &late, &na);
+    sched_request *bq = req_open(pb, 8, &late, &nb);
+    sched_request *c = req_simple(pc, 8, 4, 0, &nc);
+    assert_int_equal(sched_submit(b.e, a), SCHED_OK);
+    assert_int_equal(sched_submit(b.e, bq), SCHED_OK);
+    assert_int_equal(sched_submit(b.e, c), SCHED_OK);
+    step_expect(&b, 1, (entry[]){{a, 8, 0, true}});
+    struct timespec ts = {0, 80 * 1000 * 1000};
+    nanosleep(&ts, NULL);
+    step_expect(&b, 1, (entry[]){{c, 8, 0, true}}); /* a and bq are dropped first */
+    assert_finished(a, SCHED_FINISH_TIMEOUT, 1);
+    assert_finished(bq, SCHED_FINISH_TIMEOUT, 0);
+    assert_notified_once(&na);
+    assert_notified_once(&nb);
+    run_until_finished(&b, c, 10);
+    assert_finished(c, SCHED_FINISH_LENGTH, 4);
+    sched_stats s = stats_of(&b);
+    assert_int_equal(s.finished_by_reason[SCHED_FINISH_TIMEOUT], 2);
+    assert_int_equal(s.kv_blocks_used, 0);
+    sched_request_release(a);
+    sched_request_release(bq);
+    sched_request_release(c);
+    bench_close(&b);
+}
+
 static void test_sched_cancel_finishes_running_and_waiting_at_next_step(void **state)
 {
     (void)state;
@@ -1189,6 +1230,7 @@ int main(void)
         cmocka_unit_test(test_sched_sibling_waits_for_first_choice_prefill_then_hits_its_blocks),
         cmocka_unit_test(test_sched_sibling_survives_release_of_its_finished_leader),
         cmocka_unit_test(test_sched_cancel_finishes_running_and_waiting_at_next_step),
+        cmocka_unit_test(test_sched_deadline_finishes_late_requests),
         cmocka_unit_test(test_sched_cancel_all_and_destroy_cancel_everything_outstanding),
         cmocka_unit_test(test_sched_submit_refuses_too_long_and_queue_full),
         cmocka_unit_test(test_sched_request_accepted_by_submit_runs_in_an_idle_pool),
