@@ -118,6 +118,20 @@ static const key_def keys[] = {
         "Seconds a request may take from arrival to its last token, 0..86400. Past it the "
         "engine stops the request and frees its blocks at the next step; the client gets 504 "
         "(code 'timeout'), or an error event on a stream. 0 = no deadline. Default 0."),
+    STR(cors_origins, "--cors-origins", "ORIGINS",
+        "CORS: \"*\" or comma-separated origins (\"\" = off)",
+        "Cross-origin requests from browsers: \"*\" allows any origin, a comma-separated list "
+        "allows those origins (the matching one is echoed), \"\" sends no CORS headers. "
+        "Preflight OPTIONS requests are answered with 204. Default \"\"."),
+    STR(tls_cert_file, "--tls-cert-file", "PATH", "PEM certificate: serve HTTPS",
+        "PEM certificate (chain) file; together with tls_key_file the server speaks HTTPS "
+        "(libmicrohttpd with GnuTLS). Both empty: plain HTTP. Default \"\"."),
+    STR(tls_key_file, "--tls-key-file", "PATH", "PEM private key for --tls-cert-file",
+        "PEM private key of tls_cert_file. Default \"\"."),
+    INT(max_header_bytes, "--max-header-bytes", 4096, 1 << 24, "N",
+        "per-connection memory for headers (431 past it)",
+        "Memory per connection for the request line and headers, 4096..16777216 bytes; a "
+        "request whose headers do not fit gets 431. Default 32768."),
     JSONSTR(attention, "--attention", "JSON",
             "attention policy defaults, allowed fields, bounds (a JSON object)",
             "Per-request attention policies (README 'Attention policies'): a JSON object with "
@@ -194,6 +208,7 @@ void cfg_defaults(cfg_config *c)
     c->kv_cache_bytes = 0;
     c->kv_block_size = 16;
     c->prefix_caching = true;
+    c->max_header_bytes = 32768;
     c->n_api_keys = 0;
     c->api_key_file[0] = '\0';
 }
@@ -1024,6 +1039,11 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen)
                  "config key 'max_batch_tokens': %d is less than max_running_seqs (%d); every "
                  "running sequence needs a token in each step",
                  c->max_batch_tokens, c->max_running_seqs);
+        return -1;
+    }
+    if (!c->tls_cert_file[0] != !c->tls_key_file[0]) {
+        snprintf(err, errlen, "config keys 'tls_cert_file' and 'tls_key_file': set both (HTTPS) "
+                              "or neither (HTTP)");
         return -1;
     }
     if (!c->model[0]) {

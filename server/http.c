@@ -117,6 +117,8 @@ struct srv_server {
     int port;
     int active;       /* connections whose requests are with the worker pool or engine */
     bool model_ready; /* model loaded and engine running (loop thread) */
+    int n_conns;      /* open connections (MHD connection notifications) */
+    char *tls_cert, *tls_key; /* PEM texts, kept for the daemon's lifetime */
     bool load_failed;
     int exit_code;
     uv_work_t load_work;
@@ -149,6 +151,42 @@ static const char *retry_header(int status)
     return status == 429 || status == 503 ? "Retry-After" : NULL;
 }
 
+/* CORS: the allowed origin to echo for this request, or NULL. */
+static const char *cors_origin(const conn *c)
+{
+    const char *conf = c->srv->cfg.cors_origins;
+    if (!conf[0])
+        return NULL;
+    if (strcmp(conf, "*") == 0)
+        return "*";
+    const char *origin = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Origin");
+    if (!origin)
+        return NULL;
+    const size_t n = strlen(origin);
+    for (const char *p = conf; *p;) {
+        const char *end = strchr(p, ',');
+        const size_t len = end ? (size_t)(end - p) : strlen(p);
+        while (*p == ' ' && len > 0)
+            p++;
+        if (len == n && strncmp(p, origin, n) == 0)
+            return origin;
+        if (!end)
+            break;
+        p = end + 1;
+    }
+    return NULL;
+}
+
+static void add_cors(const conn *c, struct MHD_Response *r)
+{
+    const char *o = cors_origin(c);
+    if (!o)
+        return;
+    MHD_add_response_header(r, "Access-Control-Allow-Origin", o);
+    if (strcmp(o, "*") != 0)
+        MHD_add_response_header(r, "Vary", "Origin");
+}
+
 static enum MHD_Result queue_body(conn *c, int status, char *body, const char *extra_header,
                                   const char *extra_value)
 {
@@ -162,6 +200,7 @@ static enum MHD_Result queue_body(conn *c, int status, char *body, const char *e
     MHD_add_response_header(r, "Content-Type", "application/json");
     if (extra_header)
         MHD_add_response_header(r, extra_header, extra_value);
+    add_cors(c, r);
     enum MHD_Result ret = MHD_queue_response(c->mc, (unsigned)status, r);
     MHD_destroy_response(r);
     c->http_status = status;
@@ -995,6 +1034,21 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
     srv_server *s = c->srv;
     srv_error e;
     const char *allow = NULL;
+    if (strcmp(method, "OPTIONS") == 0 && s->cfg.cors_origins[0]) {
+        /* A CORS preflight: what a browser may send. */
+        struct MHD_Response *r = MHD_create_response_from_buffer(0, "", MHD_RESPMEM_PERSISTENT);
+        if (!r)
+            return MHD_NO;
+        add_cors(c, r);
+        MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers",
+                                "Authorization, Content-Type");
+        MHD_add_response_header(r, "Access-Control-Max-Age", "86400");
+        c->http_status = 204;
+        enum MHD_Result ret = MHD_queue_response(c->mc, 204, r);
+        MHD_destroy_response(r);
+        return ret;
+    }
     if (needs_key(url) && !authorized(s, c->mc)) {
         const bool sent = MHD_lookup_connection_value(c->mc, MHD_HEADER_KIND, "Authorization");
         srv_error_set(&e, 401, "invalid_request_error", "invalid_api_key", NULL,
@@ -1061,6 +1115,7 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
                 return MHD_NO;
             }
             MHD_add_response_header(r, "Content-Type", "text/plain; version=0.0.4");
+            add_cors(c, r);
             c->http_status = 200;
             enum MHD_Result ret = MHD_queue_response(c->mc, MHD_HTTP_OK, r);
             MHD_destroy_response(r);
@@ -1137,6 +1192,15 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         snprintf(c->method, sizeof(c->method), "%s", method);
         snprintf(c->path, sizeof(c->path), "%s", url);
         *con_cls = c;
+        if (s->n_conns > s->cfg.max_connections) {
+            /* Past the limit: answer 503 and close rather than leave the client
+             * with a reset (libmicrohttpd's own cap sits a little higher). */
+            srv_error e;
+            srv_error_set(&e, 503, "server_error", "too_many_connections", NULL,
+                          "the server has %d open connections (max_connections); retry later",
+                          s->n_conns - 1);
+            return queue_error(c, &e);
+        }
         /* Refuse an announced oversized body before reading it. */
         const char *cl = MHD_lookup_connection_value(mc, MHD_HEADER_KIND, "Content-Length");
         if (cl && strtoull(cl, NULL, 10) > (unsigned long long)s->cfg.max_body_bytes) {
@@ -1186,6 +1250,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
             return MHD_NO;
         MHD_add_response_header(r, "Content-Type", "text/event-stream");
         MHD_add_response_header(r, "Cache-Control", "no-cache");
+        add_cors(c, r);
         c->http_status = 200;
         enum MHD_Result ret = MHD_queue_response(mc, MHD_HTTP_OK, r);
         MHD_destroy_response(r);
@@ -1274,6 +1339,33 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
     if (c->creq.stream && c->n_choices > 0)
         s->active--; /* a stream that ran to its end */
     free_conn(c);
+}
+
+static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_context,
+                          enum MHD_ConnectionNotificationCode toe)
+{
+    srv_server *s = cls;
+    s->n_conns += toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1;
+}
+
+/* The whole of a small text file (PEM), NUL-terminated; NULL with err. */
+static char *read_text_file(const char *path, char *err, size_t errlen)
+{
+    FILE *f = fopen(path, "rb");
+    if (!f) {
+        snprintf(err, errlen, "cannot open '%s'", path);
+        return NULL;
+    }
+    char *buf = malloc(1 << 20);
+    size_t n = buf ? fread(buf, 1, (1 << 20) - 1, f) : 0;
+    fclose(f);
+    if (!buf || n == 0) {
+        free(buf);
+        snprintf(err, errlen, "'%s' is empty or unreadable", path);
+        return NULL;
+    }
+    buf[n] = 0;
+    return buf;
 }
 
 /* ---- lifecycle ---------------------------------------------------------- */
@@ -1401,11 +1493,40 @@ int srv_create(srv_server **out, const cfg_config *cfg, char *err, size_t errlen
         srv_destroy(s);
         return -1;
     }
-    s->d = MHD_start_daemon(flags, (uint16_t)cfg->port, NULL, NULL, on_request, s,
-                            MHD_OPTION_SOCK_ADDR, sa, MHD_OPTION_NOTIFY_COMPLETED, on_completed, s,
-                            MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
-                            MHD_OPTION_CONNECTION_LIMIT, (unsigned)cfg->max_connections,
-                            MHD_OPTION_END);
+    if (cfg->tls_cert_file[0]) {
+        char e2[512];
+        if (MHD_is_feature_supported(MHD_FEATURE_TLS) != MHD_YES) {
+            snprintf(err, errlen, "TLS is configured but this libmicrohttpd has no TLS support");
+            srv_destroy(s);
+            return -1;
+        }
+        s->tls_cert = read_text_file(cfg->tls_cert_file, e2, sizeof(e2));
+        s->tls_key = s->tls_cert ? read_text_file(cfg->tls_key_file, e2, sizeof(e2)) : NULL;
+        if (!s->tls_key) {
+            snprintf(err, errlen, "TLS: %s", e2);
+            srv_destroy(s);
+            return -1;
+        }
+        flags |= MHD_USE_TLS;
+    }
+    /* libmicrohttpd's hard cap sits above max_connections so that the extra
+     * connections can be told 503 instead of being dropped. */
+    const unsigned hard_cap = (unsigned)cfg->max_connections + 64;
+    if (s->tls_cert)
+        s->d = MHD_start_daemon(
+            flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, sa,
+            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
+            on_connection, s, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
+            MHD_OPTION_CONNECTION_LIMIT, hard_cap, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+            (size_t)cfg->max_header_bytes, MHD_OPTION_HTTPS_MEM_CERT, s->tls_cert,
+            MHD_OPTION_HTTPS_MEM_KEY, s->tls_key, MHD_OPTION_END);
+    else
+        s->d = MHD_start_daemon(
+            flags, (uint16_t)cfg->port, NULL, NULL, on_request, s, MHD_OPTION_SOCK_ADDR, sa,
+            MHD_OPTION_NOTIFY_COMPLETED, on_completed, s, MHD_OPTION_NOTIFY_CONNECTION,
+            on_connection, s, MHD_OPTION_CONNECTION_TIMEOUT, (unsigned)cfg->connection_timeout_s,
+            MHD_OPTION_CONNECTION_LIMIT, hard_cap, MHD_OPTION_CONNECTION_MEMORY_LIMIT,
+            (size_t)cfg->max_header_bytes, MHD_OPTION_END);
     if (!s->d) {
         snprintf(err, errlen, "cannot listen on %s:%d (address in use or not permitted?)",
                  cfg->host, cfg->port);
@@ -1498,6 +1619,8 @@ void srv_destroy(srv_server *s)
         close(s->listen_fd);
     sched_engine_destroy(s->engine);
     rt_model_destroy(s->model);
+    free(s->tls_cert);
+    free(s->tls_key);
     pthread_mutex_destroy(&s->done_mu);
     free(s);
 }
