@@ -410,6 +410,12 @@ static void finish_request(sched_engine *e, sched_request *r, sched_finish why, 
     e->n_outstanding--;
     e->stats.requests_finished++;
     e->stats.finished_by_reason[why]++;
+    const int pol = (int)r->p.policy.prefill;
+    if (pol >= 0 && pol < 3) {
+        e->stats.policy_requests[pol]++;
+        e->stats.policy_blocks_computed[pol] += (uint64_t)r->attn.computed;
+        e->stats.policy_blocks_causal[pol] += (uint64_t)r->attn.causal;
+    }
     if (why == SCHED_FINISH_STOP || why == SCHED_FINISH_LENGTH) {
         sched_hist_observe(&e->stats.e2e, now - r->t_arrival);
         if (n_tokens > 1)

@@ -177,6 +177,9 @@ typedef struct {
     int kv_block_size;
     size_t kv_bytes_per_token;
     sched_hist ttft, tpot, e2e, step_time, batch_tokens;
+    /* Per prefill policy (rt_prefill_policy): finished sequences, and the
+     * attention blocks they computed out of the causal ones. */
+    uint64_t policy_requests[3], policy_blocks_computed[3], policy_blocks_causal[3];
 } sched_stats;
 
 void sched_engine_stats(sched_engine *e, sched_stats *out);

@@ -108,6 +108,22 @@ char *srv_metrics_text(const sched_stats *st, const char *model_name, size_t *le
            "Prompt tokens whose KV came from the prefix cache.");
     sb_printf(&b, "sieve_prefix_cache_hits_total %llu\n",
               (unsigned long long)st->prefix_hit_tokens);
+    static const char *policies[3] = {"dense", "flex", "power"};
+    metric(&b, "sieve_prefill_requests_total", "counter",
+           "Finished sequences by prefill attention policy.");
+    for (int i = 0; i < 3; i++)
+        sb_printf(&b, "sieve_prefill_requests_total{policy=\"%s\"} %llu\n", policies[i],
+                  (unsigned long long)st->policy_requests[i]);
+    metric(&b, "sieve_prefill_blocks_computed_total", "counter",
+           "Attention blocks computed under sparse policies (density numerator).");
+    for (int i = 1; i < 3; i++)
+        sb_printf(&b, "sieve_prefill_blocks_computed_total{policy=\"%s\"} %llu\n", policies[i],
+                  (unsigned long long)st->policy_blocks_computed[i]);
+    metric(&b, "sieve_prefill_blocks_causal_total", "counter",
+           "Causal attention blocks of sequences under sparse policies (density denominator).");
+    for (int i = 1; i < 3; i++)
+        sb_printf(&b, "sieve_prefill_blocks_causal_total{policy=\"%s\"} %llu\n", policies[i],
+                  (unsigned long long)st->policy_blocks_causal[i]);
     hist(&b, "sieve_time_to_first_token_seconds", "Arrival to first generated token.", &st->ttft);
     hist(&b, "sieve_time_per_output_token_seconds",
          "Mean time between generated tokens of a finished sequence.", &st->tpot);

@@ -83,6 +83,24 @@ class AttentionTest(unittest.TestCase):
         self.assertIn("sieve", events[-1])
         self.assertLess(events[-1]["sieve"]["prefill_density"], 1.0)
 
+    def test_metrics_count_requests_and_blocks_per_policy(self):
+        def metrics():
+            _, _, data = self.srv.request("GET", "/metrics")
+            out = {}
+            for line in data.decode().splitlines():
+                if line.startswith("sieve_prefill_"):
+                    name, value = line.rsplit(" ", 1)
+                    out[name] = float(value)
+            return out
+        before = metrics()
+        self.complete({"prefill": "flex", "flex": dict(FLEX, gamma=0.9)})
+        after = metrics()
+        key = 'sieve_prefill_requests_total{policy="flex"}'
+        self.assertEqual(after[key], before[key] + 1)
+        comp = 'sieve_prefill_blocks_computed_total{policy="flex"}'
+        caus = 'sieve_prefill_blocks_causal_total{policy="flex"}'
+        self.assertGreater(after[caus] - before[caus], after[comp] - before[comp])
+
     def test_bad_attention_objects_get_400_naming_the_field(self):
         cases = [
             ({"prefill": "sparse"}, "attention.prefill"),
