@@ -7,7 +7,10 @@
  * (no HTTP), so it is the engine's ceiling.
  *
  *   bench_runtime [--model PATH] [--threads N] [--prompt-tokens N]
- *                 [--gen-tokens N] [--runs N] [--batch N] [--seqs N]
+ *                 [--gen-tokens N] [--runs N] [--batch N] [--seqs N] [--tp N]
+ *
+ * --tp N splits the model over N tensor-parallel ranks (rt_model_opts.tp),
+ * each with max(1, threads / N) compute threads.
  */
 #include <stdio.h>
 #include <stdlib.h>
@@ -54,7 +57,7 @@ int main(int argc, char **argv)
     char model_path[1024];
     snprintf(model_path, sizeof(model_path), "%s/models/stories260K.gguf",
              shared ? shared : "../shared");
-    int threads = 0, n_prompt = 1499, n_gen = 128, runs = 5, batch = 512, seqs = 16;
+    int threads = 0, n_prompt = 1499, n_gen = 128, runs = 5, batch = 512, seqs = 16, tp = 1;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model"))
             snprintf(model_path, sizeof(model_path), "%s", argv[i + 1]);
@@ -70,6 +73,8 @@ int main(int argc, char **argv)
             batch = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--seqs"))
             seqs = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--tp"))
+            tp = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
@@ -79,7 +84,7 @@ int main(int argc, char **argv)
         threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
     if (runs < 1 || runs > 100 || n_prompt < 17 || n_gen < 1 || seqs < 1 || seqs > 256)
         return 2;
-    rt_model_opts o = {.n_threads = threads, .max_batch_tokens = batch, .n_ctx = 0};
+    rt_model_opts o = {.n_threads = threads, .max_batch_tokens = batch, .n_ctx = 0, .tp = tp};
     rt_model *m;
     char err[512];
     if (rt_model_load(&m, model_path, &o, err, sizeof(err)) != 0) {
@@ -126,8 +131,8 @@ int main(int argc, char **argv)
     const rt_hparams *hp = rt_model_hparams(m);
     printf("model            %s (dim %d, %d layers, vocab %d)\n", model_path, hp->dim,
            hp->n_layers, hp->n_vocab);
-    printf("threads          %d, prefill chunk %d tokens, %d runs (median)\n", threads, batch,
-           runs);
+    printf("threads          %d, tp %d, prefill chunk %d tokens, %d runs (median)\n", threads, tp,
+           batch, runs);
     printf("prefill          %d tokens: %.0f tok/s (%.3f s)\n", n_prompt, median(prefill, runs),
            n_prompt / median(prefill, runs));
     printf("decode           %d tokens: %.0f tok/s\n", n_gen, median(decode, runs));

@@ -22,10 +22,10 @@
  * needle error is the relative L2 error of a row (all heads).
  *
  * Synthetic inputs, in score units (q.k / sqrt(D)), varying per query head:
- * a sink at key 0 (score 9 to 13.5), a local bias peaking at 6 to 10 at
+ * a sink at key 0 (score 12 to 15), a local bias peaking at 6 to 10 at
  * distance 0 and fading with distance (32 rotating dimension pairs with
  * periods 4 to 4096 tokens, as RoPE makes them; beyond 1K tokens it is noise of
- * about +-1.4), noise of standard deviation 0.34 to 0.67, and 4 needle keys (at 5%,
+ * about +-1.4), noise of standard deviation 0.3 to 0.6, and 4 needle keys (at 5%,
  * 20%, 35% and 45% of the prompt) that 32 rows retrieve with score 20, as the
  * question at the end of a needle-in-a-haystack prompt would: 24 rows in the
  * last 128 (FlexPrefill's probe block, 6 per needle) and 8 in the 2K rows
@@ -113,12 +113,24 @@ static float noise(uint64_t *s)
 static const float needle_score = 20.0f;
 
 /* Per query head h: sink score factor, local amplitude factor and noise. */
-static float head_sink(int h) { return 3.0f + 1.5f * (float)((h * 7) % HQ) / (HQ - 1); }
-static float head_local(int h) { return 0.75f + 0.5f * (float)((h * 13) % HQ) / (HQ - 1); }
-static float head_noise(int h) { return 0.5f + 0.5f * (float)((h * 5) % HQ) / (HQ - 1); }
+static float head_sink(int h)
+{
+    return 4.0f + (float)((h * 7) % HQ) / (HQ - 1);
+}
+static float head_local(int h)
+{
+    return 0.75f + 0.5f * (float)((h * 13) % HQ) / (HQ - 1);
+}
+static float head_noise(int h)
+{
+    return 0.45f + 0.45f * (float)((h * 5) % HQ) / (HQ - 1);
+}
 
 #define N_FREQ 32
-static float omega(int f) { return 6.2831853f / (4.0f * powf(1024.0f, (float)f / (N_FREQ - 1))); }
+static float omega(int f)
+{
+    return 6.2831853f / (4.0f * powf(1024.0f, (float)f / (N_FREQ - 1)));
+}
 
 /* Dimensions: 0 sink, 1..5 needles, 6..69 local pairs, 70.. noise. */
 #define DIM_LOCAL 6
@@ -205,9 +217,18 @@ static int problem_init(problem *p, int n, kern_pool *pool)
     for (int i = N_PROBE_NEEDLE_ROWS; i < N_NEEDLE_ROWS; i++)
         p->needle_row[i] = n - 2048 + 31 + 211 * (i - N_PROBE_NEEDLE_ROWS); /* before it */
     p->needle_row[N_NEEDLE_ROWS] = n - 1000; /* the hidden needle's only row */
-    p->a = (kern_attn_args){.q = p->q, .k = p->k, .v = p->v, .out = p->out, .n_q = n,
-                            .ctx_len = n, .n_heads = HQ, .n_kv_heads = HKV, .head_dim = HD,
-                            .kv_stride = HKV * HD, .blocks = p->table, .block_size = PAGE};
+    p->a = (kern_attn_args){.q = p->q,
+                            .k = p->k,
+                            .v = p->v,
+                            .out = p->out,
+                            .n_q = n,
+                            .ctx_len = n,
+                            .n_heads = HQ,
+                            .n_kv_heads = HKV,
+                            .head_dim = HD,
+                            .kv_stride = HKV * HD,
+                            .blocks = p->table,
+                            .block_size = PAGE};
     gen_job g = {p, 256};
     kern_pool_run(pool, gen_task, &g, (n + 255) / 256);
     return 0;
@@ -226,9 +247,9 @@ static void problem_free(problem *p)
 
 typedef struct {
     int n_rows;
-    int *row;     /* query row index */
-    int *kind;    /* 0 checked, 1 needle, 2 hidden needle */
-    float *ref;   /* n_rows * HQ * HD */
+    int *row;   /* query row index */
+    int *kind;  /* 0 checked, 1 needle, 2 hidden needle */
+    float *ref; /* n_rows * HQ * HD */
 } refs;
 
 static void refs_add(refs *r, int row, int kind)
@@ -260,7 +281,7 @@ static void dense_row(kern_pool *pool, const problem *p, int row, float *out)
 typedef struct {
     const char *name;
     double wall, cpu, select_wall, density;
-    double err_checked, err_needle_abs, err_needle_rel, err_hidden_rel;
+    double err_checked, mean_rel, err_needle_abs, err_needle_rel, err_hidden_rel;
     int n_query_aware;
 } result;
 
@@ -277,13 +298,19 @@ static double row_rel_l2(const float *x, const float *ref, size_t n)
 static void measure_errors(const problem *p, const refs *rf, result *res)
 {
     const size_t w = (size_t)HQ * HD;
-    res->err_checked = res->err_needle_abs = res->err_needle_rel = res->err_hidden_rel = 0.0;
+    res->err_checked = res->mean_rel = res->err_needle_abs = res->err_needle_rel = 0.0;
+    res->err_hidden_rel = 0.0;
+    int n_mean = 0;
     for (int i = 0; i < rf->n_rows; i++) {
         const float *o = p->out + (size_t)rf->row[i] * w, *r = rf->ref + (size_t)i * w;
         double e = 0.0;
         for (size_t j = 0; j < w; j++)
             e = fmax(e, fabs((double)o[j] - r[j]));
-        res->err_checked = fmax(res->err_checked, e);
+        if (rf->kind[i] != 2) {
+            res->err_checked = fmax(res->err_checked, e);
+            res->mean_rel += row_rel_l2(o, r, w);
+            n_mean++;
+        }
         if (rf->kind[i] == 1) {
             res->err_needle_abs = fmax(res->err_needle_abs, e);
             res->err_needle_rel = fmax(res->err_needle_rel, row_rel_l2(o, r, w));
@@ -291,6 +318,7 @@ static void measure_errors(const problem *p, const refs *rf, result *res)
             res->err_hidden_rel = row_rel_l2(o, r, w);
         }
     }
+    res->mean_rel /= n_mean > 0 ? n_mean : 1;
 }
 
 static void usage(void)
@@ -332,16 +360,16 @@ int main(int argc, char **argv)
     printf("bench_sparse: prefill attention, %d query heads, %d KV heads, head dim %d, "
            "%d threads, K/V in shuffled %d-token pages; load average at start %.2f\n",
            HQ, HKV, HD, threads, PAGE, load_avg());
-    printf("synthetic: per-head sink score 9-13.5, local peak 6-10 fading with distance, "
-           "noise sd 0.34-0.67; "
+    printf("synthetic: per-head sink score 12-15, local peak 6-10 fading with distance, "
+           "noise sd 0.3-0.6; "
            "4 needles (score %.0f) retrieved by %d rows, %d of them in the probe block; "
            "1 hidden needle retrieved by 1 row outside it\n",
            needle_score, N_NEEDLE_ROWS, N_PROBE_NEEDLE_ROWS);
     printf("dense = kern_attention_f32; tiled = block-sparse kernel with every causal block; "
            "flex: tau 0.1, min_budget 1024, B 128; power: B 64, W 5\n\n");
-    printf("%6s  %-15s %9s %9s %8s %8s %8s %7s %3s %10s %10s %10s %10s\n", "N", "method",
-           "time s", "cpu s", "vs dense", "vs tiled", "density", "sel s", "qa", "max|err|",
-           "needle|e|", "needle rel", "hidden rel");
+    printf("%6s  %-15s %8s %8s %13s %13s %7s %6s %3s %9s %9s %9s %9s %9s\n", "N", "method",
+           "wall s", "cpu s", "x dense w/c", "x tiled w/c", "density", "sel s", "qa", "max|err|",
+           "mean rel", "needle|e|", "needle rel", "hidden rel");
     int all_ok = 1;
     for (int si = 0; si < n_sizes; si++) {
         const int n = sizes[si];
@@ -414,12 +442,16 @@ int main(int argc, char **argv)
         free(cbits);
         free(tiled_chunk);
         free(dense_chunk);
-        printf("%6d  %-15s %8.2f%s %8.2f%s %7.2fx %7.2fx %8.4f %7s %3s %10s %10s %10s %10s\n", n,
-               "dense", dense_wall, full ? " " : "*", dense_cpu, full ? " " : "*", 1.0,
-               dense_wall / tiled_wall, 1.0, "-", "-", "0", "0", "0", "0");
-        printf("%6d  %-15s %8.2f%s %8.2f%s %7.2fx %7.2fx %8.4f %7s %3s %10.2e %10s %10s %10s\n", n,
-               "tiled", tiled_wall, full ? " " : "*", tiled_cpu, full ? " " : "*",
-               dense_wall / tiled_wall, 1.0, 1.0, "-", "-", tiled_diff, "(last R)", "-", "-");
+        const char *mark = full ? " " : "*";
+        printf("%6d  %-15s %7.2f%s %7.2f%s %6.2f/%-6.2f %6.2f/%-6.2f %7.4f %6s %3s %9s %9s %9s %9s "
+               "%9s\n",
+               n, "dense", dense_wall, mark, dense_cpu, mark, 1.0, 1.0, dense_wall / tiled_wall,
+               dense_cpu / tiled_cpu, 1.0, "-", "-", "-", "-", "-", "-", "-");
+        printf(
+            "%6d  %-15s %7.2f%s %7.2f%s %6.2f/%-6.2f %6.2f/%-6.2f %7.4f %6s %3s %9.2e %9s %9s %9s "
+            "%9s\n",
+            n, "tiled", tiled_wall, mark, tiled_cpu, mark, dense_wall / tiled_wall,
+            dense_cpu / tiled_cpu, 1.0, 1.0, 1.0, "-", "-", tiled_diff, "(last R)", "-", "-", "-");
         fflush(stdout);
         /* Sparse methods, full prefill. */
         kern_flex_ws *ws = kern_flex_ws_create(n, HQ, HKV, HD, 128, threads);
@@ -485,25 +517,28 @@ int main(int argc, char **argv)
             char sel[16] = "-";
             if (methods[mi].uni >= 0)
                 snprintf(sel, sizeof sel, "%.2f", r->select_wall);
-            printf("%6d  %-15s %8.2f  %8.2f  %7.2fx %7.2fx %8.4f %7s %3s %10.2e %10.2e %10.2e "
-                   "%10.2e\n",
-                   n, r->name, r->wall, r->cpu, dense_wall / r->wall, tiled_wall / r->wall,
-                   r->density, sel, qa, r->err_checked, r->err_needle_abs, r->err_needle_rel,
-                   r->err_hidden_rel);
+            printf("%6d  %-15s %7.2f  %7.2f  %6.2f/%-6.2f %6.2f/%-6.2f %7.4f %6s %3s %9.2e %9.2e "
+                   "%9.2e %9.2e %9.2e\n",
+                   n, r->name, r->wall, r->cpu, dense_wall / r->wall, dense_cpu / r->cpu,
+                   tiled_wall / r->wall, tiled_cpu / r->cpu, r->density, sel, qa, r->err_checked,
+                   r->mean_rel, r->err_needle_abs, r->err_needle_rel, r->err_hidden_rel);
             fflush(stdout);
+            /* Targets at 64K, on the smaller of the wall and CPU speedups. */
+            const double x = fmin(dense_wall / r->wall, dense_cpu / r->cpu);
             if (n == 65536 && !strcmp(r->name, "flex 0.90") &&
-                !(dense_wall / r->wall >= 3.0 && r->err_needle_rel < 0.01))
+                !(x >= 3.0 && r->err_needle_rel < 0.01))
                 all_ok = 0;
-            if (n == 65536 && !strcmp(r->name, "power") && !(dense_wall / r->wall >= 4.0))
+            if (n == 65536 && !strcmp(r->name, "power") && !(x >= 4.0))
                 all_ok = 0;
         }
         if (!full)
             printf("        * dense and tiled: timed on the last %d query rows of the %d-token "
                    "context (%.3g%% of the causal pairs) and scaled by %.1f\n",
                    R, n, 100.0 / scale, scale);
-        printf("        errors against dense on %d rows (the last %d, %d spread, %d needle rows "
-               "and the hidden needle row); load average now %.2f\n\n",
-               rf.n_rows, R, N_SPREAD, N_NEEDLE_ROWS, load_avg());
+        printf("        errors against dense on %d rows (the last %d, %d spread and %d needle "
+               "rows; max|err| and mean rel (relative L2 of a row, all heads) leave out the\n"
+               "        hidden needle row, reported alone); load average now %.2f\n\n",
+               rf.n_rows - 1, R, N_SPREAD, N_NEEDLE_ROWS, load_avg());
         fflush(stdout);
         kern_flex_ws_destroy(ws);
         free(pbits);
@@ -516,8 +551,8 @@ int main(int argc, char **argv)
     for (int i = 0; i < n_sizes; i++)
         has64 |= sizes[i] == 65536;
     if (has64)
-        printf("targets at 64K (flex 0.90 >= 3x dense with needle rows within 1%%, power >= 4x): "
-               "%s\n",
+        printf("targets at 64K (flex 0.90 >= 3x dense with needle rows within 1%%, power >= 4x; "
+               "speedups by wall and by CPU time): %s\n",
                all_ok ? "met" : "NOT met");
     kern_pool_destroy(pool);
     return 0;

@@ -65,6 +65,11 @@ void kern_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int
 void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx, const float *w,
                      int M, int N, int K);
 
+/* The same with rows of w ldw >= K floats apart: w may be a column slice
+ * [:, c0, c0 + K) of a wider matrix (tensor parallelism's wo and w_down). */
+void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const float *w, int ldw, int M, int N, int K);
+
 /* Threads OpenBLAS may use inside kern_matmul_f32 (process-wide setting). */
 void kern_set_blas_threads(int n);
 
@@ -490,6 +495,17 @@ kern_kvq_seq_state kern_kvq_cadence_advance(kern_kvq_seq_state s, int n_new, boo
  * selected blocks, divided by n_heads * sum of (r + 1); a dense causal prompt is
  * 1.0, the sum nb(nb+1)/2 per head for a prompt of nb blocks.
  *
+ * Use from the runtime, per layer and per sequence of a batch:
+ * - flex: kern_flexprefill_attention_f32 with one kern_flex_ws per engine
+ *   (created at start-up for the largest context; reused by every layer);
+ *   decode steps stay on kern_attention_f32.
+ * - power: layers for which kern_power_layer_is_dense() is true run
+ *   kern_attention_f32; the others run kern_power_attention_f32, in prefill
+ *   chunks and in decode (n_q == 1) alike.
+ * - density for the response: add up kern_sparse_stats over layers and chunks,
+ *   counting a dense layer or a dense path as computed == causal (the
+ *   kern_flex_result of a dense path already does), then kern_sparse_density.
+ *
  * Return codes of the functions below. */
 #define KERN_SPARSE_OK 0
 #define KERN_SPARSE_EINVAL (-1) /* an argument is out of range or inconsistent */
@@ -510,7 +526,7 @@ typedef struct {
     int n_lists;
     int ctx_len, n_q;
     int q_block0, n_qblocks;
-    int words; /* 64-bit words per row: ceil((q_block0 + n_qblocks) / 64) */
+    int words;      /* 64-bit words per row: ceil((q_block0 + n_qblocks) / 64) */
     uint64_t *bits; /* row (l, i) at bits + ((size_t)l * n_qblocks + i) * words */
 } kern_block_mask;
 
@@ -588,7 +604,9 @@ int kern_attention_probe_profiles_f32(kern_pool *pool, const kern_attn_args *a, 
  * Chunked prefill and prefix-cache hits (n_q < ctx_len) use the spec's chunked
  * extension (1.5): probes are the last B rows of the chunk, profiles are taken
  * against keys [0, ctx_len), only the chunk's query blocks are selected, and the
- * query-aware budget is gamma * (chunk query blocks). stats.chunked says so. */
+ * query-aware budget is gamma * (chunk query blocks); res->chunked says so.
+ * The probe costs about 2B / n_q of the chunk's dense attention, so chunks of
+ * n_q <= 2B rows run dense (KERN_FLEX_DENSE_SHORT_CHUNK). */
 typedef struct {
     float gamma;    /* attention-mass coverage, in (0, 1] */
     float tau;      /* JS-distance threshold for query-aware heads, in [0, 1] */
@@ -624,10 +642,10 @@ typedef enum {
 
 typedef struct {
     kern_flex_path path;
-    int chunked;           /* n_q < ctx_len and the chunked extension was used */
-    int n_query_aware;     /* query heads that took the query-aware path */
+    int chunked;              /* n_q < ctx_len and the chunked extension was used */
+    int n_query_aware;        /* query heads that took the query-aware path */
     kern_sparse_stats blocks; /* on a dense path: computed == causal (grid of B) */
-    double density;        /* blocks.computed / blocks.causal */
+    double density;           /* blocks.computed / blocks.causal */
 } kern_flex_result;
 
 /* What the last selection with ws decided for query head h (for tests, logs and
@@ -674,7 +692,7 @@ int kern_power_params_check(const kern_power_params *p, char *err, size_t err_le
  * their count, at most W + floor(log2(qblock)) + 2, or KERN_SPARSE_EINVAL /
  * KERN_SPARSE_ENOSPC. A decode row at position p attends kern_power_blocks(p / B). */
 int kern_power_blocks(const kern_power_params *p, int qblock, int32_t *out, int cap);
-/* Fills m (already kern_block_mask_init-ed with n_lists = 1 and B = p->block_size). */
+/* Fills every list of m (kern_block_mask_init-ed with B = p->block_size). */
 int kern_power_mask(const kern_power_params *p, kern_block_mask *m);
 /* Builds the mask in bits (kern_block_mask_words(B, 1, ctx_len, n_q) words) and runs
  * the block-sparse kernel; also right for decode (n_q == 1). st may be NULL. */

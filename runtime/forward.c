@@ -5,20 +5,53 @@
  * residual stream, so projections and the FFN are single matrix products over
  * all of them (GEMM for T > 1); attention runs per sequence over its own KV
  * cache. All buffers come from the model's scratch, allocated at load.
+ *
+ * The layers run on the model's tensor-parallel ranks (tp.c; one rank, the
+ * whole model, when tp == 1): every rank computes its heads and FFN columns
+ * from the same residual stream, writes its kv heads' keys and values into
+ * the shared cache (disjoint columns of each slot row), and the partial
+ * output and down projections are summed by an all-reduce. The sum is
+ * deterministic and identical on every rank, so every rank's residual stream
+ * stays the same and no other exchange is needed. The caller's thread
+ * (rank 0) embeds the tokens before the layers and computes the logits after.
  */
 #include "runtime/model_internal.h"
 
 #include <stdio.h>
 #include <string.h>
 
-/* y = x W^T for a weight of any supported type. */
-static void matmul(rt_model *m, float *y, int ldy, const float *x, int ldx, const rt_weight *w,
+/* Records a rank's first failure of the step. */
+static void rank_fail(rt_rank *rk, const char *what, const char *why)
+{
+    if (rk->rc != 0)
+        return;
+    rk->rc = -1;
+    snprintf(rk->err, sizeof(rk->err), "%s: %s", what, why);
+}
+
+/* y = x W^T for a weight of any supported type, on the rank's pool. F32 rows
+ * may be wider than K (a column slice); other types' rows are contiguous. */
+static void matmul(rt_rank *rk, float *y, int ldy, const float *x, int ldx, const rt_weight *w,
                    int M, int N, int K)
 {
-    if (w->type == KERN_TYPE_F32)
-        kern_matmul_f32(m->pool, y, ldy, x, ldx, w->data, M, N, K);
-    else
-        kern_matmul_q(m->pool, w->type, y, ldy, x, ldx, w->data, M, N, K);
+    if (w->type == KERN_TYPE_F32) {
+        kern_matmul_f32_ldw(rk->pool, y, ldy, x, ldx, w->data, (int)(w->row_bytes / sizeof(float)),
+                            M, N, K);
+        return;
+    }
+    const int rc = kern_matmul_q(rk->pool, w->type, y, ldy, x, ldx, w->data, M, N, K);
+    if (rc != 0)
+        rank_fail(rk, "matmul", kern_quant_strerror(rc));
+}
+
+/* buf[0..n) = its sum over the ranks (nothing with one rank). */
+static void allreduce(rt_model *m, rt_rank *rk, float *buf, size_t n)
+{
+    if (!m->comm)
+        return;
+    char why[192];
+    if (kern_comm_allreduce_sum_f32(m->comm, rk->rank, buf, n, why, sizeof(why)) != 0)
+        rank_fail(rk, "all-reduce", why);
 }
 
 /* Row `id` of the embedding table as f32. */
@@ -97,45 +130,154 @@ static void add_dense_blocks(rt_attn_stats *st, const kern_attn_args *a, int B)
     st->causal += blocks * a->n_heads;
 }
 
-/* Attention of one sequence in layer l under its policy. The policy's
- * parameters were checked when the request was accepted; a kernel that still
- * refuses them falls back to dense attention, which is always correct. */
-static void attend(rt_model *m, const rt_seq_batch *b, int l, const kern_attn_args *a)
+/* Attention of one sequence in layer l under its policy, over the rank's
+ * heads; counts go to st. The policy's parameters were checked when the
+ * request was accepted; a kernel that still refuses them falls back to dense
+ * attention, which is always correct. Both sparse kernels select blocks per
+ * head (FlexPrefill merges only within a kv group, which a rank holds whole),
+ * so a rank's selection is the one the whole model would make for its heads. */
+static void attend(rt_rank *rk, const rt_seq_batch *b, int l, const kern_attn_args *a,
+                   rt_attn_stats *st)
 {
     const rt_attn_policy *p = b->policy;
-    rt_attn_stats *st = b->stats;
     if (p && p->prefill == RT_PREFILL_FLEX) {
         kern_flex_result res;
-        if (kern_flexprefill_attention_f32(m->pool, a, &p->flex, m->flex_ws, &res) ==
+        if (kern_flexprefill_attention_f32(rk->pool, a, &p->flex, rk->flex_ws, &res) ==
             KERN_SPARSE_OK) {
-            if (st) {
-                st->computed += res.blocks.computed;
-                st->causal += res.blocks.causal;
-                if (res.path == KERN_FLEX_SPARSE)
-                    st->sparse_chunks++;
-                else
-                    st->dense_chunks++;
-            }
+            st->computed += res.blocks.computed;
+            st->causal += res.blocks.causal;
+            if (res.path == KERN_FLEX_SPARSE)
+                st->sparse_chunks++;
+            else
+                st->dense_chunks++;
             return;
         }
     } else if (p && p->prefill == RT_PREFILL_POWER &&
                !kern_power_layer_is_dense(l, p->power_dense_count, p->power_period)) {
         kern_sparse_stats ps = {0, 0};
-        if (kern_power_attention_f32(m->pool, a, &p->power, m->mask_bits, m->mask_words, &ps) ==
-            KERN_SPARSE_OK) {
-            if (st) {
-                st->computed += ps.computed;
-                st->causal += ps.causal;
-                st->sparse_chunks++;
-            }
+        if (kern_power_attention_f32(rk->pool, a, &p->power, rk->mask_bits, rk->mask_words,
+                                     &ps) == KERN_SPARSE_OK) {
+            st->computed += ps.computed;
+            st->causal += ps.causal;
+            st->sparse_chunks++;
             return;
         }
     }
-    kern_attention_f32(m->pool, a);
-    if (st && p && p->prefill != RT_PREFILL_DENSE) {
+    kern_attention_f32(rk->pool, a);
+    if (p && p->prefill != RT_PREFILL_DENSE) {
         add_dense_blocks(st, a, p->prefill == RT_PREFILL_FLEX ? p->flex.block_size
                                                                 : p->power.block_size);
         st->dense_chunks++;
+    }
+}
+
+/* RoPE on n_heads heads of each of T rows. */
+static void rope(const rt_model *m, float *x, int T, int n_heads)
+{
+    const rt_hparams *hp = &m->hp;
+    if (m->rope_inv_freq)
+        kern_rope_table_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, m->rope_inv_freq,
+                            hp->rope_neox);
+    else if (hp->rope_neox)
+        kern_rope_neox_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
+    else
+        kern_rope_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
+}
+
+void rt_forward_rank(rt_model *m, rt_rank *rk)
+{
+    const rt_hparams *hp = &m->hp;
+    const rt_seq_batch *seqs = m->step_seqs;
+    const int n_seqs = m->step_n_seqs, T = m->step_T;
+    rt_scratch *s = &rk->s;
+    const int dim = hp->dim, hd = hp->head_dim, kv_full = hp->n_kv_heads * hd;
+    const int qd = rk->n_h * hd, kvd = rk->n_kvh * hd, ffn = rk->n_f;
+    const size_t kv_off = (size_t)rk->kvh0 * (size_t)hd; /* the rank's columns of a KV row */
+
+    rk->rc = 0;
+    rk->err[0] = 0;
+    memset(rk->stats, 0, sizeof(rt_attn_stats) * (size_t)n_seqs);
+    /* Rank 0 embedded the tokens; it writes its stream again only after the
+     * first all-reduce, which every rank reaches after this copy. */
+    if (rk->rank != 0)
+        memcpy(s->x, m->ranks[0].s.x, sizeof(float) * (size_t)T * (size_t)dim);
+
+    for (int l = 0; l < hp->n_layers; l++) {
+        const rt_layer *L = &rk->layers[l];
+        kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
+        matmul(rk, s->q, qd, s->xb, dim, &L->wq, T, qd, dim);
+        matmul(rk, s->k, kvd, s->xb, dim, &L->wk, T, kvd, dim);
+        matmul(rk, s->v, kvd, s->xb, dim, &L->wv, T, kvd, dim);
+        if (L->bq) {
+            for (int t = 0; t < T; t++) {
+                kern_add_f32(s->q + (size_t)t * qd, L->bq, (size_t)qd);
+                kern_add_f32(s->k + (size_t)t * kvd, L->bk, (size_t)kvd);
+                kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
+            }
+        }
+        rope(m, s->q, T, rk->n_h);
+        rope(m, s->k, T, rk->n_kvh);
+
+        int row = 0;
+        for (int i = 0; i < n_seqs; i++) {
+            const rt_seq_batch *b = &seqs[i];
+            const int n = b->n_tokens;
+            const size_t layer_off = (size_t)l * (size_t)b->pool->n_blocks *
+                                     (size_t)b->pool->block_size * (size_t)kv_full;
+            float *kc = b->pool->k + layer_off + kv_off, *vc = b->pool->v + layer_off + kv_off;
+            for (int t = 0; t < n; t++) {
+                const size_t r = slot_row(b, b->n_past + t);
+                memcpy(kc + r * kv_full, s->k + (size_t)(row + t) * kvd,
+                       sizeof(float) * (size_t)kvd);
+                memcpy(vc + r * kv_full, s->v + (size_t)(row + t) * kvd,
+                       sizeof(float) * (size_t)kvd);
+            }
+            kern_attn_args a = {
+                .q = s->q + (size_t)row * qd,
+                .k = kc,
+                .v = vc,
+                .out = s->att + (size_t)row * qd,
+                .n_q = n,
+                .ctx_len = b->n_past + n,
+                .n_heads = rk->n_h,
+                .n_kv_heads = rk->n_kvh,
+                .head_dim = hd,
+                .kv_stride = kv_full,
+                .blocks = b->blocks,
+                .block_size = b->pool->block_size,
+            };
+            attend(rk, b, l, &a, &rk->stats[i]);
+            row += n;
+        }
+        matmul(rk, s->proj, dim, s->att, qd, &L->wo, T, dim, qd);
+        allreduce(m, rk, s->proj, (size_t)T * (size_t)dim);
+        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+
+        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, T, dim, hp->norm_eps);
+        matmul(rk, s->gate, ffn, s->xb, dim, &L->w_gate, T, ffn, dim);
+        matmul(rk, s->up, ffn, s->xb, dim, &L->w_up, T, ffn, dim);
+        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)T * ffn);
+        matmul(rk, s->proj, dim, s->gate, ffn, &L->w_down, T, dim, ffn);
+        allreduce(m, rk, s->proj, (size_t)T * (size_t)dim);
+        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+    }
+}
+
+/* Adds the step's attention counts of every rank to the sequences' stats:
+ * blocks summed over the ranks' heads, chunks counted once (every rank takes
+ * the same path: it depends on the chunk's shape, not on heads). */
+static void merge_stats(rt_model *m, rt_seq_batch *seqs, int n_seqs)
+{
+    for (int i = 0; i < n_seqs; i++) {
+        rt_attn_stats *st = seqs[i].stats;
+        if (!st)
+            continue;
+        for (int r = 0; r < m->tp; r++) {
+            st->computed += m->ranks[r].stats[i].computed;
+            st->causal += m->ranks[r].stats[i].causal;
+        }
+        st->dense_chunks += m->ranks[0].stats[i].dense_chunks;
+        st->sparse_chunks += m->ranks[0].stats[i].sparse_chunks;
     }
 }
 
@@ -146,100 +288,45 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
     if (check_batch(m, seqs, n_seqs, err, errlen) != 0)
         return -1;
     const rt_hparams *hp = &m->hp;
-    rt_scratch *s = &m->s;
-    const int dim = hp->dim, hd = hp->head_dim;
-    const int qd = hp->n_heads * hd, kvd = hp->n_kv_heads * hd, ffn = hp->ffn_dim;
+    rt_rank *r0 = &m->ranks[0];
+    const int dim = hp->dim;
 
     /* Embeddings and positions, sequence after sequence. */
     int T = 0;
     for (int i = 0; i < n_seqs; i++) {
         for (int t = 0; t < seqs[i].n_tokens; t++, T++) {
-            embed(m, seqs[i].tokens[t], s->x + (size_t)T * dim);
-            s->pos[T] = seqs[i].n_past + t;
+            embed(m, seqs[i].tokens[t], r0->s.x + (size_t)T * dim);
+            m->pos[T] = seqs[i].n_past + t;
         }
     }
-
-    for (int l = 0; l < hp->n_layers; l++) {
-        const rt_layer *L = &m->layers[l];
-        kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
-        matmul(m, s->q, qd, s->xb, dim, &L->wq, T, qd, dim);
-        matmul(m, s->k, kvd, s->xb, dim, &L->wk, T, kvd, dim);
-        matmul(m, s->v, kvd, s->xb, dim, &L->wv, T, kvd, dim);
-        if (L->bq) {
-            for (int t = 0; t < T; t++) {
-                kern_add_f32(s->q + (size_t)t * qd, L->bq, (size_t)qd);
-                kern_add_f32(s->k + (size_t)t * kvd, L->bk, (size_t)kvd);
-                kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
-            }
-        }
-        if (m->rope_inv_freq) {
-            kern_rope_table_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, m->rope_inv_freq,
-                                hp->rope_neox);
-            kern_rope_table_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim,
-                                m->rope_inv_freq, hp->rope_neox);
-        } else if (hp->rope_neox) {
-            kern_rope_neox_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
-            kern_rope_neox_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
-        } else {
-            kern_rope_f32(s->q, s->pos, T, hp->n_heads, hd, hp->rope_dim, hp->rope_base);
-            kern_rope_f32(s->k, s->pos, T, hp->n_kv_heads, hd, hp->rope_dim, hp->rope_base);
-        }
-
-        int row = 0;
-        for (int i = 0; i < n_seqs; i++) {
-            const rt_seq_batch *b = &seqs[i];
-            const int n = b->n_tokens;
-            const size_t layer_off = (size_t)l * (size_t)b->pool->n_blocks *
-                                     (size_t)b->pool->block_size * (size_t)kvd;
-            float *kc = b->pool->k + layer_off, *vc = b->pool->v + layer_off;
-            for (int t = 0; t < n; t++) {
-                const size_t r = slot_row(b, b->n_past + t);
-                memcpy(kc + r * kvd, s->k + (size_t)(row + t) * kvd, sizeof(float) * (size_t)kvd);
-                memcpy(vc + r * kvd, s->v + (size_t)(row + t) * kvd, sizeof(float) * (size_t)kvd);
-            }
-            kern_attn_args a = {
-                .q = s->q + (size_t)row * qd,
-                .k = kc,
-                .v = vc,
-                .out = s->att + (size_t)row * qd,
-                .n_q = n,
-                .ctx_len = b->n_past + n,
-                .n_heads = hp->n_heads,
-                .n_kv_heads = hp->n_kv_heads,
-                .head_dim = hd,
-                .kv_stride = kvd,
-                .blocks = b->blocks,
-                .block_size = b->pool->block_size,
-            };
-            attend(m, b, l, &a);
-            row += n;
-        }
-        matmul(m, s->proj, dim, s->att, qd, &L->wo, T, dim, qd);
-        kern_add_f32(s->x, s->proj, (size_t)T * dim);
-
-        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, T, dim, hp->norm_eps);
-        matmul(m, s->gate, ffn, s->xb, dim, &L->w_gate, T, ffn, dim);
-        matmul(m, s->up, ffn, s->xb, dim, &L->w_up, T, ffn, dim);
-        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)T * ffn);
-        matmul(m, s->proj, dim, s->gate, ffn, &L->w_down, T, dim, ffn);
-        kern_add_f32(s->x, s->proj, (size_t)T * dim);
-    }
+    m->step_seqs = seqs;
+    m->step_n_seqs = n_seqs;
+    m->step_T = T;
+    const int rc = rt_tp_run_step(m, err, errlen);
+    m->step_seqs = NULL;
+    if (rc != 0)
+        return -1;
+    merge_stats(m, seqs, n_seqs);
 
     /* Logits only for the last token of the sequences that ask for them. */
     int n_out = 0, row = 0;
     for (int i = 0; i < n_seqs; i++) {
         row += seqs[i].n_tokens;
         if (seqs[i].logits)
-            kern_rmsnorm_f32(s->last + (size_t)n_out++ * dim, s->x + (size_t)(row - 1) * dim,
+            kern_rmsnorm_f32(m->last + (size_t)n_out++ * dim, r0->s.x + (size_t)(row - 1) * dim,
                              m->output_norm, 1, dim, hp->norm_eps);
     }
-    matmul(m, s->logits, hp->n_vocab, s->last, dim, &m->output, n_out, hp->n_vocab, dim);
+    matmul(r0, m->logits, hp->n_vocab, m->last, dim, &m->output, n_out, hp->n_vocab, dim);
+    if (r0->rc != 0) {
+        snprintf(err, errlen, "forward: logits: %s", r0->err);
+        return -1;
+    }
     n_out = 0;
     for (int i = 0; i < n_seqs; i++) {
         if (seqs[i].kv)
             seqs[i].kv->len += seqs[i].n_tokens;
         if (seqs[i].logits)
-            memcpy(seqs[i].logits, s->logits + (size_t)n_out++ * hp->n_vocab,
+            memcpy(seqs[i].logits, m->logits + (size_t)n_out++ * hp->n_vocab,
                    sizeof(float) * (size_t)hp->n_vocab);
     }
     return 0;

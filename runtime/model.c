@@ -1,7 +1,8 @@
 /*
  * model.c - loads a Llama-family model from GGUF: hyperparameters, tensors
- * (checked for presence, shape and type), the tokenizer, the thread pool and
- * the scratch of one forward step; and the per-sequence KV cache.
+ * (checked for presence, shape and type), the tokenizer, and the scratch of
+ * one forward step; the tensor-parallel ranks (each with its thread pool) are
+ * built by tp.c. Also the per-sequence KV cache.
  *
  * F32 tensors are used in place from the mapping; F16 and BF16 ones are
  * widened to f32 once at load. Any other tensor type is refused by name until
@@ -268,27 +269,14 @@ static int load_tensors(rt_model *m, char *err, size_t errlen)
     return 0;
 }
 
-static int alloc_scratch(rt_model *m, char *err, size_t errlen)
+/* The model-wide part of a step's scratch; each rank's is made by rt_tp_init. */
+static int alloc_step_buffers(rt_model *m, char *err, size_t errlen)
 {
-    const rt_hparams *hp = &m->hp;
     const size_t T = (size_t)m->max_batch_tokens;
-    const size_t qd = (size_t)hp->n_heads * (size_t)hp->head_dim;
-    const size_t kvd = (size_t)hp->n_kv_heads * (size_t)hp->head_dim;
-    rt_scratch *s = &m->s;
-    s->x = calloc(T * (size_t)hp->dim, sizeof(float));
-    s->xb = calloc(T * (size_t)hp->dim, sizeof(float));
-    s->q = calloc(T * qd, sizeof(float));
-    s->k = calloc(T * kvd, sizeof(float));
-    s->v = calloc(T * kvd, sizeof(float));
-    s->att = calloc(T * qd, sizeof(float));
-    s->proj = calloc(T * (size_t)hp->dim, sizeof(float));
-    s->gate = calloc(T * (size_t)hp->ffn_dim, sizeof(float));
-    s->up = calloc(T * (size_t)hp->ffn_dim, sizeof(float));
-    s->pos = calloc(T, sizeof(int32_t));
-    s->last = calloc(T * (size_t)hp->dim, sizeof(float));
-    s->logits = calloc(T * (size_t)hp->n_vocab, sizeof(float));
-    if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->proj || !s->gate || !s->up ||
-        !s->pos || !s->last || !s->logits)
+    m->pos = calloc(T, sizeof(int32_t));
+    m->last = calloc(T * (size_t)m->hp.dim, sizeof(float));
+    m->logits = calloc(T * (size_t)m->hp.n_vocab, sizeof(float));
+    if (!m->pos || !m->last || !m->logits)
         return ERR("model: out of memory for the scratch of %zu batch tokens", T);
     return 0;
 }
@@ -320,6 +308,8 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
                   size_t errlen)
 {
     *out = NULL;
+    if (opts && (opts->tp < 0 || opts->tp > RT_TP_MAX_RANKS))
+        return ERR("model: tp %d is out of range [1, %d]", opts->tp, RT_TP_MAX_RANKS);
     rt_model *m = calloc(1, sizeof(*m));
     if (!m)
         return ERR("model: out of memory");
@@ -356,25 +346,14 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
     m->n_ctx = opts && opts->n_ctx > 0 ? opts->n_ctx : m->hp.n_ctx_train;
     m->max_batch_tokens = opts && opts->max_batch_tokens > 0 ? opts->max_batch_tokens : 512;
     const int threads = opts && opts->n_threads > 0 ? opts->n_threads : 1;
-    m->pool = kern_pool_create(threads);
-    if (!m->pool) {
-        snprintf(err, errlen, "model: cannot start %d compute threads", threads);
+    const int tp = opts && opts->tp > 1 ? opts->tp : 1;
+    if (alloc_step_buffers(m, err, errlen) != 0)
         goto fail;
-    }
-    kern_set_blas_threads(threads);
-    if (alloc_scratch(m, err, errlen) != 0)
+    /* Each rank gets an equal share of the compute threads (at least one). */
+    const int rank_threads = threads / tp > 1 ? threads / tp : 1;
+    kern_set_blas_threads(rank_threads);
+    if (rt_tp_init(m, tp, rank_threads, err, errlen) != 0)
         goto fail;
-    /* Sparse-prefill scratch, sized once for the longest context. */
-    m->flex_ws = kern_flex_ws_create(m->n_ctx, m->hp.n_heads, m->hp.n_kv_heads, m->hp.head_dim,
-                                     RT_FLEX_MIN_BLOCK, threads);
-    m->mask_words = kern_block_mask_words(1, 1, m->n_ctx, m->max_batch_tokens < m->n_ctx
-                                                              ? m->max_batch_tokens
-                                                              : m->n_ctx);
-    m->mask_bits = malloc(sizeof(uint64_t) * (m->mask_words ? m->mask_words : 1));
-    if (!m->flex_ws || !m->mask_bits) {
-        snprintf(err, errlen, "model: out of memory for the sparse-attention scratch");
-        goto fail;
-    }
     *out = m;
     return 0;
 fail:
@@ -386,22 +365,10 @@ void rt_model_destroy(rt_model *m)
 {
     if (!m)
         return;
-    kern_pool_destroy(m->pool);
-    kern_flex_ws_destroy(m->flex_ws);
-    free(m->mask_bits);
-    rt_scratch *s = &m->s;
-    free(s->x);
-    free(s->xb);
-    free(s->q);
-    free(s->k);
-    free(s->v);
-    free(s->att);
-    free(s->proj);
-    free(s->gate);
-    free(s->up);
-    free(s->pos);
-    free(s->last);
-    free(s->logits);
+    rt_tp_free(m);
+    free(m->pos);
+    free(m->last);
+    free(m->logits);
     for (int i = 0; i < m->n_owned; i++)
         free(m->owned[i]);
     free(m->owned);

@@ -42,6 +42,11 @@ typedef struct {
     /* Called now and then while weights load, with the fraction done. */
     void (*progress)(void *ctx, float frac);
     void *progress_ctx;
+    /* Tensor-parallel ranks (1..8; 0 or 1: none): attention heads and FFN
+     * columns are split over tp threads of this process, each with
+     * max(1, n_threads / tp) compute threads. tp must divide the head and KV
+     * head counts; rt_model_load refuses a split the weights cannot take. */
+    int tp;
 } rt_model_opts;
 
 typedef struct rt_model rt_model;

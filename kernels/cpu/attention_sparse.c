@@ -51,11 +51,23 @@
 typedef float v8 __attribute__((vector_size(32)));
 typedef int32_t v8i __attribute__((vector_size(32)));
 
-static inline v8 v8_set1(float x) { return (v8){x, x, x, x, x, x, x, x}; }
-static inline v8i v8i_set1(int32_t x) { return (v8i){x, x, x, x, x, x, x, x}; }
+static inline v8 v8_set1(float x)
+{
+    return (v8){x, x, x, x, x, x, x, x};
+}
+static inline v8i v8i_set1(int32_t x)
+{
+    return (v8i){x, x, x, x, x, x, x, x};
+}
 /* Aligned access to the kernel's own 32-byte aligned tiles. */
-static inline v8 v8_ld(const float *p) { return *(const v8 *)(const void *)p; }
-static inline void v8_st(float *p, v8 x) { *(v8 *)(void *)p = x; }
+static inline v8 v8_ld(const float *p)
+{
+    return *(const v8 *)(const void *)p;
+}
+static inline void v8_st(float *p, v8 x)
+{
+    *(v8 *)(void *)p = x;
+}
 /* Unaligned access (caller arrays). */
 static inline v8 v8_ldu(const float *p)
 {
@@ -63,7 +75,10 @@ static inline v8 v8_ldu(const float *p)
     memcpy(&x, p, sizeof x);
     return x;
 }
-static inline void v8_stu(float *p, v8 x) { memcpy(p, &x, sizeof x); }
+static inline void v8_stu(float *p, v8 x)
+{
+    memcpy(p, &x, sizeof x);
+}
 
 static inline v8 v8_fma(v8 a, v8 b, v8 c)
 {
@@ -79,7 +94,10 @@ static inline v8 v8_select(v8i mask, v8 a, v8 b)
     return (v8)(((v8i)a & mask) | ((v8i)b & ~mask));
 }
 
-static inline v8 v8_max(v8 a, v8 b) { return v8_select(a > b, a, b); }
+static inline v8 v8_max(v8 a, v8 b)
+{
+    return v8_select(a > b, a, b);
+}
 
 static inline float v8_hsum(v8 x)
 {
@@ -258,7 +276,10 @@ static int check_attn_args(const kern_attn_args *a)
 
 /* ---- block masks ---- */
 
-static int ceil_div(int a, int b) { return (int)(((long)a + b - 1) / b); }
+static int ceil_div(int a, int b)
+{
+    return (int)(((long)a + b - 1) / b);
+}
 
 size_t kern_block_mask_words(int block_size, int n_lists, int ctx_len, int n_q)
 {
@@ -363,14 +384,15 @@ static int check_mask(const kern_block_mask *m, const kern_attn_args *a)
 typedef struct {
     const kern_attn_args *a;
     const kern_block_mask *m;
-    int group;        /* query heads per kv head */
-    int head_chunks;  /* ceil(group / HEADS_PER_TILE) */
-    int per_qblock;   /* tasks per query block: n_kv_heads * head_chunks */
+    int group;       /* query heads per kv head */
+    int head_chunks; /* ceil(group / HEADS_PER_TILE) */
+    int per_qblock;  /* tasks per query block: n_kv_heads * head_chunks */
     float scale;
 } bs_job;
 
 /* One sub-tile: positions p0 .. p0+np-1 (one query block) x heads h0 .. h0+nh-1. */
-static void bs_subtile(const bs_job *j, int r, int p0, int np, int h0, int nh)
+__attribute__((noinline)) static void bs_subtile(const bs_job *j, int r, int p0, int np, int h0,
+                                                 int nh)
 {
     const kern_attn_args *a = j->a;
     const kern_block_mask *m = j->m;
@@ -440,6 +462,112 @@ static void bs_subtile(const bs_job *j, int r, int p0, int np, int h0, int nh)
     }
 }
 
+/* Scalar twin of v8_fma, so both round the same way. */
+static inline float f_fma(float a, float b, float c)
+{
+#if defined(__FMA__)
+    return fmaf(a, b, c);
+#else
+    return a * b + c;
+#endif
+}
+
+/* A single query position (a decode step): the arithmetic of bs_subtile for one
+ * row, element for element (the same fused multiply-adds in the same order,
+ * the same exp), so its result equals that row of a prefill bit for bit. The
+ * key tile is transposed so that vector lanes run over keys instead of over 16
+ * rows of which 15 would be padding. */
+__attribute__((noinline)) static void bs_row(const bs_job *j, int r, int p, int h0, int nh)
+{
+    const kern_attn_args *a = j->a;
+    const kern_block_mask *m = j->m;
+    const int hd = a->head_dim, B = m->block_size, kvh = h0 / j->group;
+    const int q_first = a->ctx_len - a->n_q;
+    _Alignas(32) float qs[HEADS_PER_TILE][HD_MAX];
+    _Alignas(32) float acc[HEADS_PER_TILE][HD_MAX];
+    _Alignas(32) float kt[HD_MAX * TILE_KEYS];
+    _Alignas(32) float sc[TILE_KEYS];
+    const float *vp[TILE_KEYS];
+    const uint64_t *rows[HEADS_PER_TILE];
+    float mrun[HEADS_PER_TILE], lrun[HEADS_PER_TILE];
+    for (int g = 0; g < nh; g++) {
+        const float *q = a->q + ((size_t)(p - q_first) * a->n_heads + h0 + g) * hd;
+        for (int d = 0; d < hd; d++)
+            qs[g][d] = q[d] * j->scale;
+        memset(acc[g], 0, sizeof(float) * (size_t)hd);
+        mrun[g] = -INFINITY;
+        lrun[g] = 0.0f;
+        rows[g] = kern_block_mask_row(m, (h0 + g) / (a->n_heads / m->n_lists), r);
+    }
+    const size_t kv_off = (size_t)kvh * hd;
+    for (int w = 0; w <= r / 64; w++) {
+        uint64_t any = 0;
+        for (int g = 0; g < nh; g++)
+            any |= rows[g][w];
+        while (any) {
+            const int c = 64 * w + __builtin_ctzll(any);
+            any &= any - 1;
+            const int kend = (c + 1) * B <= p + 1 ? (c + 1) * B : p + 1;
+            for (int k0 = c * B; k0 < kend; k0 += TILE_KEYS) {
+                const int nk = kend - k0 < TILE_KEYS ? kend - k0 : TILE_KEYS;
+                const int nk8 = (nk + 7) / 8 * 8;
+                for (int i = 0; i < nk8; i++) {
+                    if (i < nk) {
+                        const size_t row = kern_attn_row(a, k0 + i) * (size_t)a->kv_stride + kv_off;
+                        const float *k = a->k + row;
+                        vp[i] = a->v + row;
+                        for (int d = 0; d < hd; d++)
+                            kt[TILE_KEYS * d + i] = k[d];
+                    } else {
+                        for (int d = 0; d < hd; d++)
+                            kt[TILE_KEYS * d + i] = 0.0f;
+                    }
+                }
+                for (int g = 0; g < nh; g++) {
+                    if (!((rows[g][w] >> (c % 64)) & 1u))
+                        continue;
+                    for (int i = 0; i < nk8; i += 8) {
+                        v8 s = {0};
+                        for (int d = 0; d < hd; d++)
+                            s = v8_fma(v8_ld(kt + TILE_KEYS * d + i), v8_set1(qs[g][d]), s);
+                        v8_st(sc + i, s);
+                    }
+                    float mt = -INFINITY;
+                    for (int i = 0; i < nk; i++)
+                        mt = sc[i] > mt ? sc[i] : mt;
+                    const float m_new = mrun[g] > mt ? mrun[g] : mt;
+                    const float m_use = m_new == -INFINITY ? 0.0f : m_new;
+                    const float corr = v8_exp(v8_set1(mrun[g] - m_use))[0];
+                    for (int i = 0; i < nk8; i += 8)
+                        v8_st(sc + i, v8_exp(v8_ld(sc + i) - v8_set1(m_use)));
+                    float sum = 0.0f;
+                    for (int i = 0; i < nk; i++)
+                        sum += sc[i];
+                    lrun[g] = lrun[g] * corr + sum;
+                    mrun[g] = m_new;
+                    for (int d = 0; d < hd; d++)
+                        acc[g][d] *= corr;
+                    for (int i = 0; i < nk; i++) {
+                        const v8 pi = v8_set1(sc[i]);
+                        const float *v = vp[i];
+                        int d = 0;
+                        for (; d + 8 <= hd; d += 8)
+                            v8_st(acc[g] + d, v8_fma(v8_ldu(v + d), pi, v8_ld(acc[g] + d)));
+                        for (; d < hd; d++)
+                            acc[g][d] = f_fma(v[d], sc[i], acc[g][d]);
+                    }
+                }
+            }
+        }
+    }
+    for (int g = 0; g < nh; g++) {
+        const float inv = 1.0f / lrun[g];
+        float *o = a->out + ((size_t)(p - q_first) * a->n_heads + h0 + g) * hd;
+        for (int d = 0; d < hd; d++)
+            o[d] = acc[g][d] * inv;
+    }
+}
+
 static void bs_task(void *ctx, int t, int n_tasks)
 {
     const bs_job *j = ctx;
@@ -450,15 +578,19 @@ static void bs_task(void *ctx, int t, int n_tasks)
     const int rest = t % j->per_qblock;
     const int kvh = rest / j->head_chunks, hc = rest % j->head_chunks;
     const int h0 = kvh * j->group + hc * HEADS_PER_TILE;
-    const int nh = j->group - hc * HEADS_PER_TILE < HEADS_PER_TILE
-                       ? j->group - hc * HEADS_PER_TILE
-                       : HEADS_PER_TILE;
+    const int nh = j->group - hc * HEADS_PER_TILE < HEADS_PER_TILE ? j->group - hc * HEADS_PER_TILE
+                                                                   : HEADS_PER_TILE;
     const int r = j->m->q_block0 + i;
     const int q_first = a->ctx_len - a->n_q;
     const int lo = r * B > q_first ? r * B : q_first;
     const int hi = (r + 1) * B < a->ctx_len ? (r + 1) * B : a->ctx_len;
-    for (int p0 = lo; p0 < hi; p0 += TILE_ROWS)
-        bs_subtile(j, r, p0, hi - p0 < TILE_ROWS ? hi - p0 : TILE_ROWS, h0, nh);
+    for (int p0 = lo; p0 < hi; p0 += TILE_ROWS) {
+        const int np = hi - p0 < TILE_ROWS ? hi - p0 : TILE_ROWS;
+        if (np == 1)
+            bs_row(j, r, p0, h0, nh);
+        else
+            bs_subtile(j, r, p0, np, h0, nh);
+    }
 }
 
 int kern_attention_block_sparse_f32(kern_pool *pool, const kern_attn_args *a,
@@ -513,8 +645,9 @@ void kern_attention_masked_ref(const kern_attn_args *a, const uint8_t *mask)
                 double acc = 0.0;
                 for (int j = 0; j <= pos; j++)
                     if (mrow[j])
-                        acc += sc[j] * a->v[kern_attn_row(a, j) * a->kv_stride +
-                                            (size_t)kvh * hd + (size_t)i];
+                        acc +=
+                            sc[j] *
+                            a->v[kern_attn_row(a, j) * a->kv_stride + (size_t)kvh * hd + (size_t)i];
                 o[i] = sum > 0.0 ? (float)(acc / sum) : 0.0f;
             }
         }
@@ -651,8 +784,7 @@ int kern_attention_probe_profiles_f32(kern_pool *pool, const kern_attn_args *a, 
     const int rc = check_attn_args(a);
     if (rc != KERN_SPARSE_OK)
         return rc;
-    if (n_probe < 1 || n_probe > a->n_q || n_probe > PROBE_MAX || !vertical || !slash ||
-        !scratch)
+    if (n_probe < 1 || n_probe > a->n_q || n_probe > PROBE_MAX || !vertical || !slash || !scratch)
         return KERN_SPARSE_EINVAL;
     probe_job j = {.a = a,
                    .n_probe = n_probe,

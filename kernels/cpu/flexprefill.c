@@ -64,9 +64,18 @@ typedef struct {
     atomic_int n_query_aware;
 } flex_job;
 
-static int ceil_div(long a, long b) { return (int)((a + b - 1) / b); }
-static int imin(int a, int b) { return a < b ? a : b; }
-static int imax(int a, int b) { return a > b ? a : b; }
+static int ceil_div(long a, long b)
+{
+    return (int)((a + b - 1) / b);
+}
+static int imin(int a, int b)
+{
+    return a < b ? a : b;
+}
+static int imax(int a, int b)
+{
+    return a > b ? a : b;
+}
 
 static void set_err(char *err, size_t err_len, const char *msg)
 {
@@ -124,7 +133,10 @@ int kern_flex_params_check(const kern_flex_params *p, char *err, size_t err_len)
 
 /* ---- workspace ---- */
 
-static size_t align64(size_t n) { return (n + 63) & ~(size_t)63; }
+static size_t align64(size_t n)
+{
+    return (n + 63) & ~(size_t)63;
+}
 
 /* Per-task scratch: softmax of pooled scores (nb), the selected column and
  * diagonal sets (words each), block means of the queries (nb * head_dim) and
@@ -140,8 +152,8 @@ static size_t slot_size(int nb, int head_dim)
 kern_flex_ws *kern_flex_ws_create(int max_ctx, int n_heads, int n_kv_heads, int head_dim,
                                   int min_block_size, int n_threads)
 {
-    if (max_ctx < 1 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads != 0 ||
-        head_dim < 1 || head_dim > KERN_ATTN_MAX_HEAD_DIM || min_block_size < KERN_FLEX_MIN_BLOCK ||
+    if (max_ctx < 1 || n_heads < 1 || n_kv_heads < 1 || n_heads % n_kv_heads != 0 || head_dim < 1 ||
+        head_dim > KERN_ATTN_MAX_HEAD_DIM || min_block_size < KERN_FLEX_MIN_BLOCK ||
         min_block_size > KERN_FLEX_MAX_BLOCK || n_threads < 1 || n_threads > 1024)
         return NULL;
     kern_flex_ws *ws = calloc(1, sizeof(*ws));
@@ -171,8 +183,8 @@ kern_flex_ws *kern_flex_ws_create(int max_ctx, int n_heads, int n_kv_heads, int 
     ws->slots = aligned_alloc(64, ws->slot_bytes * (size_t)n_threads);
     ws->busy = calloc((size_t)n_threads, sizeof(atomic_int));
     ws->heads = calloc((size_t)n_heads, sizeof(kern_flex_head));
-    if (!ws->heads || !ws->vertical || !ws->slash || !ws->probe || !ws->kbar || !ws->vb || !ws->sb ||
-        !ws->bits || !ws->slots || !ws->busy) {
+    if (!ws->heads || !ws->vertical || !ws->slash || !ws->probe || !ws->kbar || !ws->vb ||
+        !ws->sb || !ws->bits || !ws->slots || !ws->busy) {
         kern_flex_ws_destroy(ws);
         return NULL;
     }
@@ -201,7 +213,10 @@ void kern_flex_ws_destroy(kern_flex_ws *ws)
     free(ws);
 }
 
-size_t kern_flex_ws_bytes(const kern_flex_ws *ws) { return ws ? ws->bytes : 0; }
+size_t kern_flex_ws_bytes(const kern_flex_ws *ws)
+{
+    return ws ? ws->bytes : 0;
+}
 
 int kern_flex_head_info(const kern_flex_ws *ws, int h, kern_flex_head *out)
 {
@@ -485,8 +500,8 @@ static void head_task(void *ctx, int h, int n_tasks)
     uint64_t *vsel = (uint64_t *)(void *)(base + align64(sizeof(float) * (size_t)nb));
     uint64_t *ssel = vsel + align64(sizeof(uint64_t) * words) / sizeof(uint64_t);
     float *qtil = (float *)(void *)((unsigned char *)ssel + align64(sizeof(uint64_t) * words));
-    float *tri = qtil + align64(sizeof(float) * (size_t)nb * (size_t)j->a->head_dim) /
-                            sizeof(float);
+    float *tri =
+        qtil + align64(sizeof(float) * (size_t)nb * (size_t)j->a->head_dim) / sizeof(float);
 
     const float *v = ws->vertical + (size_t)h * n, *s = ws->slash + (size_t)h * n;
     float *vb = ws->vb + (size_t)h * ws->max_nb, *sb = ws->sb + (size_t)h * ws->max_nb;
@@ -550,15 +565,14 @@ static void merge_groups(kern_block_mask *m, int n_heads, int n_kv_heads)
 static int check_args(const kern_attn_args *a)
 {
     if (!a || !a->q || !a->k || !a->v || !a->out || a->n_q < 1 || a->ctx_len < a->n_q ||
-        a->n_heads < 1 || a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads != 0 ||
-        a->head_dim < 1 || a->head_dim > KERN_ATTN_MAX_HEAD_DIM ||
-        (long)a->n_kv_heads * a->head_dim > a->kv_stride || (a->blocks && a->block_size < 1))
+        a->n_heads < 1 || a->n_kv_heads < 1 || a->n_heads % a->n_kv_heads != 0 || a->head_dim < 1 ||
+        a->head_dim > KERN_ATTN_MAX_HEAD_DIM || (long)a->n_kv_heads * a->head_dim > a->kv_stride ||
+        (a->blocks && a->block_size < 1))
         return KERN_SPARSE_EINVAL;
     return KERN_SPARSE_OK;
 }
 
-static void dense_result(kern_flex_result *res, kern_flex_path path, const kern_attn_args *a,
-                         int B)
+static void dense_result(kern_flex_result *res, kern_flex_path path, const kern_attn_args *a, int B)
 {
     res->path = path;
     int64_t causal = 0;

@@ -5,6 +5,9 @@
  * pool when the product is big enough to pay for the hand-off, each dot
  * product vectorized with several accumulators. Several rows (prefill, batched
  * decode): OpenBLAS sgemm, which blocks for cache far better than we would.
+ * Rows of W may lie further apart than K (ldw): a column slice of a larger
+ * matrix, which is how a tensor-parallel rank reads its part of wo and w_down
+ * without a copy.
  */
 #include "kernels/kernels.h"
 
@@ -31,19 +34,20 @@ typedef struct {
     float *y;
     const float *x;
     const float *w;
-    int M, N, K, ldx, ldy, rows_per_task;
+    int M, N, K, ldx, ldy, ldw, rows_per_task;
 } matvec_job;
 
 /* Rows [r0, r1) of W against every row of x: each weight row is read once
  * for all M inputs, which is what a decode batch needs (memory-bound). */
 #ifdef KERN_HAVE_AVX2
-/* Eight rows of W against one x: x is loaded once for the eight dot products,
- * and the eight sums leave in one store. K is a multiple of 8. */
-static inline void dot8_rows(float *y, const float *x, const float *w, int K)
+/* Eight rows of W (ldw floats apart) against one x: x is loaded once for the
+ * eight dot products, and the eight sums leave in one store. K is a multiple
+ * of 8. */
+static inline void dot8_rows(float *y, const float *x, const float *w, int K, int ldw)
 {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
            a7 = a0;
-    const size_t k8 = (size_t)K;
+    const size_t k8 = (size_t)ldw;
     for (int k = 0; k < K; k += 8) {
         const __m256 xv = _mm256_loadu_ps(x + k);
         a0 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + k), a0);
@@ -70,15 +74,16 @@ static void matvec_task(void *ctx, int t, int n_tasks)
     if (j->K % 8 == 0) {
         int r = r0;
         for (; r + 8 <= r1; r += 8) {
-            const float *wr = j->w + (size_t)r * j->K;
+            const float *wr = j->w + (size_t)r * j->ldw;
             for (int m = 0; m < j->M; m++)
-                dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K);
+                dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K,
+                          j->ldw);
         }
         r0 = r; /* the last rows, fewer than eight, go through the plain loop */
     }
 #endif
     for (int r = r0; r < r1; r++) {
-        const float *wr = j->w + (size_t)r * j->K;
+        const float *wr = j->w + (size_t)r * j->ldw;
         for (int m = 0; m < j->M; m++)
             j->y[(size_t)m * j->ldy + r] = dot_f32(j->x + (size_t)m * j->ldx, wr, j->K);
     }
@@ -93,10 +98,16 @@ static void matvec_task(void *ctx, int t, int n_tasks)
 void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx, const float *w,
                      int M, int N, int K)
 {
+    kern_matmul_f32_ldw(pool, y, ldy, x, ldx, w, K, M, N, K);
+}
+
+void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const float *w, int ldw, int M, int N, int K)
+{
     if (M <= 0 || N <= 0 || K <= 0)
         return;
     if (M <= SMALL_M || (long)M * N * K <= SMALL_GEMM_MACS) {
-        matvec_job j = {y, x, w, M, N, K, ldx, ldy, N};
+        matvec_job j = {y, x, w, M, N, K, ldx, ldy, ldw, N};
         int n_tasks = 1;
         const int threads = kern_pool_size(pool);
         if ((long)M * N * K >= PARALLEL_MIN_MACS && threads > 1) {
@@ -111,7 +122,7 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
         kern_pool_run(pool, matvec_task, &j, n_tasks);
         return;
     }
-    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, ldx, w, K, 0.0f, y,
+    cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, ldx, w, ldw, 0.0f, y,
                 ldy);
 }
 

@@ -45,7 +45,10 @@ static int group_teardown(void **state)
 
 static uint64_t rng_state;
 
-static void rng_seed(uint64_t s) { rng_state = s ? s : 0x9E3779B97F4A7C15ull; }
+static void rng_seed(uint64_t s)
+{
+    rng_state = s ? s : 0x9E3779B97F4A7C15ull;
+}
 
 static uint64_t xorshift64(void)
 {
@@ -137,10 +140,18 @@ static void problem_init(problem *p, shape s)
             p->v[kv_row(p, j) * stride + i] = rnd(-1.0f, 1.0f);
         }
     p->out = alloc_floats(p->nq_floats + 4);
-    p->a = (kern_attn_args){.q = p->q, .k = p->k, .v = p->v, .out = p->out, .n_q = s.n_q,
-                            .ctx_len = s.ctx_len, .n_heads = s.n_heads,
-                            .n_kv_heads = s.n_kv_heads, .head_dim = s.head_dim,
-                            .kv_stride = stride, .blocks = p->table, .block_size = s.page};
+    p->a = (kern_attn_args){.q = p->q,
+                            .k = p->k,
+                            .v = p->v,
+                            .out = p->out,
+                            .n_q = s.n_q,
+                            .ctx_len = s.ctx_len,
+                            .n_heads = s.n_heads,
+                            .n_kv_heads = s.n_kv_heads,
+                            .head_dim = s.head_dim,
+                            .kv_stride = stride,
+                            .blocks = p->table,
+                            .block_size = s.page};
     problem_reset_out(p);
 }
 
@@ -314,8 +325,8 @@ static void test_block_sparse_chunk_with_paged_kv_and_gqa_4_to_1_matches_masked_
     (void)state;
     rng_seed(12);
     const shape shapes[] = {
-        {77, 300, 8, 2, 64, 16, 0},  {1, 300, 8, 2, 64, 16, 5},  {130, 257, 16, 4, 32, 7, 3},
-        {33, 100, 8, 2, 128, 0, 9},  {64, 64, 8, 2, 64, 16, 0},
+        {77, 300, 8, 2, 64, 16, 0}, {1, 300, 8, 2, 64, 16, 5}, {130, 257, 16, 4, 32, 7, 3},
+        {33, 100, 8, 2, 128, 0, 9}, {64, 64, 8, 2, 64, 16, 0},
     };
     for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
         const int lists[] = {1, shapes[i].n_kv_heads, shapes[i].n_heads};
@@ -343,26 +354,28 @@ static void test_block_sparse_with_every_block_equals_dense_kernel(void **state)
                             {1, 129, 4, 1, 128, 16, 0},
                             {257, 257, 32, 8, 128, 16, 0}};
     const int bs[] = {16, 64, 128};
-    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++) {
+        problem p;
+        problem_init(&p, shapes[i]);
+        float *dense = alloc_floats(p.nq_floats);
+        kern_attn_args a = p.a;
+        a.out = dense;
+        kern_attention_f32(pool4, &a);
         for (int ib = 0; ib < 3; ib++) {
-            problem p;
-            problem_init(&p, shapes[i]);
             mask_buf mb;
             mask_alloc(&mb, bs[ib], 1, p.s.ctx_len, p.s.n_q);
             kern_block_mask_fill_causal(&mb.m);
+            problem_reset_out(&p);
             assert_int_equal(kern_attention_block_sparse_f32(pool4, &p.a, &mb.m), KERN_SPARSE_OK);
-            float *dense = alloc_floats(p.nq_floats);
-            kern_attn_args a = p.a;
-            a.out = dense;
-            kern_attention_f32(pool4, &a);
             const double e = abs_err(p.out, dense, p.nq_floats);
             if (!(e <= 1e-6) || !guards_intact(&p))
-                fail_msg("shape %zu B=%d: max abs diff to kern_attention_f32 %g > 1e-6", i,
-                         bs[ib], e);
-            free(dense);
+                fail_msg("shape %zu B=%d: max abs diff to kern_attention_f32 %g > 1e-6", i, bs[ib],
+                         e);
             free(mb.bits);
-            problem_free(&p);
         }
+        free(dense);
+        problem_free(&p);
+    }
 }
 
 /* One list for all heads, one per group and one per head give the same rows
@@ -448,20 +461,77 @@ static void test_block_sparse_rejects_bad_masks_and_arguments(void **state)
     assert_int_equal(kern_attention_block_sparse_f32(NULL, &p.a, NULL), KERN_SPARSE_EINVAL);
     /* Bad attention arguments. */
     const kern_attn_args bad[] = {
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 41, .ctx_len = 40, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 16, .kv_stride = 32},
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 3, .head_dim = 16, .kv_stride = 48},
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 0, .kv_stride = 32},
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 512, .kv_stride = 1024},
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 16, .kv_stride = 31},
-        {.q = NULL, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 16, .kv_stride = 32},
-        {.q = p.q, .k = p.k, .v = p.v, .out = p.out, .n_q = 40, .ctx_len = 100, .n_heads = 4,
-         .n_kv_heads = 2, .head_dim = 16, .kv_stride = 32, .blocks = (const int32_t *)p.q,
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 41,
+         .ctx_len = 40,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 16,
+         .kv_stride = 32},
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 3,
+         .head_dim = 16,
+         .kv_stride = 48},
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 0,
+         .kv_stride = 32},
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 512,
+         .kv_stride = 1024},
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 16,
+         .kv_stride = 31},
+        {.q = NULL,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 16,
+         .kv_stride = 32},
+        {.q = p.q,
+         .k = p.k,
+         .v = p.v,
+         .out = p.out,
+         .n_q = 40,
+         .ctx_len = 100,
+         .n_heads = 4,
+         .n_kv_heads = 2,
+         .head_dim = 16,
+         .kv_stride = 32,
+         .blocks = (const int32_t *)p.q,
          .block_size = 0},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++)
@@ -538,8 +608,8 @@ static void test_probe_profiles_match_brute_force_softmax(void **state)
 {
     (void)state;
     rng_seed(21);
-    const shape shapes[] = {{100, 100, 4, 2, 16, 0, 0}, {60, 211, 8, 2, 64, 16, 3},
-                            {40, 40, 2, 1, 8, 0, 0}};
+    const shape shapes[] = {
+        {100, 100, 4, 2, 16, 0, 0}, {60, 211, 8, 2, 64, 16, 3}, {40, 40, 2, 1, 8, 0, 0}};
     const int probes[] = {16, 40, 40};
     for (int si = 0; si < 3; si++) {
         problem p;
@@ -580,16 +650,16 @@ static void test_probe_profiles_match_brute_force_softmax(void **state)
                 const double ev = fabs(vert[(size_t)h * n + j] - bv[j]);
                 const double es = fabs(slash[(size_t)h * n + j] - bs[j]);
                 if (!(ev <= 1e-6 && es <= 1e-6))
-                    fail_msg("shape %d head %d key %d: vertical %g vs %g, slash %g vs %g", si, h,
-                             j, vert[(size_t)h * n + j], bv[j], slash[(size_t)h * n + j], bs[j]);
+                    fail_msg("shape %d head %d key %d: vertical %g vs %g, slash %g vs %g", si, h, j,
+                             vert[(size_t)h * n + j], bv[j], slash[(size_t)h * n + j], bs[j]);
                 sv += vert[(size_t)h * n + j];
                 ss += slash[(size_t)h * n + j];
             }
             assert_true(fabs(sv - 1.0) < 1e-5 && fabs(ss - 1.0) < 1e-5);
         }
-        assert_int_equal(kern_attention_probe_profiles_f32(NULL, &p.a, p.s.n_q + 1, vert, slash,
-                                                           scratch),
-                         KERN_SPARSE_EINVAL);
+        assert_int_equal(
+            kern_attention_probe_profiles_f32(NULL, &p.a, p.s.n_q + 1, vert, slash, scratch),
+            KERN_SPARSE_EINVAL);
         free(bv);
         free(bs);
         free(w);
@@ -662,7 +732,7 @@ static void test_flex_dense_fallbacks_are_bit_identical_to_dense(void **state)
         kern_flex_path path;
     } cases[] = {
         {{1, 300, 8, 2, 16, 0, 0}, 0, KERN_FLEX_DENSE_DECODE},
-        {{64, 64, 8, 2, 16, 0, 0}, 0, KERN_FLEX_DENSE_SHORT},    /* N = 2B */
+        {{64, 64, 8, 2, 16, 0, 0}, 0, KERN_FLEX_DENSE_SHORT},     /* N = 2B */
         {{200, 200, 8, 2, 16, 0, 0}, 200, KERN_FLEX_DENSE_SHORT}, /* min_budget >= N */
         {{64, 300, 8, 2, 16, 16, 0}, 0, KERN_FLEX_DENSE_SHORT_CHUNK},
     };
@@ -1119,24 +1189,24 @@ static void test_flex_rejects_bad_parameters_naming_the_field(void **state)
     kern_flex_params fp;
     kern_flex_params_default(&fp);
     assert_int_equal(kern_flex_params_check(&fp, err, sizeof err), KERN_SPARSE_OK);
-    assert_true(fp.gamma == 0.9f && fp.tau == 0.1f && fp.min_budget == 1024 &&
-                fp.max_budget == 0 && fp.block_size == 128 && fp.gqa_union == 0);
+    assert_true(fp.gamma == 0.9f && fp.tau == 0.1f && fp.min_budget == 1024 && fp.max_budget == 0 &&
+                fp.block_size == 128 && fp.gqa_union == 0);
     const struct {
         const char *field;
         float gamma, tau;
         int min_budget, max_budget, block_size, gqa_union;
     } bad[] = {
-        {"gamma", 0.0f, 0.1f, 0, 0, 64, 0},    {"gamma", 1.01f, 0.1f, 0, 0, 64, 0},
-        {"gamma", -0.5f, 0.1f, 0, 0, 64, 0},   {"gamma", NAN, 0.1f, 0, 0, 64, 0},
-        {"tau", 0.9f, -0.01f, 0, 0, 64, 0},    {"tau", 0.9f, 1.5f, 0, 0, 64, 0},
-        {"tau", 0.9f, NAN, 0, 0, 64, 0},       {"min_budget", 0.9f, 0.1f, -1, 0, 64, 0},
+        {"gamma", 0.0f, 0.1f, 0, 0, 64, 0},       {"gamma", 1.01f, 0.1f, 0, 0, 64, 0},
+        {"gamma", -0.5f, 0.1f, 0, 0, 64, 0},      {"gamma", NAN, 0.1f, 0, 0, 64, 0},
+        {"tau", 0.9f, -0.01f, 0, 0, 64, 0},       {"tau", 0.9f, 1.5f, 0, 0, 64, 0},
+        {"tau", 0.9f, NAN, 0, 0, 64, 0},          {"min_budget", 0.9f, 0.1f, -1, 0, 64, 0},
         {"max_budget", 0.9f, 0.1f, 0, -5, 64, 0}, {"block_size", 0.9f, 0.1f, 0, 0, 0, 0},
-        {"block_size", 0.9f, 0.1f, 0, 0, 7, 0}, {"block_size", 0.9f, 0.1f, 0, 0, 512, 0},
+        {"block_size", 0.9f, 0.1f, 0, 0, 7, 0},   {"block_size", 0.9f, 0.1f, 0, 0, 512, 0},
         {"gqa_union", 0.9f, 0.1f, 0, 0, 64, 2},
     };
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
-        fp = (kern_flex_params){bad[i].gamma, bad[i].tau, bad[i].min_budget, bad[i].max_budget,
-                                bad[i].block_size, bad[i].gqa_union};
+        fp = (kern_flex_params){bad[i].gamma,      bad[i].tau,        bad[i].min_budget,
+                                bad[i].max_budget, bad[i].block_size, bad[i].gqa_union};
         err[0] = '\0';
         assert_int_equal(kern_flex_params_check(&fp, err, sizeof err), KERN_SPARSE_EINVAL);
         if (!strstr(err, bad[i].field))
@@ -1285,8 +1355,7 @@ static void test_power_decode_and_chunks_equal_one_shot_prefill(void **state)
     const kern_power_params pp = {16, 2};
     const size_t words = kern_block_mask_words(16, 1, 300, 300);
     uint64_t *bits = malloc(sizeof(uint64_t) * words);
-    assert_int_equal(kern_power_attention_f32(pool4, &p.a, &pp, bits, words, NULL),
-                     KERN_SPARSE_OK);
+    assert_int_equal(kern_power_attention_f32(pool4, &p.a, &pp, bits, words, NULL), KERN_SPARSE_OK);
     const size_t w = 8 * 64;
     float *one = alloc_floats(p.nq_floats);
     const int ts[] = {0, 1, 15, 16, 17, 100, 255, 256, 299};
@@ -1363,9 +1432,17 @@ static void test_power_dense_layers_default_2_of_every_7(void **state)
     assert_int_equal(kern_power_dense_layers_parse(" 0  of  every  3 ", &k, &n, err, sizeof err),
                      0);
     assert_true(k == 0 && n == 3);
-    const char *bad[] = {"",           "2 of every 0", "3 of every 2", "of every 7",
-                         "2 of every", "2 of every 7x", "-1 of every 7", "2of every 7",
-                         "2 of every 1001", "99999999999 of every 7", "2 in every 7"};
+    const char *bad[] = {"",
+                         "2 of every 0",
+                         "3 of every 2",
+                         "of every 7",
+                         "2 of every",
+                         "2 of every 7x",
+                         "-1 of every 7",
+                         "2of every 7",
+                         "2 of every 1001",
+                         "99999999999 of every 7",
+                         "2 in every 7"};
     for (size_t i = 0; i < sizeof bad / sizeof bad[0]; i++) {
         err[0] = '\0';
         assert_int_equal(kern_power_dense_layers_parse(bad[i], &k, &n, err, sizeof err),
