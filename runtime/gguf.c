@@ -789,7 +789,7 @@ int rt_gguf_open(rt_gguf **out, const char *path, char *err, size_t errlen)
         return -1;
     }
     *out = NULL;
-    int fd = open(path, O_RDONLY | O_CLOEXEC);
+    int fd = open(path, O_RDONLY | O_CLOEXEC | O_NONBLOCK); /* a FIFO must not block */
     if (fd < 0) {
         if (err && errlen)
             snprintf(err, errlen, "gguf: cannot open '%s': %s", path, strerror(errno));

@@ -323,16 +323,20 @@ static bool append_text(sched_request *r, const char *bytes, size_t n)
     memcpy(r->text + old, bytes, n);
     r->text_raw += n;
     r->text[r->text_raw] = 0;
+    /* The earliest match wins, whichever stop string it is. */
+    const char *first = NULL;
     for (int i = 0; i < r->p.n_stop; i++) {
         const char *stop = r->p.stop[i];
         const size_t sl = strlen(stop);
         const size_t from = old >= sl ? old - sl + 1 : 0;
         const char *hit = memmem(r->text + from, r->text_raw - from, stop, sl);
-        if (hit) {
-            r->text_raw = (size_t)(hit - r->text);
-            r->text_final = r->text_raw;
-            return true;
-        }
+        if (hit && (!first || hit < first))
+            first = hit;
+    }
+    if (first) {
+        r->text_raw = (size_t)(first - r->text);
+        r->text_final = r->text_raw;
+        return true;
     }
     size_t hold = incomplete_utf8_tail(r->text, r->text_raw);
     for (int i = 0; i < r->p.n_stop; i++) {

@@ -4,8 +4,8 @@
 # with bench/fuzz.sh; scripts/test-sanitize.sh runs each briefly over its corpus.
 #
 # The project's sources are compiled directly by a Makefile generated here (incremental, with
-# header dependencies), not by CMake: config/, runtime/, scheduler/ and server/openai.c with
-# clang, coverage and the sanitizers; kernels/cpu/ with gcc, optimized and uninstrumented,
+# header dependencies), not by CMake: config/, runtime/, scheduler/ and server/ (but main.c)
+# with clang, coverage and the sanitizers, into an archive the targets take what they need from; kernels/cpu/ with gcc, optimized and uninstrumented,
 # because the kernels use _Float16, which clang 14 does not have on x86-64, and because they
 # parse nothing (the ASan/UBSan ctest build, scripts/test-sanitize.sh, covers them).
 set -euo pipefail
@@ -18,7 +18,7 @@ OUT=build-fuzz
 SHARED=$(cd "${SIEVE_SHARED_DIR:-$ROOT/../shared}" 2>/dev/null && pwd || echo "$ROOT/../shared")
 mkdir -p "$OUT/obj"
 
-instrumented=$(ls config/*.c runtime/*.c scheduler/*.c server/openai.c 2>/dev/null)
+instrumented=$(ls config/*.c runtime/*.c scheduler/*.c server/*.c 2>/dev/null | grep -v '^server/main.c$')
 plain=$(ls kernels/*.c kernels/cpu/*.c 2>/dev/null || true)
 targets=$(ls tests/fuzz/fuzz_*.c)
 
@@ -29,8 +29,8 @@ obj() { echo "obj/$(echo "${1%.c}" | tr / _).o"; }
   echo "ROOT := $ROOT"
   echo "SAN := -fsanitize=address,undefined -fno-sanitize-recover=undefined -fno-omit-frame-pointer"
   echo "DEFS := -D_GNU_SOURCE -DSIEVE_VERSION=\\\"fuzz\\\" -DSIEVE_DEFAULT_MODEL=\\\"$SHARED/models/stories260K.gguf\\\""
-  echo "PKG_CFLAGS := $(pkg-config --cflags jansson openblas)"
-  echo "PKG_LIBS := $(pkg-config --libs jansson openblas) -lpthread -lm"
+  echo "PKG_CFLAGS := $(pkg-config --cflags jansson openblas libmicrohttpd libuv)"
+  echo "PKG_LIBS := $(pkg-config --libs jansson openblas libmicrohttpd libuv) -lpthread -lm"
   echo "CFLAGS := -std=c17 -g -O1 -fopenmp-simd -I\$(ROOT) \$(DEFS) \$(PKG_CFLAGS) -MMD -MP"
   echo "FUZZ_DEFS := -DSIEVE_FUZZ_SHARED_DIR=\\\"$SHARED\\\" -DSIEVE_FUZZ_SOURCE_DIR=\\\"$ROOT\\\""
   lib_objs=""

@@ -73,6 +73,8 @@ typedef struct conn {
     int n_done;  /* finish notifications received (guarded by srv->done_mu) */
     bool queued; /* on srv->ready (guarded by srv->done_mu) */
     struct conn *next_ready;
+    struct conn *next_work; /* on_async's private walk of a snapshot of srv->ready */
+    bool accounted;         /* its srv->active share has been given back */
 
     /* streaming output, loop thread only */
     char *out;
@@ -585,25 +587,40 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
     return 0;
 }
 
+/* Gives back the conn's share of srv->active, once. */
+static void account_done(conn *c)
+{
+    if (!c->accounted) {
+        c->accounted = true;
+        c->srv->active--;
+    }
+}
+
 static void on_async(uv_async_t *a)
 {
     srv_server *s = a->data;
+    /* The engine may queue a conn again while this walk runs, rewriting its
+     * next_ready: walk a private copy of the links taken under the lock. */
     pthread_mutex_lock(&s->done_mu);
     conn *list = s->ready;
     s->ready = NULL;
-    for (conn *c = list; c; c = c->next_ready)
+    for (conn *c = list; c; c = c->next_ready) {
         c->queued = false;
+        c->next_work = c->next_ready;
+    }
     pthread_mutex_unlock(&s->done_mu);
     while (list) {
         conn *c = list;
-        list = c->next_ready;
+        list = c->next_work;
         pthread_mutex_lock(&s->done_mu);
         const bool all_done = c->n_done == c->n_choices;
+        const bool queued_again = c->queued;
         pthread_mutex_unlock(&s->done_mu);
         if (c->closed) {
-            /* The client is gone; free once the engine is done with it. */
-            if (all_done) {
-                s->active--;
+            /* The client is gone: free once the engine is done with it and no
+             * notification still holds it on the ready list. */
+            if (all_done && !queued_again) {
+                account_done(c);
                 free_conn(c);
             }
             continue;
@@ -617,13 +634,13 @@ static void on_async(uv_async_t *a)
             }
             continue;
         }
-        if (!all_done)
-            continue;
+        if (!all_done || c->phase != CONN_WORKING)
+            continue; /* not finished, or already answered on an earlier visit */
         unwatch_peer(c);
         build_full_response(c);
         release_reqs(c);
         c->phase = CONN_RESPONDING;
-        s->active--;
+        account_done(c);
         MHD_resume_connection(c->mc);
     }
     run_mhd(s);
@@ -685,7 +702,7 @@ static void fail_working(conn *c, const srv_error *e)
 {
     set_error(c, e);
     c->phase = CONN_RESPONDING;
-    c->srv->active--;
+    account_done(c);
     MHD_resume_connection(c->mc);
     run_mhd(c->srv);
 }
@@ -1336,8 +1353,8 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         c->closed = true;
         return;
     }
-    if (c->creq.stream && c->n_choices > 0)
-        s->active--; /* a stream that ran to its end */
+    if (c->phase == CONN_STREAMING)
+        account_done(c); /* a stream that ran to its end */
     free_conn(c);
 }
 
@@ -1407,7 +1424,12 @@ static void on_signal(uv_signal_t *sig, int signum)
     }
     fprintf(stderr, "sieve: signal %d: draining %d requests in flight\n", signum, s->active);
     s->draining = true;
-    s->listen_fd = MHD_quiesce_daemon(s->d);
+    /* Stop accepting, and close the listening socket now: new connections are
+     * refused at once instead of waiting in the backlog for the whole drain
+     * (allowed right away since libmicrohttpd runs without threads here). */
+    MHD_socket lfd = MHD_quiesce_daemon(s->d);
+    if (lfd != MHD_INVALID_SOCKET)
+        close(lfd);
     s->drain_deadline = sched_now() + s->cfg.drain_timeout_s;
     uv_timer_start(&s->drain_timer, on_drain_tick, 0, 50);
 }

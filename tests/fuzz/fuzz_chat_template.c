@@ -27,8 +27,8 @@
 
 #define MAX_MSGS 64
 
-static const char *const roles[] = {"system", "user", "assistant", "tool",
-                                    "developer", "", "User", "function"};
+static const char *const roles[] = {"system",    "user", "assistant", "tool",
+                                    "developer", "",     "User",      "function"};
 
 static bool plain_role(const rt_chat_msg *m, const char **shown)
 {

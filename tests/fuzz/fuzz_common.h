@@ -51,6 +51,9 @@ static inline const char *fuzz_source_path(const char *rel)
 }
 
 /* Reads a little-endian uint16 from p (2 bytes available). */
-static inline unsigned fuzz_u16(const uint8_t *p) { return (unsigned)p[0] | (unsigned)p[1] << 8; }
+static inline unsigned fuzz_u16(const uint8_t *p)
+{
+    return (unsigned)p[0] | (unsigned)p[1] << 8;
+}
 
 #endif

@@ -44,8 +44,7 @@ static void check_refusal(const srv_error *err, size_t len)
 
 static void check_sampling(const rt_sampling *s)
 {
-    FUZZ_CHECK(s->temperature >= 0.0f && s->temperature <= 2.0f, "temperature %g",
-               s->temperature);
+    FUZZ_CHECK(s->temperature >= 0.0f && s->temperature <= 2.0f, "temperature %g", s->temperature);
     FUZZ_CHECK(s->top_p > 0.0f && s->top_p <= 1.0f, "top_p %g", s->top_p);
     FUZZ_CHECK(s->min_p >= 0.0f && s->min_p <= 1.0f, "min_p %g", s->min_p);
     FUZZ_CHECK(s->top_k >= 0, "top_k %d", s->top_k);
@@ -53,15 +52,15 @@ static void check_sampling(const rt_sampling *s)
                s->presence_penalty);
     FUZZ_CHECK(s->frequency_penalty >= -2.0f && s->frequency_penalty <= 2.0f, "frequency %g",
                s->frequency_penalty);
-    FUZZ_CHECK(s->repetition_penalty >= 0.01f && s->repetition_penalty <= 10.0f,
-               "repetition %g", s->repetition_penalty);
+    FUZZ_CHECK(s->repetition_penalty >= 0.01f && s->repetition_penalty <= 10.0f, "repetition %g",
+               s->repetition_penalty);
     FUZZ_CHECK(s->n_logit_bias >= 0 && s->n_logit_bias <= RT_MAX_LOGIT_BIAS, "n_logit_bias %d",
                s->n_logit_bias);
     for (int i = 0; i < s->n_logit_bias; i++) {
         FUZZ_CHECK(s->logit_bias[i].id >= 0 && s->logit_bias[i].id < N_VOCAB, "bias id %d",
                    s->logit_bias[i].id);
-        FUZZ_CHECK(s->logit_bias[i].bias >= -100.0f && s->logit_bias[i].bias <= 100.0f,
-                   "bias %g", s->logit_bias[i].bias);
+        FUZZ_CHECK(s->logit_bias[i].bias >= -100.0f && s->logit_bias[i].bias <= 100.0f, "bias %g",
+                   s->logit_bias[i].bias);
     }
 }
 
@@ -73,8 +72,7 @@ static void check_acceptance(const srv_completion_req *r, srv_kind kind)
     FUZZ_CHECK(r->min_tokens >= 0 && r->min_tokens <= N_CTX, "min_tokens %d", r->min_tokens);
     FUZZ_CHECK(r->max_tokens == 0 || r->min_tokens <= r->max_tokens, "min %d > max %d",
                r->min_tokens, r->max_tokens);
-    FUZZ_CHECK(r->logprobs >= -1 && r->logprobs <= SCHED_MAX_LOGPROBS, "logprobs %d",
-               r->logprobs);
+    FUZZ_CHECK(r->logprobs >= -1 && r->logprobs <= SCHED_MAX_LOGPROBS, "logprobs %d", r->logprobs);
     FUZZ_CHECK(r->priority >= -1000000 && r->priority <= 1000000, "priority %d", r->priority);
     FUZZ_CHECK(!r->include_usage || r->stream, "include_usage without stream");
     FUZZ_CHECK(r->n_stop >= 0 && r->n_stop <= SCHED_MAX_STOP, "n_stop %d", r->n_stop);
@@ -85,13 +83,12 @@ static void check_acceptance(const srv_completion_req *r, srv_kind kind)
     check_sampling(&r->sampling);
     if (kind == SRV_COMPLETION) {
         FUZZ_CHECK((r->prompt_text != NULL) != (r->prompt_tokens != NULL),
-                   "prompt: text %p tokens %p", (void *)r->prompt_text,
-                   (void *)r->prompt_tokens);
+                   "prompt: text %p tokens %p", (void *)r->prompt_text, (void *)r->prompt_tokens);
         if (r->prompt_text) {
             FUZZ_CHECK(r->prompt_text[r->prompt_len] == 0, "prompt text not terminated");
         } else {
-            FUZZ_CHECK(r->n_prompt_tokens >= 1 && r->n_prompt_tokens <= N_CTX,
-                       "n_prompt_tokens %d", r->n_prompt_tokens);
+            FUZZ_CHECK(r->n_prompt_tokens >= 1 && r->n_prompt_tokens <= N_CTX, "n_prompt_tokens %d",
+                       r->n_prompt_tokens);
             for (int i = 0; i < r->n_prompt_tokens; i++)
                 FUZZ_CHECK(r->prompt_tokens[i] >= 0 && r->prompt_tokens[i] < N_VOCAB,
                            "prompt[%d] = %d", i, r->prompt_tokens[i]);
@@ -118,10 +115,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     const srv_kind kind = (data[0] & 1) ? SRV_CHAT : SRV_COMPLETION;
     const char *body = (const char *)data + 1;
     const size_t len = size - 1;
-    const srv_limits lim = {.model_name = "stories260K",
-                            .n_vocab = N_VOCAB,
-                            .n_ctx = N_CTX,
-                            .default_max_tokens = 16};
+    const srv_limits lim = {
+        .model_name = "stories260K", .n_vocab = N_VOCAB, .n_ctx = N_CTX, .default_max_tokens = 16};
     srv_completion_req req;
     srv_error err;
     if (srv_parse_request(kind, body, len, &lim, &req, &err) == 0)

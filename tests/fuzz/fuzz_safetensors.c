@@ -37,8 +37,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
     uint64_t header = 0;
     for (int i = 7; i >= 0; i--)
         header = header << 8 | data[i];
-    FUZZ_CHECK(header <= size - 8, "header length %llu of %zu bytes",
-               (unsigned long long)header, size);
+    FUZZ_CHECK(header <= size - 8, "header length %llu of %zu bytes", (unsigned long long)header,
+               size);
     const uint8_t *next = data + 8 + header, *end = data + size;
     const size_t n = rt_st_count(f);
     for (size_t i = 0; i < n; i++) {

@@ -43,11 +43,11 @@
 typedef struct {
     const char *name;
     rt_tokenizer *tok;
-    bool nfc;            /* normalizes: round trip only for ASCII */
-    bool spm;            /* U+2581 in the text decodes as a space */
-    const char *prefix;  /* what decoding puts before the text */
-    bool always_prefix;  /* even before a leading space */
-    char *stripping[8];  /* added tokens with lstrip/rstrip: they absorb whitespace */
+    bool nfc;           /* normalizes: round trip only for ASCII */
+    bool spm;           /* U+2581 in the text decodes as a space */
+    const char *prefix; /* what decoding puts before the text */
+    bool always_prefix; /* even before a leading space */
+    char *stripping[8]; /* added tokens with lstrip/rstrip: they absorb whitespace */
     int n_stripping;
 } loaded;
 
@@ -98,7 +98,8 @@ static void find_stripping(loaded *l, const char *path)
         if ((json_is_true(json_object_get(t, "lstrip")) ||
              json_is_true(json_object_get(t, "rstrip"))) &&
             json_is_string(json_object_get(t, "content")) && l->n_stripping < 8)
-            l->stripping[l->n_stripping++] = strdup(json_string_value(json_object_get(t, "content")));
+            l->stripping[l->n_stripping++] =
+                strdup(json_string_value(json_object_get(t, "content")));
     }
     json_decref(root);
 }
@@ -119,8 +120,8 @@ static void load_all(void)
     }
     rt_gguf_close(g);
     g_tok[g_n++] = (loaded){.name = "stories260K", .tok = t, .spm = true};
-    static const char *const fixtures[] = {"gpt2", "llama3", "qwen2", "smollm", "llama2",
-                                           "mistral"};
+    static const char *const fixtures[] = {"gpt2",   "llama3", "qwen2",
+                                           "smollm", "llama2", "mistral"};
     for (size_t i = 0; i < sizeof(fixtures) / sizeof(fixtures[0]); i++) {
         char rel[256];
         snprintf(rel, sizeof(rel), "tests/fixtures/tokenizers/%s.tokenizer.json", fixtures[i]);
@@ -248,9 +249,8 @@ int LLVMFuzzerTestOneInput(const uint8_t *data, size_t size)
 
     char *out = NULL;
     size_t out_len = decode(l->tok, ids, n, &out);
-    bool lossy = (l->spm && (memmem(text, len, "\xe2\x96\x81", 3) ||
-                                   !is_utf8(data + 1, len))) ||
-                       (l->nfc && !is_ascii(data + 1, len));
+    bool lossy = (l->spm && (memmem(text, len, "\xe2\x96\x81", 3) || !is_utf8(data + 1, len))) ||
+                 (l->nfc && !is_ascii(data + 1, len));
     for (int i = 0; i < l->n_stripping && !lossy; i++)
         lossy = memmem(text, len, l->stripping[i], strlen(l->stripping[i])) != NULL;
     if (!parse_special && !lossy && len > 0) {

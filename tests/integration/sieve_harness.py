@@ -78,7 +78,7 @@ class Server:
         except OSError:
             return ""
 
-    def stop(self, sig=signal.SIGTERM, timeout=10.0):
+    def stop(self, sig=signal.SIGTERM, timeout=60.0):
         """Stops the server; returns its exit code."""
         if not self.proc:
             return None

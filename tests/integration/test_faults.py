@@ -2,12 +2,14 @@
 ever contacted); every loop is bounded in count and time, and every server is stopped by
 PID whatever happens.
 
-- Disconnect storm: up to STORM_REQUESTS requests within STORM_SECONDS from STORM_CLIENTS
-  threads, each hanging up at a random point (before the request line, mid-headers,
-  mid-body, after the body before the reply, mid-stream; FIN or RST), mixed with complete
-  requests that must get their golden text. Afterwards no KV block is used and nothing
-  runs or waits, the process is alive and serves, RSS is within RSS_SLACK_MIB of its value
-  after a warm-up that touched the whole (small) KV cache, and it exits 0 on SIGTERM.
+- Disconnect storm: up to STORM_REQUESTS (4000) requests within STORM_SECONDS (25 s) from
+  STORM_CLIENTS (8) threads, each hanging up at a random point (before the request line,
+  mid-request-line, mid-headers, mid-body, after the body before the reply, mid-stream of
+  completions or chat; FIN or RST), one in ten a complete request that must get its golden
+  text. Afterwards no KV block is used and nothing runs or waits, the process is alive and
+  serves, every socket descriptor is back once the idle timeout (3 s) has passed, RSS is
+  within RSS_SLACK_MIB (20 MiB) of its value after a warm-up that touched the whole (small)
+  KV cache, and SIGTERM ends it with exit code 0.
 - Slow clients: a body sent byte by byte over ~3 s and a stream read slowly through a small
   receive buffer do not delay other clients (each fast request within FAST_BOUND_S); with
   --connection-timeout 2, idle connections (new, after a response, or mid-headers) are
@@ -16,13 +18,15 @@ PID whatever happens.
   (384 tokens, --context-length 256): preemption happens, every request gets 200 with its
   solo text, and every block is free afterwards.
 - Connection flood: with --max-connections 16 held by idle sockets, 48 more clients send
-  GET /health. What happens is asserted and printed: libmicrohttpd stops accepting at the
-  limit, so they wait in the listen backlog (no 503, no close) and are served once the
-  held sockets go; service continues.
+  GET /health: each gets a 503 with an OpenAI error object and Retry-After at once (none is
+  left waiting in the listen backlog), and service continues (16 concurrent golden
+  completions right after).
 - SIGTERM under load: streaming and non-streaming requests in flight all complete (200,
   full length, [DONE]) and the exit code is 0; requests after the signal are refused
   (connection refused or a 503 error object); with --drain-timeout 1, requests still
   running get a 503 error object (or an error event in the stream) and the exit code is 0.
+- Known bug, as an expectedFailure test (drop the decorator with the fix): a FIN in the
+  middle of a request keeps its connection until the idle timeout.
 
 Only the standard library. Under scripts/test-sanitize.sh the server is the ASan/UBSan build:
 its output must hold no sanitizer report, and the RSS bound is not applied (ASan keeps
@@ -46,7 +50,7 @@ import sieve_harness as h
 BINARY = h.sieve_binary()
 MODEL = "stories260K"
 KV_BYTES_PER_TOKEN = 1280  # stories260K: 5 layers x 4 kv heads x 16 dims x (K + V) x f32
-STORM_REQUESTS = 1000
+STORM_REQUESTS = 4000
 STORM_SECONDS = 25.0
 STORM_CLIENTS = 8
 RSS_SLACK_MIB = 20
@@ -108,6 +112,10 @@ def rss_mib(pid):
             if line.startswith("VmRSS:"):
                 return int(line.split()[1]) / 1024.0
     raise AssertionError("no VmRSS for %d" % pid)
+
+
+def open_fds(pid):
+    return len(os.listdir("/proc/%d/fd" % pid))
 
 
 def post_bytes(path, body, extra=b""):
@@ -197,7 +205,7 @@ class DisconnectStormTest(unittest.TestCase):
     @classmethod
     def setUpClass(cls):
         cls.srv = h.Server(BINARY, "--threads", "2", "--kv-cache-bytes", str(cls.KV_BYTES),
-                           "--context-length", "512", "--connection-timeout", "10",
+                           "--context-length", "512", "--connection-timeout", "3",
                            "--max-waiting", "1024").start()
 
     @classmethod
@@ -253,19 +261,26 @@ class DisconnectStormTest(unittest.TestCase):
                 s.sendall(head + data)
                 buf = b""
                 want = rng.randint(1, 6)
-                while buf.count(b"data: ") < want:
+                # Tokens produced between two loop wake-ups share one event, so a short
+                # stream may hold fewer events than tokens: stop at [DONE] too.
+                while buf.count(b"data: ") < want and b"data: [DONE]" not in buf:
                     b = s.recv(4096)
                     if not b:
                         break
                     buf += b
             else:
-                s.sendall(head + data)
-                r = http.client.HTTPResponse(s)
-                r.begin()
-                answer = json.loads(r.read())
-                self.assertEqual(r.status, 200, answer)
+                try:
+                    s.sendall(head + data)
+                    r = http.client.HTTPResponse(s)
+                    r.begin()
+                    status, answer = r.status, json.loads(r.read())
+                except OSError as e:
+                    raise AssertionError("a complete request got %r" % e)
+                self.assertEqual(status, 200, answer)
                 self.assertEqual(answer["choices"][0]["text"], golden_case["completion_text"])
                 self.assertEqual(answer["usage"]["completion_tokens"], 32)
+        except ConnectionError:
+            mode += " (the server closed first)"
         finally:
             close(s, reset)
         return mode
@@ -274,11 +289,11 @@ class DisconnectStormTest(unittest.TestCase):
         self.warm_up()
         self.assertEqual(wait_idle(self.srv)[0][("sieve_kv_blocks_used", "")], 0)
         pid = self.srv.proc.pid
-        rss_start = rss_mib(pid)
+        rss_start, fds_start = rss_mib(pid), open_fds(pid)
         before = metrics(self.srv)
         cases = [c for c in golden() if len(c["completion_text"]) > 0]
         lock = threading.Lock()
-        counts, failures = {}, []
+        counts, failures, slowest = {}, [], []
         issued = [0]
         deadline = time.monotonic() + STORM_SECONDS
 
@@ -289,14 +304,15 @@ class DisconnectStormTest(unittest.TestCase):
                     if issued[0] >= STORM_REQUESTS:
                         return
                     issued[0] += 1
+                t_req = time.monotonic()
                 try:
                     mode = self.storm_once(rng, self.srv.port, rng.choice(cases))
-                except AssertionError as e:
                     with lock:
-                        failures.append(str(e))
+                        slowest.append((time.monotonic() - t_req, mode))
+                except (AssertionError, OSError) as e:
+                    with lock:
+                        failures.append("%s: %s" % (type(e).__name__, e))
                     continue
-                except OSError as e:  # the server may close first: never for 'complete'
-                    mode = "oserror %s" % type(e).__name__
                 with lock:
                     counts[mode] = counts.get(mode, 0) + 1
 
@@ -304,7 +320,12 @@ class DisconnectStormTest(unittest.TestCase):
         run_threads([(lambda i=i: client(1000 + i)) for i in range(STORM_CLIENTS)],
                     STORM_SECONDS + 60)
         took = time.monotonic() - t0
-        self.assertEqual(failures, [])
+        slowest.sort(reverse=True)
+        print("\n  slowest: %s" % ", ".join("%s %.2f s" % (m, t) for t, m in slowest[:5]))
+        self.assertEqual(failures, [], "%d failures; server log:\n%s" % (
+            len(failures), "\n".join(l for l in self.srv.logs().splitlines()
+                                      if not l.startswith(("Failed to send", "Socket has been",
+                                                           "Connection was closed")))[-3000:]))
         self.assertIsNone(self.srv.proc.poll(), "the server died:\n" + self.srv.logs()[-3000:])
         after, idle_s = wait_idle(self.srv)
         gauges = {k: gauge(after, k) for k in ("sieve_kv_blocks_used", "sieve_requests_running",
@@ -316,20 +337,53 @@ class DisconnectStormTest(unittest.TestCase):
         self.assertGreater(cancelled, 0)
         self.assertEqual(complete(self.srv, prompt=cases[0]["prompt"], max_tokens=32)[1]
                          ["choices"][0]["text"], cases[0]["completion_text"])
+        # Requests cut off mid-headers or mid-body by a FIN hold their connection until the
+        # idle timeout (3 s here; see test_a_fin_mid_request_frees_its_connection_at_once):
+        # wait for it, then every descriptor must be back.
+        t_fd = time.monotonic()
+        while open_fds(pid) > fds_start + 2 and time.monotonic() - t_fd < 10:
+            time.sleep(0.2)
+        fds_end = open_fds(pid)
         rss_end = rss_mib(pid)
         total = sum(counts.values())
         print("\n  disconnect storm: %d requests in %.1f s from %d clients, %d cancelled by the "
               "engine; RSS %.1f MiB after warm-up -> %.1f MiB after (bound +%d MiB%s); idle "
-              "%.2f s after the storm\n  %s" % (
+              "%.2f s after the storm; open descriptors %d -> %d\n  %s" % (
                   total, took, STORM_CLIENTS, cancelled, rss_start, rss_end, RSS_SLACK_MIB,
-                  ", not applied under ASan" if SANITIZED else "", idle_s,
+                  ", not applied under ASan" if SANITIZED else "", idle_s, fds_start, fds_end,
                   ", ".join("%s %d" % kv for kv in sorted(counts.items()))))
-        self.assertGreaterEqual(total, min(STORM_REQUESTS, 200))
+        self.assertGreaterEqual(total, min(STORM_REQUESTS, 1000))
+        self.assertLessEqual(fds_end, fds_start + 2)
         if not SANITIZED:
             self.assertLess(rss_end, rss_start + RSS_SLACK_MIB)
         logs = self.srv.logs()
         self.assertEqual(self.srv.stop(), 0, logs[-3000:])
         assert_clean_logs(self, self.srv.logs() or logs)
+
+
+class HalfClosedRequestTest(unittest.TestCase):
+    @unittest.expectedFailure
+    def test_a_fin_mid_request_frees_its_connection_at_once(self):
+        # Known bug: a client that sends part of the headers or of the body and then closes
+        # with a FIN (an orderly close, not an RST) leaves its connection -- descriptor,
+        # libmicrohttpd's 32 KiB memory pool, a connection slot -- in CLOSE_WAIT until
+        # connection_timeout_s (600 s by default) instead of it being closed at the EOF;
+        # 1024 such requests fill max_connections for ten minutes. With an RST, or after a
+        # whole request (sieve then watches the socket itself), it is freed at once.
+        srv = h.Server(BINARY, "--threads", "1", "--connection-timeout", "30").start()
+        try:
+            pid = srv.proc.pid
+            base = open_fds(pid)
+            head, data = post_bytes("/v1/completions", {"prompt": "x", "max_tokens": 4})
+            for i in range(40):
+                s = connect(srv.port)
+                s.sendall(head[:30] if i % 2 else head + data[:3])
+                close(s, reset=False)
+            time.sleep(1.5)
+            left = open_fds(pid) - base
+        finally:
+            srv.stop()
+        self.assertLessEqual(left, 2, "%d connections still open 1.5 s after the FIN" % left)
 
 
 # ---- slow clients and idle timeouts -------------------------------------------------------
@@ -541,15 +595,18 @@ class ConnectionFloodTest(unittest.TestCase):
         for mark in SANITIZER_MARKS:
             assert mark not in logs, logs[-4000:]
 
-    @staticmethod
-    def fate(s, timeout):
+    last_headers = {}
+
+    @classmethod
+    def fate(cls, s, timeout):
         """What a client that sent GET /health sees within timeout: a status code, 'closed',
-        'reset' or 'pending'."""
+        'reset' or 'pending'. A status other than 200 must carry an OpenAI error object."""
         s.settimeout(timeout)
         try:
             r = http.client.HTTPResponse(s)
             r.begin()
             body = r.read()
+            cls.last_headers[id(s)] = dict(r.getheaders())
             if r.status != 200:
                 err = json.loads(body)["error"]
                 assert err["message"] and err["type"], body
@@ -561,7 +618,7 @@ class ConnectionFloodTest(unittest.TestCase):
         except ConnectionResetError:
             return "reset"
 
-    def test_connections_past_the_limit_wait_and_service_continues(self):
+    def test_connections_past_the_limit_get_503_and_service_continues(self):
         held = [connect(self.srv.port) for _ in range(self.LIMIT)]
         extra, refused = [], 0
         try:
@@ -574,9 +631,11 @@ class ConnectionFloodTest(unittest.TestCase):
                     extra.append(s)
                 except (ConnectionRefusedError, ConnectionResetError):
                     refused += 1
-            time.sleep(1.0)
-            # While the limit is held: nobody gets a 200 beyond what the limit allows.
-            at_limit = [self.fate(s, 0.05) for s in extra]
+            t0 = time.monotonic()
+            at_limit = [self.fate(s, 2.0) for s in extra]
+            took = time.monotonic() - t0
+            retry_after = all(self.last_headers.get(id(s), {}).get("Retry-After")
+                              for s, f in zip(extra, at_limit) if f == 503)
             for s in held:
                 s.close()
             later = [f if f != "pending" else self.fate(s, 10) for f, s in zip(at_limit, extra)]
@@ -584,15 +643,15 @@ class ConnectionFloodTest(unittest.TestCase):
             for s in held + extra:
                 s.close()
         tally = lambda xs: {str(k): xs.count(k) for k in sorted(set(xs), key=str)}
-        print("\n  connection flood: %d held + %d more (limit %d): %d refused at connect; while "
-              "held: %s; after the held ones closed: %s" % (self.LIMIT, self.EXTRA, self.LIMIT,
-                                                            refused, tally(at_limit), tally(later)))
+        print("\n  connection flood: %d idle sockets hold the limit of %d, %d more clients send "
+              "GET /health: %d refused at connect; answers while the limit is held: %s (all in "
+              "%.2f s); after the held ones closed: %s" % (self.LIMIT, self.LIMIT, self.EXTRA,
+                                                           refused, tally(at_limit), took,
+                                                           tally(later)))
         self.assertIsNone(self.srv.proc.poll(), self.srv.logs()[-3000:])
-        # At the limit the extra clients are not served (at most one slips in as the held
-        # sockets' slots are counted), and none is left hanging once the limit frees.
-        self.assertLessEqual(at_limit.count(200), 1, tally(at_limit))
-        for f in later:
-            self.assertIn(f, (200, 503, "closed", "reset"), tally(later))
+        # Past the limit: a 503 with an OpenAI error object and Retry-After, at once.
+        self.assertEqual(at_limit, [503] * len(extra), tally(at_limit))
+        self.assertTrue(retry_after)
         self.assertNotIn("pending", later)
         # Service continues: 16 concurrent greedy completions right after.
         case = golden()[0]
@@ -602,29 +661,6 @@ class ConnectionFloodTest(unittest.TestCase):
             self.assertIsInstance(r, tuple, r)
             self.assertEqual(r[0], 200, r)
             self.assertEqual(r[1]["choices"][0]["text"], case["completion_text"])
-
-
-class ConnectionFloodRefusalTest(unittest.TestCase):
-    @unittest.expectedFailure
-    def test_connections_past_the_limit_get_503_at_once(self):
-        # Known gap (issue 10 asks for 503s): at --max-connections libmicrohttpd stops
-        # accepting, so a client past the limit waits in the listen backlog, unanswered,
-        # until a slot frees (up to connection_timeout_s, 600 s by default, while idle
-        # sockets hold the slots) instead of getting a 503 or a refusal.
-        srv = h.Server(BINARY, "--threads", "1", "--max-connections", "4",
-                       "--connection-timeout", "30").start()
-        held = [connect(srv.port) for _ in range(4)]
-        try:
-            time.sleep(0.3)
-            s = connect(srv.port, timeout=5)
-            s.sendall(b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\nConnection: close\r\n\r\n")
-            fate = ConnectionFloodTest.fate(s, 1.0)
-            s.close()
-        finally:
-            for x in held:
-                x.close()
-            srv.stop()
-        self.assertIn(fate, (503, "closed", "reset"))
 
 
 # ---- SIGTERM under load ------------------------------------------------------------------
@@ -717,12 +753,10 @@ class SigtermUnderLoadTest(unittest.TestCase):
               "requests refused, exit code %d" % (accepted, kinds, len(late), rc))
         self.assertGreaterEqual(accepted, 8)
 
-    @unittest.expectedFailure
     def test_a_new_connection_while_draining_is_answered_or_refused_at_once(self):
-        # Known bug: on SIGTERM the daemon is quiesced but its listening socket stays open
-        # until exit, so a new connection (a load balancer's GET /health included) is taken
-        # by the kernel and then neither refused nor answered for the whole drain (up to
-        # drain_timeout_s), and finally reset. README promises /health 503 while draining.
+        # On SIGTERM the daemon closes its listening socket at once, so a new connection
+        # (a load balancer's GET /health included) is refused instead of waiting in the
+        # backlog for the whole drain.
         srv = h.Server(BINARY, "--threads", "1", "--drain-timeout", "30").start()
         try:
             results, threads = self.load(srv, 2, 1800)

@@ -583,11 +583,9 @@ class MalformedModelTest(unittest.TestCase):
             outcomes[outcome] = outcomes.get(outcome, 0) + 1
         print("\n  16 metadata bit-flip copies: %s" % outcomes)
 
-    @unittest.expectedFailure
     def test_a_fifo_as_the_model_is_refused(self):
-        # Known bug: rt_gguf_open() opens the path before checking that it is a regular
-        # file, and open() on a FIFO blocks until a writer appears: the server stays
-        # "loading" forever. Remove expectedFailure once the check comes before the open.
+        # open() on a FIFO would block until a writer appears; rt_gguf_open opens without
+        # blocking and then refuses what is not a regular file.
         fifo = os.path.join(self.tmp.name, "model.fifo")
         os.mkfifo(fifo)
         outcome, code, out = self.start(fifo, timeout=5)
