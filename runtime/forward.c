@@ -130,6 +130,26 @@ static void add_dense_blocks(rt_attn_stats *st, const kern_attn_args *a, int B)
     st->causal += blocks * a->n_heads;
 }
 
+/* Exact attention. Long prefill chunks go through the block-sparse kernel
+ * with every causal block selected: the same result (within rounding), but
+ * its query tiles reuse each K/V tile across rows, several times faster than
+ * the row-at-a-time kernel; decode and short chunks stay on the latter. */
+#define TILED_MIN_ROWS 128
+#define TILED_BLOCK 64
+static void dense_attention(rt_rank *rk, const kern_attn_args *a)
+{
+    if (a->n_q >= TILED_MIN_ROWS) {
+        kern_block_mask mk;
+        if (kern_block_mask_init(&mk, rk->mask_bits, rk->mask_words, TILED_BLOCK, 1, a->ctx_len,
+                                 a->n_q) == KERN_SPARSE_OK) {
+            kern_block_mask_fill_causal(&mk);
+            if (kern_attention_block_sparse_f32(rk->pool, a, &mk) == KERN_SPARSE_OK)
+                return;
+        }
+    }
+    kern_attention_f32(rk->pool, a);
+}
+
 /* Attention of one sequence in layer l under its policy, over the rank's
  * heads; counts go to st. The policy's parameters were checked when the
  * request was accepted; a kernel that still refuses them falls back to dense
@@ -163,7 +183,7 @@ static void attend(rt_rank *rk, const rt_seq_batch *b, int l, const kern_attn_ar
             return;
         }
     }
-    kern_attention_f32(rk->pool, a);
+    dense_attention(rk, a);
     if (p && p->prefill != RT_PREFILL_DENSE) {
         add_dense_blocks(st, a, p->prefill == RT_PREFILL_FLEX ? p->flex.block_size
                                                                 : p->power.block_size);
