@@ -105,7 +105,9 @@ int main(int argc, char **argv)
         double t0 = sched_now();
         for (int i = 0; i < n_prompt; i += batch) {
             int n = n_prompt - i < batch ? n_prompt - i : batch;
-            rt_seq_batch b = {.kv = kv, .tokens = prompt + i, .n_tokens = n,
+            rt_seq_batch b = {.kv = kv,
+                              .tokens = prompt + i,
+                              .n_tokens = n,
                               .logits = i + n == n_prompt ? logits : NULL};
             if (rt_forward(m, &b, 1, err, sizeof(err)) != 0) {
                 fprintf(stderr, "bench_runtime: %s\n", err);
@@ -129,8 +131,8 @@ int main(int argc, char **argv)
         rt_kv_destroy(kv);
     }
     const rt_hparams *hp = rt_model_hparams(m);
-    printf("model            %s (dim %d, %d layers, vocab %d)\n", model_path, hp->dim,
-           hp->n_layers, hp->n_vocab);
+    printf("model            %s (dim %d, %d layers, vocab %d)\n", model_path, hp->dim, hp->n_layers,
+           hp->n_vocab);
     printf("threads          %d, tp %d, prefill chunk %d tokens, %d runs (median)\n", threads, tp,
            batch, runs);
     printf("prefill          %d tokens: %.0f tok/s (%.3f s)\n", n_prompt, median(prefill, runs),
@@ -147,7 +149,9 @@ int main(int argc, char **argv)
         for (int r = 0; r < runs; r++) {
             for (int q = 0; q < seqs; q++) {
                 kvs[q] = rt_kv_create(m, 16 + n_gen);
-                bb[q] = (rt_seq_batch){.kv = kvs[q], .tokens = prompt, .n_tokens = 16,
+                bb[q] = (rt_seq_batch){.kv = kvs[q],
+                                       .tokens = prompt,
+                                       .n_tokens = 16,
                                        .logits = lg + (size_t)q * (size_t)n_vocab};
             }
             rt_forward(m, bb, seqs, err, sizeof(err));
@@ -155,7 +159,9 @@ int main(int argc, char **argv)
             for (int t = 0; t < n_gen; t++) {
                 for (int q = 0; q < seqs; q++) {
                     toks[q] = rt_argmax(lg + (size_t)q * (size_t)n_vocab, n_vocab);
-                    bb[q] = (rt_seq_batch){.kv = kvs[q], .tokens = &toks[q], .n_tokens = 1,
+                    bb[q] = (rt_seq_batch){.kv = kvs[q],
+                                           .tokens = &toks[q],
+                                           .n_tokens = 1,
                                            .logits = lg + (size_t)q * (size_t)n_vocab};
                 }
                 rt_forward(m, bb, seqs, err, sizeof(err));

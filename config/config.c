@@ -1042,8 +1042,9 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen)
         return -1;
     }
     if (!c->tls_cert_file[0] != !c->tls_key_file[0]) {
-        snprintf(err, errlen, "config keys 'tls_cert_file' and 'tls_key_file': set both (HTTPS) "
-                              "or neither (HTTP)");
+        snprintf(err, errlen,
+                 "config keys 'tls_cert_file' and 'tls_key_file': set both (HTTPS) "
+                 "or neither (HTTP)");
         return -1;
     }
     if (!c->model[0]) {

@@ -57,8 +57,8 @@ typedef struct {
      * Each key is 1..255 visible ASCII characters other than ','. */
     char api_keys[CFG_API_KEYS_MAX][CFG_API_KEY_LEN];
     int n_api_keys;
-    char api_key_file[CFG_PATH_MAX]; /* "" = none; else one key per line, '#' comments */
-    char cors_origins[1024];         /* "" = no CORS headers; "*" or comma-separated origins */
+    char api_key_file[CFG_PATH_MAX];  /* "" = none; else one key per line, '#' comments */
+    char cors_origins[1024];          /* "" = no CORS headers; "*" or comma-separated origins */
     char tls_cert_file[CFG_PATH_MAX]; /* PEM certificate (chain); with tls_key_file: HTTPS */
     char tls_key_file[CFG_PATH_MAX];  /* PEM private key */
     int max_header_bytes;             /* per-connection memory for headers; past it 431 */

@@ -43,8 +43,8 @@ void kern_add_f32(float *y, const float *x, size_t n);
 /* Rotary embedding in place on rows of n_heads x head_dim values, rotating
  * adjacent pairs (x[2i], x[2i+1]) of the first rope_dim dims of every head by
  * pos[r] * base^(-2i/rope_dim). */
-void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
-                   int rope_dim, float base);
+void kern_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim, int rope_dim,
+                   float base);
 
 /* Both rotations with explicit inverse frequencies (rope_dim / 2 of them), for
  * scaled RoPE (Llama 3's rope_scaling): neox selects the pairing. */

@@ -67,8 +67,7 @@ static void embed(const rt_model *m, int32_t id, float *out)
 
 /* Resolves each sequence's cache view: a private rt_kv becomes its one-block
  * pool; then checks every count against what the cache can hold. */
-static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err,
-                       size_t errlen)
+static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen)
 {
     long total = 0;
     for (int i = 0; i < n_seqs; i++) {
@@ -85,8 +84,8 @@ static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *
         }
         const long slots = (long)b->n_blocks * b->pool->block_size;
         if ((long)b->n_past + b->n_tokens > slots) {
-            snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %ld",
-                     i, b->n_past + b->n_tokens, slots);
+            snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %ld", i,
+                     b->n_past + b->n_tokens, slots);
             return -1;
         }
         for (int j = 0; j < b->n_blocks; j++)
@@ -175,8 +174,8 @@ static void attend(rt_rank *rk, const rt_seq_batch *b, int l, const kern_attn_ar
     } else if (p && p->prefill == RT_PREFILL_POWER &&
                !kern_power_layer_is_dense(l, p->power_dense_count, p->power_period)) {
         kern_sparse_stats ps = {0, 0};
-        if (kern_power_attention_f32(rk->pool, a, &p->power, rk->mask_bits, rk->mask_words,
-                                     &ps) == KERN_SPARSE_OK) {
+        if (kern_power_attention_f32(rk->pool, a, &p->power, rk->mask_bits, rk->mask_words, &ps) ==
+            KERN_SPARSE_OK) {
             st->computed += ps.computed;
             st->causal += ps.causal;
             st->sparse_chunks++;
@@ -185,8 +184,8 @@ static void attend(rt_rank *rk, const rt_seq_batch *b, int l, const kern_attn_ar
     }
     dense_attention(rk, a);
     if (p && p->prefill != RT_PREFILL_DENSE) {
-        add_dense_blocks(st, a, p->prefill == RT_PREFILL_FLEX ? p->flex.block_size
-                                                                : p->power.block_size);
+        add_dense_blocks(st, a,
+                         p->prefill == RT_PREFILL_FLEX ? p->flex.block_size : p->power.block_size);
         st->dense_chunks++;
     }
 }

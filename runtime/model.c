@@ -114,8 +114,7 @@ static int read_hparams(rt_model *m, char *err, size_t errlen)
     if (hp->rope_dim % 2 != 0)
         return ERR("model: rope.dimension_count %d is odd", hp->rope_dim);
     if (get_hparam_f(g, a, "rope.freq_base", false, hp->qkv_bias ? 1000000.0 : 10000.0, 1.0, 1e12,
-                     &hp->rope_base, err,
-                     errlen) ||
+                     &hp->rope_base, err, errlen) ||
         get_hparam_f(g, a, "attention.layer_norm_rms_epsilon", true, 0, 0.0, 1.0, &hp->norm_eps,
                      err, errlen))
         return -1;
@@ -252,9 +251,9 @@ static int load_tensors(rt_model *m, char *err, size_t errlen)
             uint64_t ne0, ne1;
             rt_weight *dst;
         } want[] = {
-            {"attn_q", dim, qd, &L->wq},         {"attn_k", dim, kvd, &L->wk},
-            {"attn_v", dim, kvd, &L->wv},        {"attn_output", qd, dim, &L->wo},
-            {"ffn_gate", dim, ffn, &L->w_gate},  {"ffn_up", dim, ffn, &L->w_up},
+            {"attn_q", dim, qd, &L->wq},        {"attn_k", dim, kvd, &L->wk},
+            {"attn_v", dim, kvd, &L->wv},       {"attn_output", qd, dim, &L->wo},
+            {"ffn_gate", dim, ffn, &L->w_gate}, {"ffn_up", dim, ffn, &L->w_up},
             {"ffn_down", ffn, dim, &L->w_down},
         };
         if (m->progress)
@@ -380,9 +379,18 @@ void rt_model_destroy(rt_model *m)
     free(m);
 }
 
-const rt_hparams *rt_model_hparams(const rt_model *m) { return &m->hp; }
-const rt_tokenizer *rt_model_tokenizer(const rt_model *m) { return m->tok; }
-int rt_model_n_ctx(const rt_model *m) { return m->n_ctx; }
+const rt_hparams *rt_model_hparams(const rt_model *m)
+{
+    return &m->hp;
+}
+const rt_tokenizer *rt_model_tokenizer(const rt_model *m)
+{
+    return m->tok;
+}
+int rt_model_n_ctx(const rt_model *m)
+{
+    return m->n_ctx;
+}
 
 const char *rt_model_chat_template(const rt_model *m, size_t *len)
 {
@@ -398,7 +406,10 @@ const char *rt_model_chat_template(const rt_model *m, size_t *len)
     *len = (size_t)s.len;
     return s.ptr;
 }
-int rt_model_max_batch_tokens(const rt_model *m) { return m->max_batch_tokens; }
+int rt_model_max_batch_tokens(const rt_model *m)
+{
+    return m->max_batch_tokens;
+}
 
 size_t rt_kv_bytes_per_token(const rt_model *m)
 {
@@ -417,7 +428,8 @@ rt_kv_pool *rt_kv_pool_create(const rt_model *m, int n_blocks, int block_size)
     p->kv_dim = m->hp.n_kv_heads * m->hp.head_dim;
     p->block_size = block_size;
     p->n_blocks = n_blocks;
-    const size_t n = (size_t)p->n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)p->kv_dim;
+    const size_t n =
+        (size_t)p->n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)p->kv_dim;
     p->k = malloc(n * sizeof(float));
     p->v = malloc(n * sizeof(float));
     if (!p->k || !p->v) {
@@ -436,8 +448,14 @@ void rt_kv_pool_destroy(rt_kv_pool *p)
     free(p);
 }
 
-int rt_kv_pool_blocks(const rt_kv_pool *p) { return p->n_blocks; }
-int rt_kv_pool_block_size(const rt_kv_pool *p) { return p->block_size; }
+int rt_kv_pool_blocks(const rt_kv_pool *p)
+{
+    return p->n_blocks;
+}
+int rt_kv_pool_block_size(const rt_kv_pool *p)
+{
+    return p->block_size;
+}
 
 void rt_kv_pool_copy_block(rt_kv_pool *p, int src, int dst)
 {
@@ -476,8 +494,14 @@ void rt_kv_destroy(rt_kv *kv)
     free(kv);
 }
 
-int rt_kv_len(const rt_kv *kv) { return kv->len; }
-int rt_kv_capacity(const rt_kv *kv) { return kv->pool->block_size; }
+int rt_kv_len(const rt_kv *kv)
+{
+    return kv->len;
+}
+int rt_kv_capacity(const rt_kv *kv)
+{
+    return kv->pool->block_size;
+}
 
 void rt_kv_truncate(rt_kv *kv, int n)
 {

@@ -19,16 +19,16 @@
 
 typedef struct {
     char arch[32];
-    char name[128];      /* general.name, or "" */
+    char name[128]; /* general.name, or "" */
     int n_vocab;
-    int dim;             /* embedding_length */
-    int n_layers;        /* block_count */
+    int dim;      /* embedding_length */
+    int n_layers; /* block_count */
     int n_heads;
     int n_kv_heads;
     int head_dim;
     int rope_dim;
     int ffn_dim;
-    int n_ctx_train;     /* the model's context_length */
+    int n_ctx_train; /* the model's context_length */
     float rope_base;
     float norm_eps;
     bool rope_neox; /* rotate (i, i + d/2) pairs (qwen2, Hugging Face layout) */

@@ -85,7 +85,7 @@ struct rt_model {
     void (*progress)(void *ctx, float frac);
     void *progress_ctx;
     float *rope_inv_freq; /* rope_dim / 2 entries when RoPE is scaled, else NULL */
-    struct rt_st_dir *st;  /* a Hugging Face directory's tensors, or NULL */
+    struct rt_st_dir *st; /* a Hugging Face directory's tensors, or NULL */
     /* Tensor parallelism (runtime/tp.c): tp ranks; rank 0 runs on the calling
      * (engine) thread, ranks 1.. on threads the model owns, started at load. */
     int tp;

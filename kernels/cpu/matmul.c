@@ -45,8 +45,7 @@ typedef struct {
  * of 8. */
 static inline void dot8_rows(float *y, const float *x, const float *w, int K, int ldw)
 {
-    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0,
-           a7 = a0;
+    __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const size_t k8 = (size_t)ldw;
     for (int k = 0; k < K; k += 8) {
         const __m256 xv = _mm256_loadu_ps(x + k);
@@ -126,7 +125,10 @@ void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int
                 ldy);
 }
 
-void kern_set_blas_threads(int n) { openblas_set_num_threads(n > 0 ? n : 1); }
+void kern_set_blas_threads(int n)
+{
+    openblas_set_num_threads(n > 0 ? n : 1);
+}
 
 void kern_matmul_ref(float *y, int ldy, const float *x, int ldx, const float *w, int M, int N,
                      int K)
