@@ -981,26 +981,6 @@ int rt_bpe_pretok_from_gguf_name(const char *name, size_t len, rt_bpe_config *cf
 
 /* --- encoding ------------------------------------------------------------------------------- */
 
-typedef struct {
-    int32_t *v;
-    size_t n, cap;
-} id_buf;
-
-static int id_push(id_buf *b, int32_t id)
-{
-    if (b->n == b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 64;
-        int32_t *v = realloc(b->v, cap * sizeof(*v));
-        if (!v) {
-            return -1;
-        }
-        b->v = v;
-        b->cap = cap;
-    }
-    b->v[b->n++] = id;
-    return 0;
-}
-
 /* A byte range of the text being split. */
 typedef struct {
     size_t off, len;
@@ -1117,13 +1097,14 @@ static void push_pair(const struct rt_bpe *b, merge_item *h, size_t *hn, const s
 }
 
 /* Merges the bytes of one piece and appends the resulting ids. */
-static int encode_piece(const rt_tokenizer *t, const uint8_t *p, size_t n, scratch *s, id_buf *out)
+static int encode_piece(const rt_tokenizer *t, const uint8_t *p, size_t n, scratch *s,
+                        rt_id_buf *out)
 {
     const struct rt_bpe *b = t->bpe;
     if (b->ignore_merges) {
         int32_t id = word_find(t, p, n);
         if (id >= 0) {
-            return id_push(out, id);
+            return rt_id_buf_push(out, id);
         }
     }
     if (n > s->sym_cap) {
@@ -1172,7 +1153,7 @@ static int encode_piece(const rt_tokenizer *t, const uint8_t *p, size_t n, scrat
     }
     for (int32_t i = n ? 0 : -1; i >= 0; i = sym[i].next) {
         int32_t id = sym[i].id >= 0 ? sym[i].id : t->unk_id;
-        if (id >= 0 && id_push(out, id)) {
+        if (id >= 0 && rt_id_buf_push(out, id)) {
             return -1;
         }
     }
@@ -1259,7 +1240,7 @@ static int prefix_space(scratch *s, size_t *len)
 
 /* Normalizes, pre-tokenizes and merges one stretch of text between added tokens. */
 static int encode_segment(const rt_tokenizer *t, const uint8_t *src, size_t len, scratch *s,
-                          id_buf *out)
+                          rt_id_buf *out)
 {
     const struct rt_bpe *b = t->bpe;
     uint8_t *norm = NULL;
@@ -1363,10 +1344,10 @@ int rt_bpe_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool ad
         return -1;
     }
     const uint8_t *s = (const uint8_t *)text;
-    id_buf out = {0};
+    rt_id_buf out = {0};
     scratch sc = {0};
     int rc = -1;
-    if (add_bos && t->add_bos && t->bos_id >= 0 && id_push(&out, t->bos_id)) {
+    if (add_bos && t->add_bos && t->bos_id >= 0 && rt_id_buf_push(&out, t->bos_id)) {
         goto done;
     }
     /* Leftmost-longest over all added tokens, then filtered, as Hugging Face does it: a
@@ -1408,7 +1389,7 @@ int rt_bpe_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool ad
             pos = stop;
         }
         if ((start > seg && encode_segment(t, s + seg, start - seg, &sc, &out)) ||
-            id_push(&out, a->id)) {
+            rt_id_buf_push(&out, a->id)) {
             goto done;
         }
         seg = stop;

@@ -15,6 +15,7 @@
 #include <stdbool.h>
 #include <stddef.h>
 #include <stdint.h>
+#include <stdlib.h>
 
 #include "runtime/tokenizer.h"
 
@@ -110,5 +111,26 @@ int rt_bpe_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool ad
 /* Sets cfg's pre-tokenizer steps (and ignore_merges, *add_bos) for a GGUF
  * tokenizer.ggml.pre name as llama.cpp reads it. Returns -1 for an unknown name. */
 int rt_bpe_pretok_from_gguf_name(const char *name, size_t len, rt_bpe_config *cfg, bool *add_bos);
+
+/* A growable array of token ids, shared by the SPM and BPE encoders. */
+typedef struct {
+    int32_t *v;
+    size_t n, cap;
+} rt_id_buf;
+
+/* Appends id; 0, or -1 when the array cannot grow. */
+static inline int rt_id_buf_push(rt_id_buf *b, int32_t id)
+{
+    if (b->n == b->cap) {
+        size_t cap = b->cap ? b->cap * 2 : 64;
+        int32_t *v = realloc(b->v, cap * sizeof(*v));
+        if (!v)
+            return -1;
+        b->v = v;
+        b->cap = cap;
+    }
+    b->v[b->n++] = id;
+    return 0;
+}
 
 #endif

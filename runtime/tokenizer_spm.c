@@ -484,26 +484,6 @@ size_t rt_token_to_bytes(const rt_tokenizer *t, int32_t id, char *buf, size_t ca
 
 /* --- encoding ----------------------------------------------------------------------------- */
 
-typedef struct {
-    int32_t *v;
-    size_t n, cap;
-} tok_buf;
-
-static int tok_push(tok_buf *b, int32_t id)
-{
-    if (b->n == b->cap) {
-        size_t cap = b->cap ? b->cap * 2 : 64;
-        int32_t *v = realloc(b->v, cap * sizeof(*v));
-        if (!v) {
-            return -1;
-        }
-        b->v = v;
-        b->cap = cap;
-    }
-    b->v[b->n++] = id;
-    return 0;
-}
-
 /* A piece of the input: raw text (id < 0) or a special token found in it. */
 typedef struct {
     size_t off, len;
@@ -689,7 +669,7 @@ static inline uint32_t lead_len(unsigned char c)
 }
 
 static int encode_raw(const rt_tokenizer *t, const char *src, size_t len, bool prefix,
-                      bpe_scratch *s, tok_buf *out)
+                      bpe_scratch *s, rt_id_buf *out)
 {
     /* escape: optional dummy prefix, then ' ' -> U+2581 */
     size_t n = 0;
@@ -746,14 +726,14 @@ static int encode_raw(const rt_tokenizer *t, const char *src, size_t len, bool p
     for (int32_t i = n_sym > 0 ? 0 : -1; i >= 0; i = s->sym[i].next) {
         const symbol *y = &s->sym[i];
         if (y->id >= 0) {
-            if (tok_push(out, y->id)) {
+            if (rt_id_buf_push(out, y->id)) {
                 return -1;
             }
             continue;
         }
         for (uint32_t k = 0; k < y->n; k++) {
             int32_t b = t->byte_token[(unsigned char)s->esc[y->off + k]];
-            if (b >= 0 && tok_push(out, b)) {
+            if (b >= 0 && rt_id_buf_push(out, b)) {
                 return -1;
             }
         }
@@ -797,12 +777,12 @@ int rt_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool add_bo
         return -1;
     }
 
-    tok_buf out = {0};
+    rt_id_buf out = {0};
     frag_buf frags = {0}, tmp = {0};
     bpe_scratch s = {0};
     int rc = -1;
 
-    if (add_bos && t->add_bos && t->bos_id >= 0 && tok_push(&out, t->bos_id)) {
+    if (add_bos && t->add_bos && t->bos_id >= 0 && rt_id_buf_push(&out, t->bos_id)) {
         goto done;
     }
     if (partition(t, text, len, parse_special, &frags, &tmp)) {
@@ -831,7 +811,7 @@ int rt_tokenize(const rt_tokenizer *t, const char *text, size_t len, bool add_bo
     for (size_t i = 0; i < frags.n; i++) {
         const fragment *f = &frags.v[i];
         if (f->id >= 0) {
-            if (tok_push(&out, f->id)) {
+            if (rt_id_buf_push(&out, f->id)) {
                 goto done;
             }
             after_special = true;

@@ -168,7 +168,7 @@ typedef struct {
     int waiting;
     uint64_t requests_finished;
     uint64_t finished_by_reason[SCHED_FINISH_COUNT]; /* indexed by sched_finish */
-    uint64_t prompt_tokens;         /* prompt tokens computed (prefix hits excluded) */
+    uint64_t prompt_tokens; /* prompt tokens computed (prefix hits excluded) */
     uint64_t generated_tokens;
     uint64_t steps;
     uint64_t preemptions;

@@ -117,9 +117,9 @@ struct srv_server {
     pthread_mutex_t done_mu;
     conn *ready; /* connections with engine output to handle */
     int port;
-    int active;       /* connections whose requests are with the worker pool or engine */
-    bool model_ready; /* model loaded and engine running (loop thread) */
-    int n_conns;      /* open connections (MHD connection notifications) */
+    int active;               /* connections whose requests are with the worker pool or engine */
+    bool model_ready;         /* model loaded and engine running (loop thread) */
+    int n_conns;              /* open connections (MHD connection notifications) */
     char *tls_cert, *tls_key; /* PEM texts, kept for the daemon's lifetime */
     bool load_failed;
     int exit_code;
@@ -513,7 +513,7 @@ static void stream_progress(conn *c)
             continue;
         }
         const size_t new_len = o.text_len - c->sent_text[i];
-        const int tok_to = o.finish != SCHED_FINISH_NONE ? o.n_tokens : o.n_tokens;
+        const int tok_to = o.n_tokens;
         const bool new_tokens = c->creq.logprobs >= 0 && tok_to > c->sent_tokens[i];
         if (new_len > 0 || new_tokens) {
             json_t *lp = new_tokens ? srv_logprobs_json(kind, s->tok, &o, c->sent_tokens[i], tok_to,
@@ -1058,8 +1058,7 @@ static enum MHD_Result route(conn *c, const char *method, const char *url)
             return MHD_NO;
         add_cors(c, r);
         MHD_add_response_header(r, "Access-Control-Allow-Methods", "GET, POST, OPTIONS");
-        MHD_add_response_header(r, "Access-Control-Allow-Headers",
-                                "Authorization, Content-Type");
+        MHD_add_response_header(r, "Access-Control-Allow-Headers", "Authorization, Content-Type");
         MHD_add_response_header(r, "Access-Control-Max-Age", "86400");
         c->http_status = 204;
         enum MHD_Result ret = MHD_queue_response(c->mc, 204, r);
