@@ -107,10 +107,50 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
 #endif
             for (; jx < j1 - j0; jx++)
                 s[g][jx] = expf(s[g][jx] - m_new);
-            for (int jv = j0; jv < j1; jv++) {
+            float lsum = 0.0f;
+#pragma omp simd reduction(+ : lsum)
+            for (int jj = 0; jj < j1 - j0; jj++)
+                lsum += s[g][jj];
+            l[g] += lsum;
+            int jv = j0;
+#ifdef KERN_HAVE_AVX2
+            /* Head dims that are whole vectors: the accumulator stays in registers for
+             * one key after another (the generic loop below re-derives its trip count
+             * per key, which dominates at small head dims). */
+            if (hd == 8) {
+                /* Four independent accumulators hide the FMA latency chain. */
+                __m256 a0 = _mm256_loadu_ps(acc[g]), a1 = _mm256_setzero_ps();
+                __m256 a2 = _mm256_setzero_ps(), a3 = _mm256_setzero_ps();
+                const float *sg = s[g] - j0;
+                for (; jv + 4 <= j1; jv += 4) {
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv]),
+                                         _mm256_loadu_ps(a->v + off[jv - j0]), a0);
+                    a1 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv + 1]),
+                                         _mm256_loadu_ps(a->v + off[jv + 1 - j0]), a1);
+                    a2 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv + 2]),
+                                         _mm256_loadu_ps(a->v + off[jv + 2 - j0]), a2);
+                    a3 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv + 3]),
+                                         _mm256_loadu_ps(a->v + off[jv + 3 - j0]), a3);
+                }
+                for (; jv < j1; jv++)
+                    a0 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv]),
+                                         _mm256_loadu_ps(a->v + off[jv - j0]), a0);
+                _mm256_storeu_ps(acc[g], _mm256_add_ps(_mm256_add_ps(a0, a1),
+                                                       _mm256_add_ps(a2, a3)));
+            } else if (hd % 8 == 0) {
+                for (; jv < j1; jv++) {
+                    const __m256 p8 = _mm256_set1_ps(s[g][jv - j0]);
+                    const float *v = a->v + off[jv - j0];
+                    for (int i = 0; i < hd; i += 8)
+                        _mm256_storeu_ps(acc[g] + i,
+                                         _mm256_fmadd_ps(p8, _mm256_loadu_ps(v + i),
+                                                         _mm256_loadu_ps(acc[g] + i)));
+                }
+            }
+#endif
+            for (; jv < j1; jv++) {
                 const float p = s[g][jv - j0];
                 const float *v = a->v + off[jv - j0];
-                l[g] += p;
 #pragma omp simd
                 for (int i = 0; i < hd; i++)
                     acc[g][i] += p * v[i];
