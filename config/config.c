@@ -40,6 +40,8 @@ typedef struct {
     const char *help; /* one line for --help */
     const char *doc;  /* the reference text (docs/config.md, config/sieve.json) */
     bool json_object; /* K_STR holding a JSON object's text (a file may give the object) */
+    bool int_list;    /* K_STR holding "auto" or comma-separated indices (a file may give an
+                         array of integers) */
 } key_def;
 
 #define FIELD_SIZE(field) sizeof(((cfg_config *)0)->field)
@@ -52,6 +54,11 @@ typedef struct {
     {                                                                                              \
         .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
         .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_, .json_object = true     \
+    }
+#define INTLIST(field, flag_, arg_, help_, doc_)                                                    \
+    {                                                                                              \
+        .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
+        .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_, .int_list = true        \
     }
 #define INT(field, flag_, lo, hi, arg_, help_, doc_)                                               \
     {                                                                                              \
@@ -83,6 +90,22 @@ static const key_def keys[] = {
         "Listen port; 0 picks a free port and logs it."),
     INT(threads, "--threads", 0, 1024, "N", "compute threads, 0 = all CPUs",
         "Compute threads for the forward pass and OpenBLAS; 0 = the number of online CPUs."),
+    STR(device, "--device", "NAME", "auto, cpu or cuda: where the forward pass runs",
+        "Backend of the forward pass: \"auto\" runs on a CUDA GPU when the build has CUDA, a "
+        "device is present and 'devices' is not empty, and on the CPU otherwise (the start-up "
+        "log says which and why); \"cpu\" always uses the CPU; \"cuda\" requires a GPU and "
+        "fails start-up (exit status 1) when none is usable. Default \"auto\"."),
+    INTLIST(devices, "--devices", "IDS", "GPU indices to use (\"auto\", \"0,1\", \"\" = none)",
+            "CUDA devices the server may use: \"auto\" (the first tensor_parallel_size devices "
+            "present), a list of indices (an array of integers in a file, \"0,1\" in "
+            "SIEVE_DEVICES and --devices), or an empty list ([] or \"\"), which keeps the "
+            "forward pass on the CPU. At most 16 indices, each 0..63. Default \"auto\"."),
+    INT(tensor_parallel_size, "--tensor-parallel-size", 1, 8, "N",
+        "ranks splitting attention heads and FFN columns",
+        "Tensor-parallel ranks: attention heads and FFN columns are split over this many "
+        "threads (CPU) with a deterministic all-reduce; it must divide the model's head and "
+        "KV head counts. The CUDA backend runs one GPU (1); a larger value keeps \"auto\" on "
+        "the CPU. Default 1."),
     INT64(max_body_bytes, "--max-body-bytes", 1024, (int64_t)1 << 32, "BYTES",
           "request body limit, 413 above it",
           "Largest accepted request body in bytes; a larger body gets HTTP 413."),
@@ -195,6 +218,9 @@ void cfg_defaults(cfg_config *c)
     snprintf(c->host, sizeof(c->host), "127.0.0.1");
     c->port = 8080;
     c->threads = 0;
+    snprintf(c->device, sizeof(c->device), "auto");
+    snprintf(c->devices, sizeof(c->devices), "auto");
+    c->tensor_parallel_size = 1;
     c->max_body_bytes = 8 << 20;
     c->context_length = 0;
     c->max_running_seqs = 16;
@@ -330,11 +356,64 @@ static int set_int(cfg_config *c, const key_def *k, int64_t v, const char *label
     return 0;
 }
 
+static bool is_blank(char ch);
+
+/* Parses "auto" (-1) or comma-separated indices 0..63 ("" is none) into
+ * ids[0..cap); the count, or -2 with why set when the text is malformed. */
+static int parse_int_list(const char *s, int *ids, int cap, const char **why)
+{
+    while (is_blank(*s))
+        s++;
+    if (strcmp(s, "auto") == 0)
+        return -1;
+    int n = 0;
+    while (*s) {
+        while (is_blank(*s))
+            s++;
+        if (*s < '0' || *s > '9') {
+            *why = "expected \"auto\" or comma-separated device indices such as \"0,1\"";
+            return -2;
+        }
+        long v = 0;
+        while (*s >= '0' && *s <= '9' && v <= 63)
+            v = v * 10 + (*s++ - '0');
+        if (v > 63) {
+            *why = "a device index is larger than 63";
+            return -2;
+        }
+        while (is_blank(*s))
+            s++;
+        if (*s == ',')
+            s++;
+        else if (*s) {
+            *why = "expected \"auto\" or comma-separated device indices such as \"0,1\"";
+            return -2;
+        }
+        for (int j = 0; j < n && j < cap; j++)
+            if (ids[j] == (int)v) {
+                *why = "a device index is listed twice";
+                return -2;
+            }
+        if (n >= cap) {
+            *why = "more than 16 device indices";
+            return -2;
+        }
+        ids[n++] = (int)v;
+    }
+    return n;
+}
+
 static int set_str(cfg_config *c, const key_def *k, const char *s, const char *label, char *err,
                    size_t errlen)
 {
     if (strlen(s) >= k->cap) {
         snprintf(err, errlen, "%s: value longer than %zu bytes", label, k->cap - 1);
+        return -1;
+    }
+    const char *why = NULL;
+    int ids[CFG_DEVICES_MAX];
+    if (k->int_list && parse_int_list(s, ids, CFG_DEVICES_MAX, &why) == -2) {
+        snprintf(err, errlen, "%s: %s, got '%s'", label, why, s);
         return -1;
     }
     memcpy((char *)c + k->off, s, strlen(s) + 1);
@@ -402,6 +481,23 @@ static int apply_json_value(cfg_config *c, const key_def *k, json_t *v, char *er
             free(text);
             return rc;
         }
+        if (k->int_list && json_is_array(v)) {
+            char text[256] = "";
+            size_t i, len = 0;
+            json_t *item;
+            json_array_foreach(v, i, item)
+            {
+                if (!json_is_integer(item) || json_integer_value(item) < 0 ||
+                    json_integer_value(item) > 63) {
+                    snprintf(err, errlen, "%s[%zu]: expected a device index 0..63", label, i);
+                    return -1;
+                }
+                if (len + 8 < sizeof(text))
+                    len += (size_t)snprintf(text + len, sizeof(text) - len, "%s%d", i ? "," : "",
+                                            (int)json_integer_value(item));
+            }
+            return set_str(c, k, text, label, err, errlen);
+        }
         if (!json_is_string(v))
             break;
         return set_str(c, k, json_string_value(v), label, err, errlen);
@@ -443,7 +539,8 @@ static int apply_json_value(cfg_config *c, const key_def *k, json_t *v, char *er
     }
     static const char *expected[] = {"a string", "an integer", "an integer", "a boolean",
                                      "an array of strings"};
-    snprintf(err, errlen, "%s: expected %s", label, expected[k->kind]);
+    snprintf(err, errlen, "%s: expected %s", label,
+             k->int_list ? "an array of device indices or a string" : expected[k->kind]);
     return -1;
 }
 
@@ -773,7 +870,8 @@ char *cfg_schema_json(void)
         env_name(k, env, sizeof(env));
         json_t *o = json_object();
         json_object_set_new(o, "key", json_string(k->name));
-        json_object_set_new(o, "type", json_string(kind_name(k->kind)));
+        json_object_set_new(o, "type", json_string(k->int_list ? "array of integers or string"
+                                                                : kind_name(k->kind)));
         json_object_set_new(o, "default", value_json(&d, k, false));
         if (k->kind == K_INT || k->kind == K_INT64) {
             json_object_set_new(o, "min", json_integer(k->min));
@@ -1055,5 +1153,29 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen)
         snprintf(err, errlen, "config key 'host': must not be empty");
         return -1;
     }
+    if (strcmp(c->device, "auto") != 0 && strcmp(c->device, "cpu") != 0 &&
+        strcmp(c->device, "cuda") != 0) {
+        snprintf(err, errlen, "config key 'device': '%s' is not one of auto, cpu, cuda",
+                 c->device);
+        return -1;
+    }
+    int ids[CFG_DEVICES_MAX];
+    const char *why = NULL;
+    if (parse_int_list(c->devices, ids, CFG_DEVICES_MAX, &why) == -2) {
+        snprintf(err, errlen, "config key 'devices': %s, got '%s'", why, c->devices);
+        return -1;
+    }
     return 0;
+}
+
+int cfg_devices(const cfg_config *c, int *ids, int cap)
+{
+    const char *why = NULL;
+    int tmp[CFG_DEVICES_MAX];
+    const int n = parse_int_list(c->devices, tmp, CFG_DEVICES_MAX, &why);
+    if (n < 0)
+        return n == -1 ? -1 : 0;
+    for (int i = 0; i < n && i < cap; i++)
+        ids[i] = tmp[i];
+    return n < cap ? n : cap;
 }

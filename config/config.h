@@ -27,6 +27,7 @@
 #define CFG_PATH_MAX 1024
 #define CFG_API_KEYS_MAX 64 /* keys from api_keys and api_key_file together */
 #define CFG_API_KEY_LEN 256 /* bytes per key, with the terminating NUL */
+#define CFG_DEVICES_MAX 16  /* GPU indices in the devices key */
 
 typedef struct {
     char model[CFG_PATH_MAX]; /* path of the GGUF file */
@@ -34,6 +35,9 @@ typedef struct {
     char host[256];           /* listen address */
     int port;                 /* listen port */
     int threads;              /* compute threads; 0 = number of online CPUs */
+    char device[16];          /* "auto", "cpu" or "cuda": the backend of the forward pass */
+    char devices[256];        /* "auto", or GPU indices "0,1" ("" = none: the CPU) */
+    int tensor_parallel_size; /* ranks splitting attention heads and FFN columns */
     int64_t max_body_bytes;   /* request body limit (413 above it) */
     int context_length;       /* 0 = the model's own context length */
     int max_running_seqs;     /* sequences decoded together */
@@ -103,6 +107,11 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen);
  * unreadable file, a bad line (named file:line), too many keys or a file
  * without any key is an error. cfg_parse_args calls it. 0 or -1 with err. */
 int cfg_load_api_key_file(cfg_config *c, char *err, size_t errlen);
+
+/* The GPU indices of c->devices in ids[0..cap): their count (0 for "", no
+ * device), or -1 for "auto" (the server picks the first ones present). The
+ * text was checked by cfg_validate, so it parses. */
+int cfg_devices(const cfg_config *c, int *ids, int cap);
 
 /* The effective values as a JSON object text (API keys redacted), as
  * --check-config prints it; caller frees. NULL when out of memory. */

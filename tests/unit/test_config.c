@@ -62,6 +62,9 @@ static void assert_same_except_model(const cfg_config *a, const cfg_config *b)
     assert_int_equal(a->connection_timeout_s, b->connection_timeout_s);
     assert_int_equal(a->max_connections, b->max_connections);
     assert_int_equal(a->log_requests, b->log_requests);
+    assert_string_equal(a->device, b->device);
+    assert_string_equal(a->devices, b->devices);
+    assert_int_equal(a->tensor_parallel_size, b->tensor_parallel_size);
 }
 
 /* Writes text to a new temporary file; path receives its name. */
@@ -789,7 +792,7 @@ static void test_config_check_config_prints_effective_values(void **state)
     assert_int_equal(json_integer_value(json_object_get(j, "max_running_seqs")), 16);
     assert_true(json_is_true(json_object_get(j, "prefix_caching")));
     /* Every key is there, and the key itself is not. */
-    assert_int_equal(json_object_size(j), 27);
+    assert_int_equal(json_object_size(j), 30);
     assert_null(strstr(out, "secret-key-1"));
     assert_string_equal(json_string_value(json_object_get(j, "api_keys")), "<1 redacted>");
     /* The redacted value never loads back as keys. */
@@ -845,7 +848,7 @@ static void test_config_schema_and_help_list_every_key(void **state)
     json_error_t jerr;
     json_t *a = json_loads(s, 0, &jerr);
     assert_non_null(a);
-    assert_int_equal(json_array_size(a), 27);
+    assert_int_equal(json_array_size(a), 30);
     size_t i;
     json_t *k;
     json_array_foreach(a, i, k)
@@ -1009,6 +1012,72 @@ static void test_config_validate_rejects_out_of_range_fields(void **state)
     assert_contains(err, "'host'");
 }
 
+/* device, devices and tensor_parallel_size: their defaults, every spelling of
+ * the device list (array, comma string, empty, "auto") and the errors. */
+static void test_config_device_keys(void **state)
+{
+    (void)state;
+    cfg_config c;
+    char err[512] = "";
+    int ids[CFG_DEVICES_MAX];
+    cfg_defaults(&c);
+    assert_string_equal(c.device, "auto");
+    assert_string_equal(c.devices, "auto");
+    assert_int_equal(c.tensor_parallel_size, 1);
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), -1);
+    assert_int_equal(cfg_validate(&c, err, sizeof err), 0);
+
+    assert_int_equal(load(&c, "{\"device\": \"cuda\", \"devices\": [2, 0], "
+                              "\"tensor_parallel_size\": 2}",
+                          err, sizeof err),
+                     0);
+    assert_string_equal(c.device, "cuda");
+    assert_string_equal(c.devices, "2,0");
+    assert_int_equal(c.tensor_parallel_size, 2);
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), 2);
+    assert_int_equal(ids[0], 2);
+    assert_int_equal(ids[1], 0);
+    assert_int_equal(load(&c, "{\"devices\": []}", err, sizeof err), 0);
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), 0); /* none: the CPU */
+    assert_int_equal(load(&c, "{\"devices\": \" 1 , 3\"}", err, sizeof err), 0);
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), 2);
+    assert_int_equal(ids[1], 3);
+    assert_int_equal(load(&c, "{\"devices\": \"auto\"}", err, sizeof err), 0);
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), -1);
+
+    assert_int_equal(load(&c, "{\"devices\": [0, 64]}", err, sizeof err), -1);
+    assert_contains(err, "'devices'[1]");
+    assert_int_equal(load(&c, "{\"devices\": [\"0\"]}", err, sizeof err), -1);
+    assert_contains(err, "'devices'[0]");
+    assert_int_equal(load(&c, "{\"devices\": 0}", err, sizeof err), -1);
+    assert_contains(err, "array of device indices or a string");
+    assert_int_equal(load(&c, "{\"devices\": \"0,,1\"}", err, sizeof err), -1);
+    assert_contains(err, "'devices'");
+    assert_int_equal(load(&c, "{\"devices\": \"1,1\"}", err, sizeof err), -1);
+    assert_contains(err, "listed twice");
+    assert_int_equal(load(&c, "{\"tensor_parallel_size\": 0}", err, sizeof err), -1);
+    assert_contains(err, "'tensor_parallel_size'");
+
+    const char *flags[] = {"--device", "cpu", "--devices=3", "--tensor-parallel-size", "4", NULL};
+    if (parse(&c, err, sizeof err, flags) != 0)
+        fail_msg("%s", err);
+    assert_string_equal(c.device, "cpu");
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), 1);
+    assert_int_equal(ids[0], 3);
+    assert_int_equal(c.tensor_parallel_size, 4);
+    const char *bad[] = {"--device", "gpu", NULL};
+    assert_int_equal(parse(&c, err, sizeof err, bad), -1);
+    assert_contains(err, "'device'");
+    assert_contains(err, "auto, cpu, cuda");
+
+    setenv("SIEVE_DEVICES", "5", 1);
+    cfg_defaults(&c);
+    assert_int_equal(cfg_load_env(&c, NULL, err, sizeof err), 0);
+    unsetenv("SIEVE_DEVICES");
+    assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), 1);
+    assert_int_equal(ids[0], 5);
+}
+
 int main(void)
 {
     clear_sieve_env();
@@ -1043,6 +1112,7 @@ int main(void)
         cmocka_unit_test(test_config_api_keys_from_json),
         cmocka_unit_test(test_config_api_key_file),
         cmocka_unit_test(test_config_validate_rejects_out_of_range_fields),
+        cmocka_unit_test(test_config_device_keys),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
 }
