@@ -89,7 +89,8 @@ typedef struct conn {
     long created;
     double t_start;
     bool closed;     /* MHD finished with it while the engine still ran */
-    uv_poll_t *peer; /* watches a suspended connection's socket for a hang-up */
+    struct sockwatch *w; /* its connection's socket watch, while MHD has the request */
+    bool suspended;      /* MHD_suspend_connection'd */
     int http_status; /* for the access log */
     char method[8];
     char path[128];
@@ -273,52 +274,96 @@ static void free_handle(uv_handle_t *h)
     free(h);
 }
 
-static void unwatch_peer(conn *c)
-{
-    if (!c->peer)
-        return;
-    uv_poll_stop(c->peer);
-    uv_close((uv_handle_t *)c->peer, free_handle); /* freed by libuv's close callback */
-    c->peer = NULL;
-}
+/* One per TCP connection, from libmicrohttpd's connection-started notification
+ * to its connection-closed one: a uv_poll on the socket that looks for the
+ * peer's hang-up, which libmicrohttpd can miss in two ways.
+ *
+ * - While a request is being received: libmicrohttpd's epoll is
+ *   edge-triggered, and when the request's bytes and the client's FIN arrive
+ *   before it reads (a client that sends part of a request and closes), it
+ *   reads the bytes, takes the socket for drained and never reads the EOF, so
+ *   the connection (descriptor, memory pool, connection slot) sits in
+ *   CLOSE_WAIT until the idle timeout. The watch waits for EPOLLRDHUP
+ *   (level-triggered in libuv) and answers it with shutdown(SHUT_RD): that
+ *   wakes libmicrohttpd's epoll again, bytes still queued stay readable, and
+ *   its next read ends in the EOF, on which it closes the connection as for
+ *   any client abort.
+ * - While the connection is suspended (its request with the worker pool or
+ *   the engine) libmicrohttpd does not look at the socket at all: peeking at
+ *   it finds the hang-up, and the request's sequences are cancelled at the
+ *   engine's next step, freeing their KV blocks. Pipelined bytes mean nothing
+ *   until the answer is written. Resuming the connection re-arms the first
+ *   watch, which then passes the hang-up on to libmicrohttpd.
+ *
+ * libuv allows one poll handle per socket, hence one handle for both. It is
+ * unreferenced, so open connections do not keep the loop running at exit. */
+typedef struct sockwatch {
+    uv_poll_t poll; /* first member: the close callback frees the whole struct */
+    conn *c;        /* the request on this connection, while MHD has one */
+    bool hup;       /* the hang-up has been passed on with shutdown(SHUT_RD) */
+} sockwatch;
 
-/* A suspended connection is invisible to MHD, so a client that hangs up while
- * its completion is computed would go unnoticed until the answer is written.
- * Peeking at the socket finds the hang-up, and its sequences are cancelled at
- * the engine's next step, freeing their KV blocks. */
-static void on_peer_event(uv_poll_t *h, int status, int events)
+static void on_sock_event(uv_poll_t *h, int status, int events)
 {
-    conn *c = h->data;
+    sockwatch *w = (sockwatch *)h;
+    conn *c = w->c;
     int fd;
+    (void)events;
     if (uv_fileno((uv_handle_t *)h, &fd) != 0)
         return;
-    char b;
-    const ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
-    if (n == 0 || status < 0 || (n < 0 && errno != EAGAIN && errno != EWOULDBLOCK)) {
-        for (int i = 0; i < c->n_choices; i++)
-            sched_request_cancel(c->reqs[i]);
-        unwatch_peer(c);
-    } else if (n > 0) {
-        unwatch_peer(c); /* pipelined bytes: nothing to learn until we answer */
+    if (c && c->suspended) {
+        char b;
+        const ssize_t n = recv(fd, &b, 1, MSG_PEEK | MSG_DONTWAIT);
+        if (n < 0 && status >= 0 && (errno == EAGAIN || errno == EWOULDBLOCK))
+            return; /* nothing to learn yet */
+        if (n <= 0) /* the EOF or a socket error: the client is gone */
+            for (int i = 0; i < c->n_choices; i++)
+                sched_request_cancel(c->reqs[i]);
+        uv_poll_stop(h); /* resuming the connection re-arms the watch */
+        return;
     }
+    w->hup = true;
+    shutdown(fd, SHUT_RD);
+    uv_poll_stop(h);
 }
 
+/* The receiving watch, unless the hang-up has already been passed on. */
+static void sockwatch_arm(sockwatch *w)
+{
+    if (!w->hup)
+        uv_poll_start(&w->poll, UV_DISCONNECT, on_sock_event);
+    else
+        uv_poll_stop(&w->poll);
+}
+
+/* A suspended request: its bytes and its hang-up matter now. */
 static void watch_peer(conn *c)
 {
-    const union MHD_ConnectionInfo *ci =
-        MHD_get_connection_info(c->mc, MHD_CONNECTION_INFO_CONNECTION_FD);
-    if (!ci || c->peer)
+    if (c->w)
+        uv_poll_start(&c->w->poll, UV_READABLE | UV_DISCONNECT, on_sock_event);
+}
+
+static void detach_watch(conn *c)
+{
+    if (!c->w)
         return;
-    c->peer = malloc(sizeof(*c->peer));
-    if (!c->peer)
-        return;
-    if (uv_poll_init_socket(c->srv->loop, c->peer, ci->connect_fd) != 0) {
-        free(c->peer);
-        c->peer = NULL;
-        return;
-    }
-    c->peer->data = c;
-    uv_poll_start(c->peer, UV_READABLE | UV_DISCONNECT, on_peer_event);
+    c->w->c = NULL;
+    sockwatch_arm(c->w);
+    c->w = NULL;
+}
+
+static void conn_suspend(conn *c)
+{
+    c->suspended = true;
+    MHD_suspend_connection(c->mc);
+}
+
+static void conn_resume(conn *c)
+{
+    c->suspended = false;
+    if (c->w)
+        sockwatch_arm(c->w);
+    MHD_resume_connection(c->mc);
 }
 
 static void release_reqs(conn *c)
@@ -583,7 +628,7 @@ static ssize_t stream_reader(void *cls, uint64_t pos, char *buf, size_t max)
         return MHD_CONTENT_READER_END_OF_STREAM;
     /* Nothing to send yet: park the connection until the engine posts. */
     c->reader_suspended = true;
-    MHD_suspend_connection(c->mc);
+    conn_suspend(c);
     return 0;
 }
 
@@ -630,18 +675,17 @@ static void on_async(uv_async_t *a)
                 stream_progress(c);
             if (c->reader_suspended) {
                 c->reader_suspended = false;
-                MHD_resume_connection(c->mc);
+                conn_resume(c);
             }
             continue;
         }
         if (!all_done || c->phase != CONN_WORKING)
             continue; /* not finished, or already answered on an earlier visit */
-        unwatch_peer(c);
         build_full_response(c);
         release_reqs(c);
         c->phase = CONN_RESPONDING;
         account_done(c);
-        MHD_resume_connection(c->mc);
+        conn_resume(c);
     }
     run_mhd(s);
 }
@@ -703,7 +747,7 @@ static void fail_working(conn *c, const srv_error *e)
     set_error(c, e);
     c->phase = CONN_RESPONDING;
     account_done(c);
-    MHD_resume_connection(c->mc);
+    conn_resume(c);
     run_mhd(c->srv);
 }
 
@@ -844,7 +888,7 @@ static void tokenize_done(uv_work_t *w, int status)
     if (q->stream) {
         c->phase = CONN_STREAMING;
         stream_start(c);
-        MHD_resume_connection(c->mc);
+        conn_resume(c);
         run_mhd(s);
     } else {
         watch_peer(c);
@@ -879,7 +923,7 @@ static enum MHD_Result start_completion(conn *c, srv_kind kind)
     c->phase = CONN_WORKING;
     s->active++;
     c->work.data = c;
-    MHD_suspend_connection(c->mc);
+    conn_suspend(c);
     if (uv_queue_work(s->loop, &c->work, tokenize_work, tokenize_done) != 0) {
         srv_error_set(&e, 500, "server_error", NULL, NULL, "cannot queue tokenization");
         fail_working(c, &e);
@@ -1208,6 +1252,12 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
         snprintf(c->method, sizeof(c->method), "%s", method);
         snprintf(c->path, sizeof(c->path), "%s", url);
         *con_cls = c;
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(mc, MHD_CONNECTION_INFO_SOCKET_CONTEXT);
+        if (ci && ci->socket_context) {
+            c->w = ci->socket_context;
+            c->w->c = c;
+        }
         if (s->n_conns > s->cfg.max_connections) {
             /* Past the limit: answer 503 and close rather than leave the client
              * with a reset (libmicrohttpd's own cap sits a little higher). */
@@ -1289,7 +1339,7 @@ static enum MHD_Result on_request(void *cls, struct MHD_Connection *mc, const ch
 
 static void free_conn(conn *c)
 {
-    unwatch_peer(c);
+    detach_watch(c);
     release_reqs(c);
     srv_completion_req_free(&c->creq);
     free(c->body);
@@ -1340,6 +1390,7 @@ static void on_completed(void *cls, struct MHD_Connection *mc, void **con_cls,
         return;
     if (s->cfg.log_requests)
         access_log(c, toe);
+    detach_watch(c); /* a conn can outlive its request; the next one gets the watch */
     pthread_mutex_lock(&s->done_mu);
     const bool engine_busy = c->n_done < c->n_choices || c->queued;
     pthread_mutex_unlock(&s->done_mu);
@@ -1362,6 +1413,27 @@ static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_co
 {
     srv_server *s = cls;
     s->n_conns += toe == MHD_CONNECTION_NOTIFY_STARTED ? 1 : -1;
+    if (toe == MHD_CONNECTION_NOTIFY_STARTED) {
+        const union MHD_ConnectionInfo *ci =
+            MHD_get_connection_info(mc, MHD_CONNECTION_INFO_CONNECTION_FD);
+        sockwatch *w = calloc(1, sizeof(*w));
+        if (!ci || !w || !s->loop || uv_poll_init_socket(s->loop, &w->poll, ci->connect_fd) != 0) {
+            free(w); /* no watch: the idle timeout still closes a half-closed connection */
+            return;
+        }
+        uv_unref((uv_handle_t *)&w->poll);
+        sockwatch_arm(w);
+        *socket_context = w;
+        return;
+    }
+    sockwatch *w = *socket_context;
+    *socket_context = NULL;
+    if (!w)
+        return;
+    if (w->c)
+        w->c->w = NULL;
+    uv_poll_stop(&w->poll); /* before libmicrohttpd closes the descriptor */
+    uv_close((uv_handle_t *)&w->poll, free_handle);
 }
 
 /* The whole of a small text file (PEM), NUL-terminated; NULL with err. */
@@ -1636,6 +1708,8 @@ void srv_destroy(srv_server *s)
         return;
     if (s->d)
         MHD_stop_daemon(s->d);
+    if (s->loop)
+        uv_run(s->loop, UV_RUN_NOWAIT); /* the close callbacks of the socket watches */
     if (s->listen_fd != MHD_INVALID_SOCKET)
         close(s->listen_fd);
     sched_engine_destroy(s->engine);
