@@ -144,6 +144,22 @@ int kern_cuda_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int 
                        int rope_dim, float base);
 int kern_cuda_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                             int rope_dim, float base);
+/* Twin of kern_rope_table_f32 (scaled RoPE): inv_freq is a device array of
+ * rope_dim / 2 inverse frequencies; neox selects the pairing. */
+int kern_cuda_rope_table_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
+                             int rope_dim, const float *inv_freq, int neox);
+
+/* y[r, :] += b for r < rows (row stride n): a bias on every token's row. Twin:
+ * kern_add_f32(y + r * n, b, n) for each row. */
+int kern_cuda_add_rows_f32(float *y, const float *b, int rows, int n);
+
+/* The step's keys and values into a paged KV layer: row r of k and v (kvd
+ * values each, packed) goes to row slots[r] of k_cache and v_cache (row
+ * stride kv_stride >= kvd) for r < rows; a negative slot is skipped. slots
+ * is a device array. Twin: a memcpy of each row, as the CPU forward pass
+ * writes rows of an rt_kv_pool. */
+int kern_cuda_kv_store_f32(float *k_cache, float *v_cache, int kv_stride, const float *k,
+                           const float *v, int kvd, const int32_t *slots, int rows);
 
 /* ---- conversions (twins of kernels.h and kernels/quant.h) --------------- */
 

@@ -297,6 +297,7 @@ typedef struct {
     int32_t pos0;       /* position of slot 0, or KERN_KVQ_UNORDERED */
     int32_t n;          /* filled slots, 0..block_size */
     int32_t fmt;        /* kern_kvq_fmt */
+    int32_t block_size; /* slots of the page's layout; 0: the call's g.block_size */
 } kern_kvq_page;
 
 /* One sequence: n_q query rows over the union of its pages, which may be of

@@ -88,8 +88,16 @@ static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *
                      b->n_past + b->n_tokens, slots);
             return -1;
         }
+        if (b->kvq && (b->kv || m->tp > 1)) {
+            snprintf(err, errlen, "forward: sequence %d: a compressed KV cache needs pool blocks "
+                                  "and tp 1", i);
+            return -1;
+        }
+        /* Blocks wholly below the compressed positions may have been released. */
+        const int released = b->kvq ? rt_kvq_n_compressed(b->kvq) / b->pool->block_size : 0;
         for (int j = 0; j < b->n_blocks; j++)
-            if (b->blocks[j] < 0 || b->blocks[j] >= b->pool->n_blocks) {
+            if ((j >= released || b->blocks[j] != -1) &&
+                (b->blocks[j] < 0 || b->blocks[j] >= b->pool->n_blocks)) {
                 snprintf(err, errlen, "forward: sequence %d: block %d is not in the pool", i,
                          b->blocks[j]);
                 return -1;
@@ -265,7 +273,22 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 .blocks = b->blocks,
                 .block_size = b->pool->block_size,
             };
-            attend(rk, b, l, &a, &rk->stats[i]);
+            if (b->kvq) {
+                /* Once anything is compressed, the sequence's rows read its
+                 * pages and fp tail; then the step's plan scores and packs. */
+                char why[200];
+                int krc = 0;
+                if (rt_kvq_n_compressed(b->kvq) > 0)
+                    krc = rt_kvq_attend(b->kvq, rk->pool, l, &a, why, sizeof(why));
+                else
+                    attend(rk, b, l, &a, &rk->stats[i]);
+                if (krc == 0)
+                    krc = rt_kvq_after_attention(b->kvq, rk->pool, l, &a, why, sizeof(why));
+                if (krc != 0)
+                    rank_fail(rk, "compressed KV", why);
+            } else {
+                attend(rk, b, l, &a, &rk->stats[i]);
+            }
             row += n;
         }
         matmul(rk, s->proj, dim, s->att, qd, &L->wo, T, dim, qd);
@@ -306,6 +329,8 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
         return 0;
     if (check_batch(m, seqs, n_seqs, err, errlen) != 0)
         return -1;
+    if (m->cuda) /* the whole step on the GPU (forward_cuda.c) */
+        return rt_cuda_forward(m, seqs, n_seqs, err, errlen);
     const rt_hparams *hp = &m->hp;
     rt_rank *r0 = &m->ranks[0];
     const int dim = hp->dim;
@@ -318,11 +343,22 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
             m->pos[T] = seqs[i].n_past + t;
         }
     }
+    for (int i = 0; i < n_seqs; i++)
+        if (seqs[i].kvq &&
+            rt_kvq_begin_step(seqs[i].kvq, seqs[i].n_past, seqs[i].n_tokens, err, errlen) != 0) {
+            for (int j = 0; j < i; j++)
+                if (seqs[j].kvq)
+                    rt_kvq_end_step(seqs[j].kvq, false);
+            return -1;
+        }
     m->step_seqs = seqs;
     m->step_n_seqs = n_seqs;
     m->step_T = T;
     const int rc = rt_tp_run_step(m, err, errlen);
     m->step_seqs = NULL;
+    for (int i = 0; i < n_seqs; i++)
+        if (seqs[i].kvq)
+            rt_kvq_end_step(seqs[i].kvq, rc == 0);
     if (rc != 0)
         return -1;
     merge_stats(m, seqs, n_seqs);

@@ -353,6 +353,9 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
     kern_set_blas_threads(rank_threads);
     if (rt_tp_init(m, tp, rank_threads, err, errlen) != 0)
         goto fail;
+    if (opts && opts->backend == RT_BACKEND_CUDA &&
+        rt_cuda_attach(m, opts->device, opts->device_f32_weights, err, errlen) != 0)
+        goto fail;
     *out = m;
     return 0;
 fail:
@@ -364,6 +367,7 @@ void rt_model_destroy(rt_model *m)
 {
     if (!m)
         return;
+    rt_cuda_detach(m);
     rt_tp_free(m);
     free(m->pos);
     free(m->last);
@@ -410,6 +414,10 @@ int rt_model_max_batch_tokens(const rt_model *m)
 {
     return m->max_batch_tokens;
 }
+rt_backend rt_model_backend(const rt_model *m)
+{
+    return m->cuda ? RT_BACKEND_CUDA : RT_BACKEND_CPU;
+}
 
 size_t rt_kv_bytes_per_token(const rt_model *m)
 {
@@ -426,8 +434,16 @@ rt_kv_pool *rt_kv_pool_create(const rt_model *m, int n_blocks, int block_size)
         return NULL;
     p->n_layers = m->hp.n_layers;
     p->kv_dim = m->hp.n_kv_heads * m->hp.head_dim;
+    p->n_kv_heads = m->hp.n_kv_heads;
     p->block_size = block_size;
     p->n_blocks = n_blocks;
+    if (m->cuda) { /* the pool lives on the model's GPU */
+        if (rt_cuda_kv_alloc(m->cuda, p) != 0) {
+            free(p);
+            return NULL;
+        }
+        return p;
+    }
     const size_t n =
         (size_t)p->n_layers * (size_t)n_blocks * (size_t)block_size * (size_t)p->kv_dim;
     p->k = malloc(n * sizeof(float));
@@ -439,12 +455,28 @@ rt_kv_pool *rt_kv_pool_create(const rt_model *m, int n_blocks, int block_size)
     return p;
 }
 
+void rt_kv_pool_fill_block(rt_kv_pool *p, int id, float value)
+{
+    if (!p || id < 0 || id >= p->n_blocks)
+        return;
+    const size_t n = (size_t)p->block_size * (size_t)p->kv_dim;
+    for (int l = 0; l < p->n_layers; l++) {
+        const size_t off = ((size_t)l * (size_t)p->n_blocks + (size_t)id) * n;
+        for (size_t i = 0; i < n; i++)
+            p->k[off + i] = p->v[off + i] = value;
+    }
+}
+
 void rt_kv_pool_destroy(rt_kv_pool *p)
 {
     if (!p)
         return;
-    free(p->k);
-    free(p->v);
+    if (p->cuda)
+        rt_cuda_kv_free(p);
+    else {
+        free(p->k);
+        free(p->v);
+    }
     free(p);
 }
 
@@ -461,6 +493,10 @@ void rt_kv_pool_copy_block(rt_kv_pool *p, int src, int dst)
 {
     if (src < 0 || dst < 0 || src >= p->n_blocks || dst >= p->n_blocks || src == dst)
         return;
+    if (p->cuda) {
+        rt_cuda_kv_copy_block(p, src, dst);
+        return;
+    }
     const size_t block = (size_t)p->block_size * (size_t)p->kv_dim;
     const size_t layer = (size_t)p->n_blocks * block;
     for (int l = 0; l < p->n_layers; l++) {

@@ -15,6 +15,7 @@
 #include <stdint.h>
 
 #include "kernels/kernels.h"
+#include "runtime/backend.h"
 #include "runtime/tokenizer.h"
 
 typedef struct {
@@ -47,6 +48,16 @@ typedef struct {
      * max(1, n_threads / tp) compute threads. tp must divide the head and KV
      * head counts; rt_model_load refuses a split the weights cannot take. */
     int tp;
+    /* The backend (runtime/backend.h; 0 is the CPU). RT_BACKEND_CUDA runs on
+     * CUDA device `device` (tp must be 1): the weights are uploaded once at
+     * load (f16, or bf16 for a tensor f16 cannot hold; F16/BF16 as they are;
+     * quantized types dequantized), rt_kv_pool_create allocates pools on the
+     * device, and rt_forward runs there, copying in only token ids,
+     * positions and block tables, and out only the requested logits. */
+    rt_backend backend;
+    int device;
+    /* CUDA: keep F32 weight matrices in f32 on the device (tests). */
+    bool device_f32_weights;
 } rt_model_opts;
 
 typedef struct rt_model rt_model;
@@ -62,6 +73,8 @@ int rt_model_n_ctx(const rt_model *m);
  * or NULL when the model has none. */
 const char *rt_model_chat_template(const rt_model *m, size_t *len);
 int rt_model_max_batch_tokens(const rt_model *m);
+/* The backend the model runs on. */
+rt_backend rt_model_backend(const rt_model *m);
 
 /* A paged KV pool: n_blocks blocks of block_size positions for every layer,
  * allocated once. Which block holds which positions of which sequence is the
@@ -75,6 +88,9 @@ int rt_kv_pool_blocks(const rt_kv_pool *p);
 int rt_kv_pool_block_size(const rt_kv_pool *p);
 /* Copies every layer's keys and values of block src into block dst (copy-on-write). */
 void rt_kv_pool_copy_block(rt_kv_pool *p, int src, int dst);
+/* Sets every value of block id in every layer (tests: NaN in a released block
+ * shows any later read). */
+void rt_kv_pool_fill_block(rt_kv_pool *p, int id, float value);
 /* Bytes of KV cache one token takes (all layers, keys and values). */
 size_t rt_kv_bytes_per_token(const rt_model *m);
 
@@ -114,6 +130,59 @@ typedef struct {
 /* Smallest FlexPrefill block the model's workspace supports. */
 #define RT_FLEX_MIN_BLOCK 16
 
+/* ---- compressed KV caches (runtime/kv_compress.c; spec sections 3 and 4) ----
+ *
+ * A sequence's KV is written as f32 rows into its pool blocks; with a
+ * compressed format, its rt_kvq packs them into pages of that format after
+ * the prompt's last chunk and at decode flushes, in further pool blocks the
+ * scheduler hands in, and the fp blocks below rt_kvq_n_compressed() may then
+ * be released. Compressed pages fill whole pool blocks with as many slots as
+ * fit, so a byte budget holds more tokens of a smaller format. */
+typedef enum { RT_KV_FP = 0, RT_KV_INT8, RT_KV_INT4, RT_KV_ZIP, RT_KV_N_FORMATS } rt_kv_format;
+
+typedef struct {
+    rt_kv_format format;
+    float salient_fraction;  /* zip: share of tokens kept at high_bits */
+    int high_bits, low_bits; /* zip: 8, 4 or 2 */
+    int flush_tokens;        /* zip: decode tail tokens per flush (rounded up to whole blocks);
+                                0: one block */
+} rt_kv_policy;
+
+typedef struct rt_kvq rt_kvq;
+
+/* "fp", "int8", "int4", "zip". */
+const char *rt_kv_format_name(rt_kv_format f);
+/* 0 when the model and pool can hold the policy's pages, else -1 with err
+ * (compressed caches need tp 1 and a head_dim that is a multiple of 8). */
+int rt_kvq_check(const rt_model *m, const rt_kv_pool *pool, const rt_kv_policy *p, char *err,
+                 size_t errlen);
+/* Tokens one pool block holds in class cls (0: salient or uniform, 1: zip's
+ * regular tokens); the pool's block size for fp. */
+int rt_kvq_block_tokens(const rt_kv_pool *pool, const rt_kv_policy *p, int cls);
+/* Mean pool bytes per token (all layers, K and V) of compressed tokens. */
+double rt_kvq_bytes_per_token(const rt_kv_pool *pool, const rt_kv_policy *p);
+/* The decode flush size in tokens. */
+int rt_kvq_flush_tokens(const rt_kv_pool *pool, const rt_kv_policy *p);
+
+/* A sequence's compressed cache for a prompt (with any recomputed generated
+ * tokens) of prompt_len tokens whose first n_cached already sit in fp blocks
+ * (prefix-cache hits: zip saliency then sees only the probe rows computed
+ * here); seed picks the saliency probe rows. NULL with err when the policy
+ * does not fit (see rt_kvq_check) or memory is short. */
+rt_kvq *rt_kvq_create(const rt_model *m, rt_kv_pool *pool, const rt_kv_policy *p, int prompt_len,
+                      int n_cached, uint64_t seed, char *err, size_t errlen);
+void rt_kvq_destroy(rt_kvq *q);
+/* Before a step that appends n_new tokens at n_past: pool blocks to hand in
+ * beyond those already given (-1 when n_past is not the cache's length). */
+int rt_kvq_blocks_needed(const rt_kvq *q, int n_past, int n_new);
+/* Every block handed in so far, in order (the earlier ones must not move). */
+int rt_kvq_set_blocks(rt_kvq *q, const int32_t *ids, int n);
+int rt_kvq_blocks_held(const rt_kvq *q);
+/* Positions [0, n) live in compressed pages: the fp blocks wholly below n are
+ * no longer read. */
+int rt_kvq_n_compressed(const rt_kvq *q);
+rt_kv_format rt_kvq_format(const rt_kvq *q);
+
 /* One sequence's share of a forward step: n_tokens new tokens at positions
  * n_past.. . Either kv is set (a private cache; n_past is its length, and the
  * step appends to it), or pool/blocks/n_blocks/n_past describe the sequence's
@@ -130,6 +199,7 @@ typedef struct {
     int n_past;
     const rt_attn_policy *policy; /* NULL: dense */
     rt_attn_stats *stats;         /* accumulated when non-NULL */
+    rt_kvq *kvq;                  /* compressed KV (pool only), or NULL: fp */
 } rt_seq_batch;
 
 /* Runs one step over a flat batch of sequences: the projections and FFN of all

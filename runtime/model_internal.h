@@ -70,6 +70,7 @@ typedef struct {
 } rt_rank;
 
 typedef struct rt_tp_threads rt_tp_threads;
+typedef struct rt_cuda rt_cuda;
 
 struct rt_model {
     rt_hparams hp;
@@ -99,10 +100,15 @@ struct rt_model {
     int32_t *pos;  /* [T] positions of the step's tokens */
     float *last;   /* [T, dim] final hidden rows of sequences that want logits */
     float *logits; /* [T, n_vocab] */
+    rt_cuda *cuda; /* the CUDA backend (forward_cuda.c), or NULL: the CPU */
 };
 
 struct rt_kv_pool {
     int n_layers, kv_dim, block_size, n_blocks;
+    int n_kv_heads; /* kv_dim / head_dim: the geometry of compressed pages */
+    /* Set when k and v are device memory of this CUDA backend (the model's
+     * pools are, when it runs on CUDA); the host never reads them then. */
+    rt_cuda *cuda;
     float *k; /* [n_layers][n_blocks * block_size][kv_dim] */
     float *v;
 };
@@ -112,6 +118,18 @@ struct rt_kv {
     int32_t block0;   /* the block table: just block 0 */
     int len;
 };
+
+/* Compressed KV of one sequence inside a step (kv_compress.c). begin/end
+ * bracket the step (end with ok false when it failed: nothing advances);
+ * per layer, attend runs the sequence's rows over its compressed pages and
+ * fp tail (once anything is compressed), after_attention scores and packs
+ * what the step's plan says. */
+int rt_kvq_begin_step(rt_kvq *q, int n_past, int n_new, char *err, size_t errlen);
+void rt_kvq_end_step(rt_kvq *q, bool ok);
+int rt_kvq_attend(rt_kvq *q, kern_pool *pool, int layer, const kern_attn_args *a, char *err,
+                  size_t errlen);
+int rt_kvq_after_attention(rt_kvq *q, kern_pool *pool, int layer, const kern_attn_args *a,
+                           char *err, size_t errlen);
 
 /* Fills m from a Hugging Face directory (model_hf.c). 0, or -1 with err. */
 int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen);
@@ -132,5 +150,20 @@ int rt_tp_run_step(rt_model *m, char *err, size_t errlen);
  * the final residual stream; a failure is recorded in rk->rc / rk->err, and
  * the rank still takes part in every collective so no other rank waits. */
 void rt_forward_rank(rt_model *m, rt_rank *rk);
+
+/* The CUDA backend (forward_cuda.c). rt_cuda_attach starts the model's
+ * device thread on `device`, uploads the weights and allocates the step's
+ * device buffers; 0, or -1 with err ("built without CUDA" in a build without
+ * it). rt_cuda_detach undoes it (NULL-safe). Pools: rt_cuda_kv_alloc puts
+ * p->k and p->v on the device (lowering p->n_blocks to what fits), 0 or -1;
+ * rt_cuda_kv_free and rt_cuda_kv_copy_block are the device versions of
+ * freeing and copy-on-write. rt_cuda_forward is rt_forward after its
+ * argument checks. */
+int rt_cuda_attach(rt_model *m, int device, bool f32_weights, char *err, size_t errlen);
+void rt_cuda_detach(rt_model *m);
+int rt_cuda_kv_alloc(rt_cuda *c, rt_kv_pool *p);
+void rt_cuda_kv_free(rt_kv_pool *p);
+void rt_cuda_kv_copy_block(rt_kv_pool *p, int src, int dst);
+int rt_cuda_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen);
 
 #endif

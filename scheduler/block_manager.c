@@ -521,9 +521,11 @@ int sched_bm_append(sched_bm *bm, sched_block_table *bt, int n, sched_bm_copy *c
     if (n == 0)
         return 0;
     int last = bt->n_blocks - 1;
-    if (last >= 0 && !block_held(bm, bt->blocks[last]))
+    /* A released last block (sched_bm_release_leading) was full: nothing to copy. */
+    const bool released = last >= 0 && bt->blocks[last] == -1;
+    if (last >= 0 && !released && !block_held(bm, bt->blocks[last]))
         return -1;
-    bool partial = bt->n_tokens % bm->block_size != 0;
+    bool partial = !released && bt->n_tokens % bm->block_size != 0;
     bool copy = partial && bm->ref[bt->blocks[last]] > 1;
     if (copy && cow == NULL)
         return -1;
@@ -628,6 +630,18 @@ void sched_bm_release(sched_bm *bm, sched_block_table *bt)
     free(bt->blocks);
     free(bt->hashes);
     memset(bt, 0, sizeof(*bt));
+}
+
+int sched_bm_release_leading(sched_bm *bm, sched_block_table *bt, int n)
+{
+    if (bm == NULL || bt == NULL || n < 0 || n > bt->n_blocks || (n > 0 && bt->blocks == NULL))
+        return -1;
+    for (int k = n - 1; k >= 0; k--) {
+        if (bt->blocks[k] >= 0)
+            drop_block(bm, bt->blocks[k]);
+        bt->blocks[k] = -1;
+    }
+    return 0;
 }
 
 void sched_bm_prefix_stats(const sched_bm *bm, uint64_t *query_tokens, uint64_t *hit_tokens)

@@ -140,6 +140,13 @@ int sched_bm_fork(sched_bm *bm, const sched_block_table *src, sched_block_table 
  * arrays and zeroes bt. Accepts a zeroed bt and NULL. */
 void sched_bm_release(sched_bm *bm, sched_block_table *bt);
 
+/* Drops bt's references to its first n blocks (a compressed KV cache holds
+ * their tokens elsewhere now) and marks them -1 in bt; n_tokens, the hash
+ * chain and the later blocks stay. Registered blocks stay cached for other
+ * sequences. Commit must not be called on bt afterwards. Returns 0, or -1 on
+ * bad arguments. */
+int sched_bm_release_leading(sched_bm *bm, sched_block_table *bt, int n);
+
 /* Prompt tokens queried and hit (reused) by allocate_prompt since creation. */
 void sched_bm_prefix_stats(const sched_bm *bm, uint64_t *query_tokens, uint64_t *hit_tokens);
 

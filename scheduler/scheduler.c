@@ -67,6 +67,8 @@ struct sched_request {
     bool started; /* sampler and logits exist */
     bool running;
     sched_block_table bt;
+    rt_kvq *kvq;          /* compressed KV state, or NULL (fp) */
+    sched_block_table cbt; /* the pool blocks holding its compressed pages */
     rt_sampler sampler;
     float *logits;
     double t_last_token;
@@ -392,6 +394,15 @@ static void running_remove(sched_engine *e, sched_request *r)
     r->running = false;
 }
 
+/* Gives back every block of r, fp and compressed, and its compressed state. */
+static void drop_kv(sched_engine *e, sched_request *r)
+{
+    sched_bm_release(e->bm, &r->bt);
+    sched_bm_release(e->bm, &r->cbt);
+    rt_kvq_destroy(r->kvq);
+    r->kvq = NULL;
+}
+
 static void finish_request(sched_engine *e, sched_request *r, sched_finish why, const char *msg)
 {
     const double now = sched_now();
@@ -406,7 +417,7 @@ static void finish_request(sched_engine *e, sched_request *r, sched_finish why, 
     pthread_mutex_unlock(&r->mu);
     if (r->running)
         running_remove(e, r);
-    sched_bm_release(e->bm, &r->bt);
+    drop_kv(e, r);
     free(r->logits);
     r->logits = NULL;
     rt_sampler_free(&r->sampler);
@@ -436,7 +447,7 @@ static void finish_request(sched_engine *e, sched_request *r, sched_finish why, 
 static void preempt(sched_engine *e, sched_request *r)
 {
     running_remove(e, r);
-    sched_bm_release(e->bm, &r->bt);
+    drop_kv(e, r);
     r->n_computed = 0;
     r->n_preempted++;
     waiting_insert(e, r);
@@ -594,6 +605,19 @@ static void admit(sched_engine *e)
                         : sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq)) != 0)
             break;
         r->n_computed = r->bt.n_cached;
+        if (r->p.kv.format != RT_KV_FP && e->model) {
+            char why[256];
+            r->kvq = rt_kvq_create(e->model, e->pool, &r->p.kv, r->n_seq, r->n_computed,
+                                   r->p.sampling.seed ? r->p.sampling.seed : 0x5eedULL, why,
+                                   sizeof(why));
+            if (!r->kvq) {
+                sched_bm_release(e->bm, &r->bt);
+                *pp = r->next;
+                e->n_waiting--;
+                finish_request(e, r, SCHED_FINISH_ERROR, why);
+                continue;
+            }
+        }
         if (!r->n_preempted) {
             pthread_mutex_lock(&r->mu);
             r->prefix_hit_tokens = r->bt.n_cached;
@@ -609,17 +633,35 @@ static void admit(sched_engine *e)
 /* Reserves the slots for n more tokens of r, preempting the sequences that run
  * after it (youngest / lowest priority first) while blocks are short. Returns
  * false when r itself had to be preempted. */
+/* The pool blocks r's compressed cache needs for a step of n tokens, taken
+ * into r->cbt and handed to it. false when blocks are short (nothing taken). */
+static bool reserve_pages(sched_engine *e, sched_request *r, int n)
+{
+    if (!r->kvq)
+        return true;
+    const int need = rt_kvq_blocks_needed(r->kvq, r->n_computed, n);
+    if (need < 0)
+        return false;
+    if (need == 0)
+        return true;
+    const int slots = need * sched_bm_block_size(e->bm);
+    const int rc = r->cbt.n_blocks == 0 ? sched_bm_allocate_private(e->bm, &r->cbt, slots)
+                                        : sched_bm_append(e->bm, &r->cbt, slots, NULL);
+    return rc == 0 && rt_kvq_set_blocks(r->kvq, r->cbt.blocks, r->cbt.n_blocks) == 0;
+}
+
 static bool reserve_slots(sched_engine *e, sched_request *r, int n)
 {
-    const int need = r->n_computed + n - r->bt.n_tokens;
-    if (need <= 0)
-        return true;
+    int need = r->n_computed + n - r->bt.n_tokens;
     for (;;) {
         sched_bm_copy cow = {-1, -1};
-        if (sched_bm_append(e->bm, &r->bt, need, &cow) == 0) {
+        if (need <= 0 || sched_bm_append(e->bm, &r->bt, need, &cow) == 0) {
             if (cow.src >= 0)
                 rt_kv_pool_copy_block(e->pool, cow.src, cow.dst);
-            return true;
+            if (reserve_pages(e, r, n))
+                return true;
+            /* The fp slots stay reserved; only compressed pages are short. */
+            need = 0;
         }
         sched_request *victim = e->running[e->n_running - 1];
         for (int i = 0; i < e->n_batch; i++)
@@ -644,6 +686,7 @@ static void add_to_batch(sched_engine *e, sched_request *r, int n)
         .n_past = r->n_computed,
         .policy = r->p.policy.prefill != RT_PREFILL_DENSE ? &r->p.policy : NULL,
         .stats = &r->attn,
+        .kvq = r->kvq,
     };
     e->batch_req[e->n_batch++] = r;
 }
@@ -700,6 +743,16 @@ static void publish_stats(sched_engine *e, bool stepped, double dt, int batch_to
     e->stats.prefix_hit_tokens = h;
     e->stats.kv_blocks_used = sched_bm_used_count(e->bm);
     e->stats.kv_blocks_cached = sched_bm_cached_count(e->bm);
+    memset(e->stats.kv_blocks_by_format, 0, sizeof(e->stats.kv_blocks_by_format));
+    int compressed = 0;
+    for (int i = 0; i < e->n_running; i++) {
+        const rt_kvq *kq = e->running[i]->kvq;
+        if (kq) {
+            e->stats.kv_blocks_by_format[rt_kvq_format(kq)] += rt_kvq_blocks_held(kq);
+            compressed += rt_kvq_blocks_held(kq);
+        }
+    }
+    e->stats.kv_blocks_by_format[RT_KV_FP] = e->stats.kv_blocks_used - compressed;
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -744,7 +797,11 @@ int sched_engine_step(sched_engine *e)
         const int np = r->p.n_prompt;
         prompt_tokens += (uint64_t)((to < np ? to : np) - (from < np ? from : np));
         r->n_computed = to;
-        sched_bm_commit(e->bm, &r->bt, r->seq, r->n_computed);
+        const int compressed = rt_kvq_n_compressed(r->kvq);
+        if (r->bt.n_blocks == 0 || r->bt.blocks[0] >= 0) /* nothing released yet */
+            sched_bm_commit(e->bm, &r->bt, r->seq, r->n_computed);
+        if (compressed > 0)
+            sched_bm_release_leading(e->bm, &r->bt, compressed / sched_bm_block_size(e->bm));
     }
     for (int i = 0; i < nb; i++) {
         sched_request *r = e->batch_req[i];
@@ -755,6 +812,24 @@ int sched_engine_step(sched_engine *e)
     }
     publish_stats(e, true, sched_now() - t0, total, prompt_tokens, generated);
     return nb;
+}
+
+int sched_engine_check_kv(const sched_engine *e, const rt_kv_policy *p, double *bytes_per_token,
+                          char *err, size_t errlen)
+{
+    if (bytes_per_token)
+        *bytes_per_token = (double)e->stats.kv_bytes_per_token;
+    if (!p || p->format == RT_KV_FP)
+        return 0;
+    if (!e->model) {
+        snprintf(err, errlen, "compressed KV caches need a model");
+        return -1;
+    }
+    if (rt_kvq_check(e->model, e->pool, p, err, errlen) != 0)
+        return -1;
+    if (bytes_per_token)
+        *bytes_per_token = rt_kvq_bytes_per_token(e->pool, p);
+    return 0;
 }
 
 int sched_engine_last_batch(sched_engine *e, sched_request **reqs, int *n_tokens, int cap)
@@ -850,6 +925,7 @@ sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char 
         e->pool = rt_kv_pool_create(model, nb > INT32_MAX ? INT32_MAX : (int)nb, bs);
         e->own_pool = true;
         e->stats.kv_bytes_per_token = rt_kv_bytes_per_token(model);
+        e->stats.kv_block_bytes = e->stats.kv_bytes_per_token * (size_t)bs;
     } else {
         e->n_ctx = opts->n_ctx;
         e->n_vocab = opts->n_vocab;

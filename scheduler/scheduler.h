@@ -47,6 +47,7 @@ typedef struct {
     int priority;          /* lower runs first (vLLM's convention); ties: first come first served */
     double timeout_s;      /* > 0: finish with SCHED_FINISH_TIMEOUT this long after submit */
     rt_attn_policy policy; /* prefill attention (zeroed: dense) */
+    rt_kv_policy kv;       /* KV cache format (zeroed: fp) */
 } sched_params;
 
 #define SCHED_MAX_LOGPROBS 20
@@ -176,6 +177,10 @@ typedef struct {
     int kv_blocks_total, kv_blocks_used, kv_blocks_cached;
     int kv_block_size;
     size_t kv_bytes_per_token;
+    /* Blocks in use by format (rt_kv_format; fp includes prompts not yet
+     * compressed) and the bytes of one block (all layers, K and V). */
+    int kv_blocks_by_format[RT_KV_N_FORMATS];
+    size_t kv_block_bytes;
     sched_hist ttft, tpot, e2e, step_time, batch_tokens;
     /* Per prefill policy (rt_prefill_policy): finished sequences, and the
      * attention blocks they computed out of the causal ones. */
@@ -183,6 +188,11 @@ typedef struct {
 } sched_stats;
 
 void sched_engine_stats(sched_engine *e, sched_stats *out);
+/* 0 when requests may use KV policy p on this engine (fp always), else -1
+ * with a message; *bytes_per_token gets the mean pool bytes per token of
+ * the format's compressed tokens (fp: the f32 figure). */
+int sched_engine_check_kv(const sched_engine *e, const rt_kv_policy *p, double *bytes_per_token,
+                          char *err, size_t errlen);
 int sched_engine_n_ctx(const sched_engine *e);
 
 /* Monotonic clock in seconds. */

@@ -29,7 +29,10 @@ enum {
     A_POWER_BLOCK,
     A_POWER_DENSE,
     A_KV_CACHE,
-    A_ZIP
+    A_ZIP_SALIENT,
+    A_ZIP_HIGH,
+    A_ZIP_LOW,
+    A_ZIP_FLUSH
 };
 
 static const field_def fields[SRV_ATTN_FIELDS] = {
@@ -43,7 +46,10 @@ static const field_def fields[SRV_ATTN_FIELDS] = {
     [A_POWER_BLOCK] = {"power.block_size", F_INT, 1, 4096},
     [A_POWER_DENSE] = {"power.dense_layers", F_INT, 0, 0},
     [A_KV_CACHE] = {"kv_cache", F_INT, 0, 0},
-    [A_ZIP] = {"zip", F_INT, 0, 0},
+    [A_ZIP_SALIENT] = {"zip.salient_fraction", F_FLOAT, 0.0, 1.0},
+    [A_ZIP_HIGH] = {"zip.high_bits", F_INT, 2, 8},
+    [A_ZIP_LOW] = {"zip.low_bits", F_INT, 2, 8},
+    [A_ZIP_FLUSH] = {"zip.flush_tokens", F_INT, 1, 4096},
 };
 
 static void *field_ptr(srv_attention *a, int f)
@@ -63,6 +69,14 @@ static void *field_ptr(srv_attention *a, int f)
         return &a->power.window_blocks;
     case A_POWER_BLOCK:
         return &a->power.block_size;
+    case A_ZIP_SALIENT:
+        return &a->zip_salient_fraction;
+    case A_ZIP_HIGH:
+        return &a->zip_high_bits;
+    case A_ZIP_LOW:
+        return &a->zip_low_bits;
+    case A_ZIP_FLUSH:
+        return &a->zip_flush_tokens;
     default:
         return NULL;
     }
@@ -77,6 +91,15 @@ void srv_attention_conf_default(srv_attention_conf *c)
     c->def.dense_count = 2;
     c->def.period = 7;
     snprintf(c->def.kv_cache, sizeof(c->def.kv_cache), "fp");
+    c->def.kv_format = RT_KV_FP;
+    /* ZipCache's reference setting (spec 3.1): 60% of the tokens at 4 bits,
+     * the rest at 2; one fp block of tail per flush (kv_compress.c). */
+    c->def.zip_salient_fraction = 0.6f;
+    c->def.zip_high_bits = 4;
+    c->def.zip_low_bits = 2;
+    c->def.zip_flush_tokens = 16;
+    for (int k = 0; k < RT_KV_N_FORMATS; k++)
+        c->kv_allowed[k] = true;
     for (int f = 0; f < SRV_ATTN_FIELDS; f++) {
         c->allow[f] = true;
         c->lo[f] = fields[f].lo;
@@ -90,6 +113,16 @@ static int field_index(const char *name)
     for (int f = 0; f < SRV_ATTN_FIELDS; f++)
         if (strcmp(fields[f].name, name) == 0)
             return f;
+    return -1;
+}
+
+static int parse_kv_format(const char *s, rt_kv_format *out)
+{
+    for (int i = 0; i < RT_KV_N_FORMATS; i++)
+        if (strcmp(s, rt_kv_format_name((rt_kv_format)i)) == 0) {
+            *out = (rt_kv_format)i;
+            return 0;
+        }
     return -1;
 }
 
@@ -128,19 +161,18 @@ static int apply(const srv_attention_conf *conf, json_t *obj, srv_attention *out
             if (!json_is_string(v) || parse_prefill(json_string_value(v), &out->prefill) != 0)
                 FAIL("prefill", "'attention.prefill' must be one of dense, flex, power, auto");
         } else if (strcmp(key, "kv_cache") == 0) {
-            if (!json_is_string(v))
-                FAIL("kv_cache", "'attention.kv_cache' must be a string");
-            if (strcmp(json_string_value(v), "fp") != 0)
-                FAIL("kv_cache",
-                     "'attention.kv_cache' '%.16s' is not available on this server (only fp)",
-                     json_string_value(v));
-        } else if (strcmp(key, "zip") == 0) {
-            if (!json_is_object(v))
-                FAIL("zip", "'attention.zip' must be an object");
-            if (json_object_size(v) > 0)
-                FAIL("zip", "'attention.zip' applies to kv_cache 'zip', which this server does "
-                            "not offer");
-        } else if (strcmp(key, "flex") == 0 || strcmp(key, "power") == 0) {
+            if (conf && !conf->allow[A_KV_CACHE])
+                FAIL("kv_cache", "'attention.kv_cache' may not be set on this server");
+            rt_kv_format fmt;
+            if (!json_is_string(v) || parse_kv_format(json_string_value(v), &fmt) != 0)
+                FAIL("kv_cache", "'attention.kv_cache' must be one of fp, int8, int4, zip");
+            if (conf && !conf->kv_allowed[fmt])
+                FAIL("kv_cache", "'attention.kv_cache' '%s' is not offered on this server",
+                     rt_kv_format_name(fmt));
+            out->kv_format = fmt;
+            snprintf(out->kv_cache, sizeof(out->kv_cache), "%s", rt_kv_format_name(fmt));
+        } else if (strcmp(key, "flex") == 0 || strcmp(key, "power") == 0 ||
+                   strcmp(key, "zip") == 0) {
             if (!json_is_object(v))
                 FAIL(key, "'attention.%s' must be an object", key);
             const char *sub;
@@ -189,6 +221,13 @@ static int apply(const srv_attention_conf *conf, json_t *obj, srv_attention *out
         FAIL("flex", "'attention.flex': %s", e);
     if (kern_power_params_check(&out->power, e, sizeof(e)) != 0)
         FAIL("power", "'attention.power': %s", e);
+    const int hb = out->zip_high_bits, lb = out->zip_low_bits;
+    if (hb != 8 && hb != 4 && hb != 2)
+        FAIL("zip.high_bits", "'attention.zip.high_bits' must be 8, 4 or 2, got %d", hb);
+    if (lb != 8 && lb != 4 && lb != 2)
+        FAIL("zip.low_bits", "'attention.zip.low_bits' must be 8, 4 or 2, got %d", lb);
+    if (lb > hb)
+        FAIL("zip.low_bits", "'attention.zip.low_bits' (%d) exceeds high_bits (%d)", lb, hb);
     return 0;
 #undef FAIL
 }
@@ -276,6 +315,29 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *text, char *err,
                 c->lo[f] = lo;
                 c->hi[f] = hi;
             }
+        } else if (strcmp(key, "kv_cache_formats") == 0) {
+            /* Which formats requests may choose (the default is always served). */
+            if (!json_is_array(v) || json_array_size(v) == 0) {
+                snprintf(err, errlen, "config key 'attention.kv_cache_formats': must be a "
+                                      "non-empty array of fp, int8, int4, zip");
+                goto done;
+            }
+            bool kv[RT_KV_N_FORMATS] = {false};
+            size_t i;
+            json_t *n;
+            json_array_foreach(v, i, n)
+            {
+                rt_kv_format fmt;
+                if (!json_is_string(n) || parse_kv_format(json_string_value(n), &fmt) != 0) {
+                    snprintf(err, errlen,
+                             "config key 'attention.kv_cache_formats': '%.32s' is not one of "
+                             "fp, int8, int4, zip",
+                             json_is_string(n) ? json_string_value(n) : "(not a string)");
+                    goto done;
+                }
+                kv[fmt] = true;
+            }
+            memcpy(c->kv_allowed, kv, sizeof(kv));
         } else if (strcmp(key, "auto_min_prompt_tokens") == 0) {
             if (!json_is_integer(v) || json_integer_value(v) < 0 ||
                 json_integer_value(v) > (1 << 24)) {
@@ -288,11 +350,12 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *text, char *err,
         } else if (key[0] != '_') {
             snprintf(err, errlen,
                      "config key 'attention': unknown member '%.64s' (default, allow, bounds, "
-                     "auto_min_prompt_tokens)",
+                     "kv_cache_formats, auto_min_prompt_tokens)",
                      key);
             goto done;
         }
     }
+    c->kv_allowed[c->def.kv_format] = true;
     rc = 0;
 done:
     json_decref(root);
@@ -329,6 +392,16 @@ void srv_attention_resolve(const srv_attention_conf *c, const srv_attention *a, 
     default:
         out->prefill = RT_PREFILL_DENSE;
     }
+}
+
+void srv_attention_kv(const srv_attention *a, rt_kv_policy *out)
+{
+    memset(out, 0, sizeof(*out));
+    out->format = a->kv_format;
+    out->salient_fraction = a->zip_salient_fraction;
+    out->high_bits = a->zip_high_bits;
+    out->low_bits = a->zip_low_bits;
+    out->flush_tokens = a->zip_flush_tokens;
 }
 
 const char *srv_prefill_name(rt_prefill_policy p)

@@ -7,14 +7,16 @@
  *     "prefill": "dense" | "flex" | "power" | "auto",
  *     "flex":  {"gamma", "tau", "min_budget", "max_budget", "block_size"},
  *     "power": {"window_blocks", "block_size", "dense_layers": "K of every N"},
- *     "kv_cache": "fp",
+ *     "kv_cache": "fp" | "int8" | "int4" | "zip",
+ *     "zip": {"salient_fraction", "high_bits", "low_bits", "flush_tokens"},
  *   }
  *
  * The configuration key `attention` holds the same shape under "default",
  * plus "allow" (the fields a request may set, e.g. ["prefill", "flex.gamma"];
  * "*" for all), "bounds" ({"flex.gamma": [0.5, 1], ...}) and
  * "auto_min_prompt_tokens" (prompts at least this long use flex under
- * "auto"). A request field outside its bounds or not allowed gets 400 naming
+ * "auto") and "kv_cache_formats" (the KV formats requests may choose; all by
+ * default, and the default format always). A request field outside its bounds or not allowed gets 400 naming
  * it (e.g. param "attention.flex.gamma").
  */
 #ifndef SIEVE_SERVER_ATTENTION_H
@@ -41,13 +43,17 @@ typedef struct {
     kern_flex_params flex;
     kern_power_params power;
     int dense_count, period; /* PowerAttention's dense layers */
-    char kv_cache[8];        /* "fp" (the only format this build serves) */
+    char kv_cache[8];        /* the format's name */
+    rt_kv_format kv_format;
+    float zip_salient_fraction;
+    int zip_high_bits, zip_low_bits, zip_flush_tokens;
 } srv_attention;
 
-#define SRV_ATTN_FIELDS 11
+#define SRV_ATTN_FIELDS 14
 
 typedef struct {
     srv_attention def;
+    bool kv_allowed[RT_KV_N_FORMATS];
     bool allow[SRV_ATTN_FIELDS]; /* indexed like the field table in attention.c */
     double lo[SRV_ATTN_FIELDS], hi[SRV_ATTN_FIELDS];
     int auto_min_prompt_tokens;
@@ -71,6 +77,9 @@ int srv_attention_parse(const srv_attention_conf *c, json_t *v, srv_attention *o
  * policy. */
 void srv_attention_resolve(const srv_attention_conf *c, const srv_attention *a, int n_prompt,
                            rt_attn_policy *out);
+
+/* The KV cache policy of a parsed attention object. */
+void srv_attention_kv(const srv_attention *a, rt_kv_policy *out);
 
 const char *srv_prefill_name(rt_prefill_policy p);
 

@@ -6,6 +6,7 @@
 #include "server/boot.h"
 
 #include <stdio.h>
+#include <string.h>
 #include <unistd.h>
 
 static void print_progress(void *ctx, float frac)
@@ -28,12 +29,30 @@ int srv_boot_model(const cfg_config *cfg, rt_model **model_out, sched_engine **e
         long n = sysconf(_SC_NPROCESSORS_ONLN);
         threads = n > 0 ? (int)n : 1;
     }
+    /* The backend, before anything loads: a GPU when the configuration allows
+     * one and one is usable, else the CPU, with the reason on one line. */
+    int ids[CFG_DEVICES_MAX];
+    const rt_device_request dr = {
+        .pref = strcmp(cfg->device, "cpu") == 0    ? RT_DEVICE_CPU
+                : strcmp(cfg->device, "cuda") == 0 ? RT_DEVICE_CUDA
+                                                   : RT_DEVICE_AUTO,
+        .devices = ids,
+        .n_devices = cfg_devices(cfg, ids, CFG_DEVICES_MAX),
+        .tp = cfg->tensor_parallel_size,
+    };
+    rt_backend_choice bc;
+    if (rt_backend_select(&dr, &bc, err, errlen) != 0)
+        return -1;
+    fprintf(stderr, "sieve: backend %s\n", bc.why);
     int last = -10;
     rt_model_opts mo = {.n_threads = threads,
                         .max_batch_tokens = cfg->max_batch_tokens,
                         .n_ctx = cfg->context_length,
                         .progress = print_progress,
-                        .progress_ctx = &last};
+                        .progress_ctx = &last,
+                        .tp = cfg->tensor_parallel_size,
+                        .backend = bc.backend,
+                        .device = bc.device};
     rt_model *model = NULL;
     const double t0 = sched_now();
     char inner[768];
@@ -44,9 +63,10 @@ int srv_boot_model(const cfg_config *cfg, rt_model **model_out, sched_engine **e
     const rt_hparams *hp = rt_model_hparams(model);
     fprintf(stderr,
             "sieve: loaded %s (%s, %d layers, dim %d, %d heads / %d kv, vocab %d, ctx %d) "
-            "in %.2f s; backend cpu, %d threads\n",
+            "in %.2f s; backend %s, %d threads, tensor parallel %d\n",
             cfg->model, hp->arch, hp->n_layers, hp->dim, hp->n_heads, hp->n_kv_heads, hp->n_vocab,
-            rt_model_n_ctx(model), sched_now() - t0, threads);
+            rt_model_n_ctx(model), sched_now() - t0, rt_backend_name(rt_model_backend(model)),
+            threads, cfg->tensor_parallel_size);
     sched_opts so = {.max_running_seqs = cfg->max_running_seqs,
                      .max_waiting = cfg->max_waiting,
                      .kv_cache_bytes = cfg->kv_cache_bytes,

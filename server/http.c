@@ -416,9 +416,12 @@ static json_t *sieve_json(const srv_server *s, const conn *c, const sched_output
                                         "(FlexPrefill needs more than max(2, min_budget / "
                                         "block_size) blocks): it ran dense"));
     json_object_set_new(j, "kv_cache", json_string(c->creq.attn.kv_cache));
-    sched_stats st;
-    sched_engine_stats(s->engine, &st);
-    json_object_set_new(j, "kv_bytes_per_token", json_integer((json_int_t)st.kv_bytes_per_token));
+    rt_kv_policy kvp;
+    srv_attention_kv(&c->creq.attn, &kvp);
+    double bpt = 0.0;
+    char why[160];
+    sched_engine_check_kv(s->engine, &kvp, &bpt, why, sizeof(why));
+    json_object_set_new(j, "kv_bytes_per_token", json_integer((json_int_t)(bpt + 0.5)));
     json_object_set_new(j, "prefix_cache_hit_tokens", json_integer(o->prefix_hit_tokens));
     return j;
 }
@@ -844,8 +847,19 @@ static void tokenize_done(uv_work_t *w, int status)
     uint64_t seed = q->sampling.seed;
     if (!q->seed_set && getrandom(&seed, sizeof(seed), 0) != (ssize_t)sizeof(seed))
         seed = (uint64_t)time(NULL) ^ (uint64_t)(uintptr_t)c;
+    rt_kv_policy kvp;
+    srv_attention_kv(&q->attn, &kvp);
+    char kv_why[256];
+    if (sched_engine_check_kv(s->engine, &kvp, NULL, kv_why, sizeof(kv_why)) != 0) {
+        srv_error_set(&e, 400, "invalid_request_error", NULL, "attention.kv_cache",
+                      "'attention.kv_cache' '%s' is not available with this model: %s",
+                      rt_kv_format_name(kvp.format), kv_why);
+        fail_working(c, &e);
+        return;
+    }
     for (int i = 0; i < q->n; i++) {
         sched_params p = {0};
+        p.kv = kvp;
         p.prompt = (int32_t *)prompt;
         p.n_prompt = n_prompt;
         p.max_tokens = max_tokens;

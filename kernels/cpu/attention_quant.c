@@ -56,6 +56,15 @@ static int check_heads(const kern_kvq_geom *g, int n_heads, char *err, size_t er
     return 0;
 }
 
+/* The geometry of one page: the call's, with the page's own slot count. */
+static inline kern_kvq_geom page_geom(const kern_kvq_geom *g, const kern_kvq_page *p)
+{
+    kern_kvq_geom pg = *g;
+    if (p->block_size > 0)
+        pg.block_size = p->block_size;
+    return pg;
+}
+
 static int check_seq(const kern_kvq_attn_args *a, int si, char *err, size_t errlen)
 {
     const kern_kvq_seq *s = &a->seqs[si];
@@ -76,9 +85,10 @@ static int check_seq(const kern_kvq_attn_args *a, int si, char *err, size_t errl
         const kern_kvq_page *p = &s->pages[i];
         if (p->fmt < 0 || p->fmt >= KERN_KVQ_N_FMT)
             return fail(err, errlen, "sequence %d page %d: unknown format %d", si, i, p->fmt);
-        if (p->n < 0 || p->n > a->g.block_size)
+        const int bs = p->block_size > 0 ? p->block_size : a->g.block_size;
+        if (p->block_size < 0 || p->block_size > KERN_KVQ_MAX_BLOCK_SIZE || p->n < 0 || p->n > bs)
             return fail(err, errlen, "sequence %d page %d: %d slots in a page of %d", si, i, p->n,
-                        a->g.block_size);
+                        p->block_size < 0 ? p->block_size : bs);
         if (p->n == 0)
             continue;
         if (!p->k || !p->v)
@@ -121,7 +131,9 @@ static const float *chunk_tile(float *tile, size_t *stride, const kern_kvq_page 
         return (const float *)data + ((size_t)c0 * g->n_kv_heads + kvh) * g->head_dim;
     }
     *stride = (size_t)g->head_dim;
-    kern_kvq_dequant_head(tile, *stride, data, kind, (kern_kvq_fmt)p->fmt, g, kvh, c0, n, p->stats);
+    const kern_kvq_geom pg = page_geom(g, p);
+    kern_kvq_dequant_head(tile, *stride, data, kind, (kern_kvq_fmt)p->fmt, &pg, kvh, c0, n,
+                          p->stats);
     return tile;
 }
 
@@ -354,11 +366,12 @@ static int ref_seq(const kern_kvq_attn_args *a, const kern_kvq_seq *s, char *err
         const kern_kvq_page *p = &s->pages[i];
         if (p->n == 0)
             continue;
-        rc = kern_kvq_unpack(k + j * kvd, (size_t)kvd, p->k, KERN_KVQ_K, (kern_kvq_fmt)p->fmt, g, 0,
-                             p->n, p->stats, err, errlen);
+        const kern_kvq_geom pg = page_geom(g, p);
+        rc = kern_kvq_unpack(k + j * kvd, (size_t)kvd, p->k, KERN_KVQ_K, (kern_kvq_fmt)p->fmt, &pg,
+                             0, p->n, p->stats, err, errlen);
         if (rc == 0)
             rc = kern_kvq_unpack(v + j * kvd, (size_t)kvd, p->v, KERN_KVQ_V, (kern_kvq_fmt)p->fmt,
-                                 g, 0, p->n, p->stats, err, errlen);
+                                 &pg, 0, p->n, p->stats, err, errlen);
         for (int t = 0; t < p->n; t++)
             pos[j + t] = p->pos0 == KERN_KVQ_UNORDERED ? -1 : p->pos0 + t;
         j += (size_t)p->n;

@@ -1,6 +1,7 @@
 /*
- * ops.cu - elementwise CUDA twins: RMSNorm, SwiGLU, residual add, RoPE, the
- * f16/bf16 conversions, the embedding gather and greedy argmax.
+ * ops.cu - elementwise CUDA twins: RMSNorm, SwiGLU, residual add, bias add,
+ * the paged KV store, RoPE, the f16/bf16 conversions, the embedding gather
+ * and greedy argmax.
  *
  * Each computes what its CPU twin in kernels/cpu/ computes, in the same order
  * of float operations where that is cheap (RoPE's angles, the conversions and
@@ -117,6 +118,62 @@ extern "C" int kern_cuda_add_f32(float *y, const float *x, size_t n)
     return kc_launched("add launch");
 }
 
+/* y[r, :] += b for each of rows rows of n (a bias on every token). */
+__global__ void add_rows_kernel(float *y, const float *b, size_t n, size_t total)
+{
+    for (size_t i = blockIdx.x * (size_t)blockDim.x + threadIdx.x; i < total;
+         i += (size_t)gridDim.x * blockDim.x)
+        y[i] += b[i % n];
+}
+
+extern "C" int kern_cuda_add_rows_f32(float *y, const float *b, int rows, int n)
+{
+    kc_ctx *c;
+    int rc = kc_need_ctx(&c, "add_rows");
+    if (rc || rows == 0)
+        return rc;
+    if (rows < 0 || n <= 0 || !y || !b)
+        return kc_fail(KERN_CUDA_E_ARG, "add_rows: rows %d, n %d, or a NULL pointer", rows, n);
+    const size_t total = (size_t)rows * (size_t)n;
+    add_rows_kernel<<<kc_blocks(total, EW_THREADS, EW_MAX_BLOCKS), EW_THREADS, 0, kc_stream(c)>>>(
+        y, b, (size_t)n, total);
+    return kc_launched("add_rows launch");
+}
+
+/* ---- KV store ---- */
+
+/* One block per row: k and v row r into cache row slots[r]. */
+__global__ void kv_store_kernel(float *kc, float *vc, int kv_stride, const float *k,
+                                const float *v, int kvd, const int32_t *slots)
+{
+    const size_t r = blockIdx.x;
+    const int32_t slot = slots[r];
+    if (slot < 0)
+        return;
+    float *kd = kc + (size_t)slot * (size_t)kv_stride, *vd = vc + (size_t)slot * (size_t)kv_stride;
+    const float *ks = k + r * (size_t)kvd, *vs = v + r * (size_t)kvd;
+    for (int i = threadIdx.x; i < kvd; i += blockDim.x) {
+        kd[i] = ks[i];
+        vd[i] = vs[i];
+    }
+}
+
+extern "C" int kern_cuda_kv_store_f32(float *k_cache, float *v_cache, int kv_stride,
+                                      const float *k, const float *v, int kvd,
+                                      const int32_t *slots, int rows)
+{
+    kc_ctx *c;
+    int rc = kc_need_ctx(&c, "kv_store");
+    if (rc || rows == 0)
+        return rc;
+    if (rows < 0 || kvd <= 0 || kv_stride < kvd || !k_cache || !v_cache || !k || !v || !slots)
+        return kc_fail(KERN_CUDA_E_ARG, "kv_store: rows %d, kvd %d, kv_stride %d, or a NULL pointer",
+                       rows, kvd, kv_stride);
+    kv_store_kernel<<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(k_cache, v_cache, kv_stride,
+                                                                      k, v, kvd, slots);
+    return kc_launched("kv_store launch");
+}
+
 /* ---- RoPE ---- */
 
 /* One block per row: the row's cos/sin table first (one double-precision
@@ -125,14 +182,15 @@ extern "C" int kern_cuda_add_f32(float *y, const float *x, size_t n)
  * n_pairs) as kern_rope_neox_f32 pairs them. */
 template <bool NEOX>
 __global__ void rope_kernel(float *x, const int32_t *pos, int n_heads, int head_dim, int rope_dim,
-                            int n_pairs, float base)
+                            int n_pairs, float base, const float *inv_freq)
 {
     __shared__ float cs[ROPE_MAX_PAIRS], sn[ROPE_MAX_PAIRS];
     const size_t r = blockIdx.x;
     const float p = (float)pos[r];
     for (int i = threadIdx.x; i < n_pairs; i += blockDim.x) {
         const float e = -2.0f * (float)i / (float)rope_dim;
-        const float freq = (float)pow((double)base, (double)e);
+        /* A table (scaled RoPE) replaces the power, as kern_rope_table_f32 does. */
+        const float freq = inv_freq ? inv_freq[i] : (float)pow((double)base, (double)e);
         const double theta = (double)__fmul_rn(p, freq);
         double s, co;
         sincos(theta, &s, &co);
@@ -154,7 +212,7 @@ __global__ void rope_kernel(float *x, const int32_t *pos, int n_heads, int head_
 
 template <bool NEOX>
 static int rope(float *x, const int32_t *pos, int rows, int n_heads, int head_dim, int rope_dim,
-                float base, const char *what)
+                float base, const float *inv_freq, const char *what)
 {
     kc_ctx *c;
     int rc = kc_need_ctx(&c, what);
@@ -168,21 +226,33 @@ static int rope(float *x, const int32_t *pos, int rows, int n_heads, int head_di
     const int n_pairs = rope_dim / 2 <= ROPE_MAX_PAIRS ? rope_dim / 2 : ROPE_MAX_PAIRS;
     if (n_pairs == 0)
         return 0;
-    rope_kernel<NEOX><<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(x, pos, n_heads, head_dim,
-                                                                        rope_dim, n_pairs, base);
+    rope_kernel<NEOX><<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(
+        x, pos, n_heads, head_dim, rope_dim, n_pairs, base, inv_freq);
     return kc_launched(what);
 }
 
 extern "C" int kern_cuda_rope_f32(float *x, const int32_t *pos, int rows, int n_heads, int head_dim,
                                   int rope_dim, float base)
 {
-    return rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, base, "rope");
+    return rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, base, NULL, "rope");
 }
 
 extern "C" int kern_cuda_rope_neox_f32(float *x, const int32_t *pos, int rows, int n_heads,
                                        int head_dim, int rope_dim, float base)
 {
-    return rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, base, "rope_neox");
+    return rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, base, NULL, "rope_neox");
+}
+
+extern "C" int kern_cuda_rope_table_f32(float *x, const int32_t *pos, int rows, int n_heads,
+                                        int head_dim, int rope_dim, const float *inv_freq,
+                                        int neox)
+{
+    if (!inv_freq && rows > 0)
+        return kc_fail(KERN_CUDA_E_ARG, "rope_table: inv_freq is NULL");
+    return neox ? rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq,
+                             "rope_table")
+                : rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq,
+                              "rope_table");
 }
 
 /* ---- conversions ---- */

@@ -2,11 +2,13 @@
 # tests/gpu/run.sh - the one prepared command for a session that is lent a GPU (an H200:
 # sm_90). It builds the CUDA kernels for the GPU into build-gpu/, prints nvidia-smi, runs
 # every CUDA kernel against its CPU twin (test_cuda_twins) and the threads all-reduce
-# (test_collective), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
+# (test_collective), the whole forward pass on the GPU (test_cuda_forward: the golden greedy
+# tokens, logits against the CPU forward pass, mixed paged batches, and the staged qwen2,
+# scaled-RoPE and Q4_K models), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
 # elementwise ops, cuBLAS/half-weight products, a Llama-3-8B bf16 decode weight stream
 # against the HBM roofline, paged attention decode and causal prefill), and PyTorch's
 # scaled_dot_product_attention on the same attention shapes for reference. Expected wall
-# time: 3 to 5 minutes (build 1-2, tests under 1, benchmarks 1-2); every step has its own
+# time: 3 to 5 minutes (build 1-2, tests about 1, benchmarks 1-2); every step has its own
 # time limit and the whole stays under 8 minutes.
 #
 #   tests/gpu/run.sh                 on the device machine, from the repository root
@@ -15,15 +17,16 @@
 # Building: when the machine has every library the project's CMake needs, the project is
 # configured with -DSIEVE_CUDA=ON -DCMAKE_CUDA_ARCHITECTURES=90 into build-gpu/. When it
 # does not (the device image is a CUDA + PyTorch image), only what the GPU checks need is
-# compiled directly (kernels/, the two tests, the benchmark) into build-gpu/direct/; that
-# needs OpenBLAS and cmocka, from the machine or from build-gpu-deps/, which --stage-deps
-# fills here (headers and shared libraries copied from this machine, about 40 MB): then
-# name build-gpu-deps in the device call's carry.
+# compiled directly (kernels/, runtime/, the three tests, the benchmark) into
+# build-gpu/direct/; that needs OpenBLAS, cmocka and jansson, from the machine or from
+# build-gpu-deps/, which --stage-deps fills here (headers and shared libraries copied from
+# this machine, the test model and golden files of ../shared, and small generated models;
+# about 45 MB): then name build-gpu-deps in the device call's carry.
 #
 # Environment: SIEVE_GPU_ARCH (default 90), SIEVE_GPU_QUICK=1 (smaller benchmarks),
 # SIEVE_GPU_BUILD=direct (skip the project's CMake),
 # OUT (when set, the whole log is also written to $OUT/gpu-run.log).
-# Exit status: 0 when the build and both tests passed (benchmarks only print).
+# Exit status: 0 when the build and the three tests passed (benchmarks only print).
 set -uo pipefail
 cd "$(dirname "$0")/../.." || exit 1
 
@@ -45,6 +48,13 @@ stage_deps() {
     cp "${blas_inc:-/usr/include}"/cblas.h "${blas_inc:-/usr/include}"/openblas_config.h \
         "$DEPS/include/" || return 1
     cp "${cm_inc:-/usr/include}/cmocka.h" "$DEPS/include/" || return 1
+    local js_inc js_lib
+    js_inc="$(pkg-config --variable=includedir jansson)"
+    js_lib="$(pkg-config --variable=libdir jansson)"
+    cp "${js_inc:-/usr/include}"/jansson.h "${js_inc:-/usr/include}"/jansson_config.h \
+        "$DEPS/include/" || return 1
+    cp "$(readlink -f "${js_lib:-/usr/lib/x86_64-linux-gnu}/libjansson.so.4")" \
+        "$DEPS/lib/libjansson.so.4" || return 1
     # Real files under their sonames (links may not travel): linked with -l:NAME.
     so="$(readlink -f "$blas_lib/libopenblas.so.0")"
     cp "$so" "$DEPS/lib/libopenblas.so.0" || return 1
@@ -56,6 +66,25 @@ stage_deps() {
         *) cp "$(readlink -f "$path")" "$DEPS/lib/$name" ;;
         esac
     done
+    # The golden test's model and references (the device machine has no ../shared).
+    local shared="${SIEVE_SHARED_DIR:-../shared}"
+    mkdir -p "$DEPS/shared/models" "$DEPS/shared/golden"
+    cp "$shared/models/stories260K.gguf" "$DEPS/shared/models/" || return 1
+    cp "$shared"/golden/*.json "$DEPS/shared/golden/" || return 1
+    # Small models for the paths stories260K does not take: qwen2 (q/k/v biases, NeoX
+    # RoPE), Llama 3 scaled RoPE (rope_freqs) in F16, and Q4_K weights (dequantized at load).
+    local py=python3
+    [ -x build/venv/bin/python3 ] && py=build/venv/bin/python3
+    mkdir -p "$DEPS/models"
+    if "$py" -c "import numpy, gguf" 2>/dev/null; then
+        "$py" tools/gen_model.py --preset tiny --arch qwen2 --gguf "$DEPS/models/qwen2-f32.gguf" &&
+            "$py" tools/gen_model.py --preset tiny --rope-scaling llama3 --type f16 \
+                --gguf "$DEPS/models/llama3-rope-f16.gguf" &&
+            "$py" tools/gen_model.py --preset tiny --type q4_k \
+                --gguf "$DEPS/models/llama-q4_k.gguf" >/dev/null || return 1
+    else
+        echo "no numpy + gguf for $py: the generated models are not staged"
+    fi
     du -sh "$DEPS"
     echo "staged: name \"$DEPS\" in the device call's carry"
 }
@@ -92,8 +121,8 @@ cmake_build() {
     mkdir -p build-gpu
     cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DSIEVE_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >build-gpu/configure.log 2>&1 || return 1
-    cmake --build build-gpu -j"$JOBS" --target test_cuda_twins test_collective bench_cuda ||
-        return 2
+    cmake --build build-gpu -j"$JOBS" --target test_cuda_twins test_collective test_cuda_forward \
+        bench_cuda || return 2
     BIN=build-gpu
 }
 
@@ -106,17 +135,18 @@ direct_build() {
     local nvflags=(-O3 -std=c++17 "--generate-code=arch=compute_$ARCH,code=[compute_$ARCH,sm_$ARCH]"
         -DSIEVE_HAVE_CUDA=1 -I. -forward-unknown-to-host-compiler -Wall -Wextra)
     local libs=(-L"$CUDA_HOME/lib64" -lcublas -lcudart)
-    if pkg-config --exists openblas cmocka 2>/dev/null; then
+    if pkg-config --exists openblas cmocka jansson 2>/dev/null; then
         # shellcheck disable=SC2207
-        cflags+=($(pkg-config --cflags openblas cmocka))
+        cflags+=($(pkg-config --cflags openblas cmocka jansson))
         # shellcheck disable=SC2207
-        libs+=($(pkg-config --libs openblas cmocka))
-    elif [ -f "$DEPS/include/cblas.h" ]; then
+        libs+=($(pkg-config --libs openblas cmocka jansson))
+    elif [ -f "$DEPS/include/cblas.h" ] && [ -f "$DEPS/include/jansson.h" ]; then
         cflags+=(-I"$DEPS/include")
         # shellcheck disable=SC2054 # -Wl,-rpath,DIR is one argument
-        libs+=(-L"$PWD/$DEPS/lib" -Wl,-rpath,"$PWD/$DEPS/lib" -l:libopenblas.so.0 -l:libcmocka.so.0)
+        libs+=(-L"$PWD/$DEPS/lib" -Wl,-rpath,"$PWD/$DEPS/lib" -l:libopenblas.so.0 -l:libcmocka.so.0
+            -l:libjansson.so.4)
     else
-        echo "no OpenBLAS and cmocka here: run tests/gpu/run.sh --stage-deps on a development"
+        echo "no OpenBLAS, cmocka and jansson here: run tests/gpu/run.sh --stage-deps on a development"
         echo "machine and name $DEPS in the device call's carry"
         return 1
     fi
@@ -126,9 +156,15 @@ direct_build() {
         libs+=(-lnccl)
     fi
     local pids=() f
+    mkdir -p "$B/rt"
     for f in kernels/*.c kernels/cpu/*.c; do
         [ -e "$f" ] || continue
         gcc "${cflags[@]}" -c "$f" -o "$B/obj/$(basename "$f" .c).o" &
+        pids+=($!)
+    done
+    # The runtime (the forward pass on either backend) for test_cuda_forward only.
+    for f in runtime/*.c; do
+        gcc "${cflags[@]}" -c "$f" -o "$B/rt/$(basename "$f" .c).o" &
         pids+=($!)
     done
     for f in kernels/cuda/*.cu; do
@@ -143,6 +179,8 @@ direct_build() {
         gcc "${cflags[@]}" "$t" "$B"/obj/*.o "${libs[@]}" -lstdc++ -lpthread -lm \
             -o "$B/$(basename "$t" .c)" || return 2
     done
+    gcc "${cflags[@]}" tests/unit/test_cuda_forward.c "$B"/rt/*.o "$B"/obj/*.o "${libs[@]}" \
+        -lstdc++ -lpthread -lm -o "$B/test_cuda_forward" || return 2
     BIN="$B"
 }
 
@@ -161,7 +199,11 @@ if [ -z "$BIN" ]; then
     fail "build"
     exit 1
 fi
-export SIEVE_SHARED_DIR="${SIEVE_SHARED_DIR:-$PWD/shared}"
+if [ -z "${SIEVE_SHARED_DIR:-}" ]; then
+    SIEVE_SHARED_DIR="$PWD/shared"
+    [ -f "$SIEVE_SHARED_DIR/models/stories260K.gguf" ] || SIEVE_SHARED_DIR="$PWD/$DEPS/shared"
+fi
+export SIEVE_SHARED_DIR
 export LD_LIBRARY_PATH="$CUDA_HOME/lib64:${LD_LIBRARY_PATH:-}"
 # Staged libraries need each other too (OpenBLAS -> libgfortran): a run path covers only
 # the binary's own needs.
@@ -172,6 +214,15 @@ timeout 300 "$BIN/test_cuda_twins" || fail "test_cuda_twins (status $?)"
 
 step "test_collective: the threads all-reduce"
 timeout 120 "$BIN/test_collective" || fail "test_collective (status $?)"
+
+step "test_cuda_forward: the forward pass on the GPU (golden greedy, logits against the CPU)"
+MODELS=""
+for f in "$DEPS"/models/*.gguf; do
+    [ -f "$f" ] && MODELS="${MODELS:+$MODELS:}$PWD/$f"
+done
+echo "shared: $SIEVE_SHARED_DIR; extra models: ${MODELS:-none}"
+SIEVE_CUDA_FORWARD_MODELS="$MODELS" timeout 180 "$BIN/test_cuda_forward" ||
+    fail "test_cuda_forward (status $?)"
 
 step "bench_cuda: GPU kernels against the CPU twins"
 QUICK=()
@@ -235,7 +286,7 @@ fi
 
 step "summary"
 if [ $STATUS -eq 0 ]; then
-    echo "PASS: build, test_cuda_twins, test_collective"
+    echo "PASS: build, test_cuda_twins, test_collective, test_cuda_forward"
 else
     echo "FAILED: see the FAIL lines above"
 fi

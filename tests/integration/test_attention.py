@@ -113,8 +113,14 @@ class AttentionTest(unittest.TestCase):
             ({"flex": {"colour": 1}}, "attention.flex.colour"),
             ({"power": {"window_blocks": 0}}, "attention.power.window_blocks"),
             ({"power": {"dense_layers": "lots"}}, "attention.power.dense_layers"),
-            ({"kv_cache": "int4"}, "attention.kv_cache"),
-            ({"zip": {"salient_fraction": 0.6}}, "attention.zip"),
+            ({"kv_cache": "q8_0"}, "attention.kv_cache"),
+            ({"kv_cache": 8}, "attention.kv_cache"),
+            ({"zip": {"salient_fraction": 1.5}}, "attention.zip.salient_fraction"),
+            ({"zip": {"high_bits": 3}}, "attention.zip.high_bits"),
+            ({"zip": {"high_bits": 2, "low_bits": 4}}, "attention.zip.low_bits"),
+            ({"zip": {"flush_tokens": 0}}, "attention.zip.flush_tokens"),
+            ({"zip": {"ratio": 1}}, "attention.zip.ratio"),
+            ({"zip": 1}, "attention.zip"),
             ("flex", "attention"),
         ]
         for att, param in cases:

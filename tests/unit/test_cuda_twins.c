@@ -278,6 +278,101 @@ static void case_rope(void)
     }
 }
 
+static void case_rope_table(void)
+{
+    /* Scaled RoPE from a table, both pairings. The angle pos * inv_freq[i] is
+     * the same float product on both sides, so only sin/cos rounding differs:
+     * |err| <= (|a| + |b|) * 1e-6 per pair. */
+    static const int32_t pos[] = {0, 1, 5, 999, 8191, 65535, 131071};
+    const int rows = (int)(sizeof(pos) / sizeof(pos[0]));
+    const int nh = 3, hd = 128, rd = 128, half = rd / 2;
+    float inv[64];
+    for (int i = 0; i < half; i++) /* Llama 3 style: low frequencies divided by up to 8 */
+        inv[i] = powf(500000.0f, -2.0f * (float)i / (float)rd) / (i < half / 2 ? 1.0f : 8.0f);
+    const size_t n = (size_t)rows * nh * hd;
+    for (int neox = 0; neox < 2; neox++) {
+        float *x = random_floats(n, -1.0f, 1.0f);
+        float *want = xmalloc(sizeof(float) * n), *got = xmalloc(sizeof(float) * n);
+        float *scale = xmalloc(sizeof(float) * n);
+        memcpy(want, x, sizeof(float) * n);
+        kern_rope_table_f32(want, pos, rows, nh, hd, rd, inv, neox);
+        for (size_t i = 0; i < n; i++)
+            scale[i] = 2e-6f;
+        float *dx = dev_from(x, sizeof(float) * n), *dinv = dev_from(inv, sizeof(float) * half);
+        int32_t *dpos = dev_from(pos, sizeof(pos));
+        check(kern_cuda_rope_table_f32(dx, dpos, rows, nh, hd, rd, dinv, neox), "rope_table");
+        to_host(got, dx, sizeof(float) * n);
+        expect_close(neox ? "rope_table neox" : "rope_table", got, want, scale, n, 1.0, 1e-30);
+        kern_cuda_free(dx);
+        kern_cuda_free(dinv);
+        kern_cuda_free(dpos);
+        free(x);
+        free(want);
+        free(got);
+        free(scale);
+    }
+}
+
+static void case_add_rows(void)
+{
+    /* One f32 addition per element, as kern_add_f32 on each row: bit-identical. */
+    const int rows = 37, n = 1031;
+    const size_t total = (size_t)rows * n;
+    float *y = random_floats(total, -5.0f, 5.0f), *b = random_floats((size_t)n, -1.0f, 1.0f);
+    float *got = xmalloc(sizeof(float) * total);
+    float *dy = dev_from(y, sizeof(float) * total), *db = dev_from(b, sizeof(float) * n);
+    for (int r = 0; r < rows; r++)
+        kern_add_f32(y + (size_t)r * n, b, (size_t)n);
+    check(kern_cuda_add_rows_f32(dy, db, rows, n), "add_rows");
+    to_host(got, dy, sizeof(float) * total);
+    assert_memory_equal(got, y, sizeof(float) * total);
+    kern_cuda_free(dy);
+    kern_cuda_free(db);
+    free(y);
+    free(b);
+    free(got);
+}
+
+static void case_kv_store(void)
+{
+    /* Rows of k and v copied to scattered slots of a strided cache (a rank's
+     * columns of a wider row), a negative slot skipped: bit-identical, and
+     * every other cache value untouched. */
+    const int rows = 9, kvd = 96, stride = 160, n_slots = 64;
+    static const int32_t slots[] = {5, 63, 0, 17, -1, 18, 40, 2, 33};
+    const size_t cache_n = (size_t)n_slots * stride;
+    float *k = random_floats((size_t)rows * kvd, -2.0f, 2.0f);
+    float *v = random_floats((size_t)rows * kvd, -2.0f, 2.0f);
+    float *kc = random_floats(cache_n, -1.0f, 1.0f), *vc = random_floats(cache_n, -1.0f, 1.0f);
+    float *got = xmalloc(sizeof(float) * cache_n);
+    float *dkc = dev_from(kc, sizeof(float) * cache_n), *dvc = dev_from(vc, sizeof(float) * cache_n);
+    float *dk = dev_from(k, sizeof(float) * rows * kvd), *dv = dev_from(v, sizeof(float) * rows * kvd);
+    int32_t *dslots = dev_from(slots, sizeof(slots));
+    const int off = 32; /* the rank's first column */
+    for (int r = 0; r < rows; r++) {
+        if (slots[r] < 0)
+            continue;
+        memcpy(kc + (size_t)slots[r] * stride + off, k + (size_t)r * kvd, sizeof(float) * kvd);
+        memcpy(vc + (size_t)slots[r] * stride + off, v + (size_t)r * kvd, sizeof(float) * kvd);
+    }
+    check(kern_cuda_kv_store_f32(dkc + off, dvc + off, stride, dk, dv, kvd, dslots, rows),
+          "kv_store");
+    to_host(got, dkc, sizeof(float) * cache_n);
+    assert_memory_equal(got, kc, sizeof(float) * cache_n);
+    to_host(got, dvc, sizeof(float) * cache_n);
+    assert_memory_equal(got, vc, sizeof(float) * cache_n);
+    kern_cuda_free(dkc);
+    kern_cuda_free(dvc);
+    kern_cuda_free(dk);
+    kern_cuda_free(dv);
+    kern_cuda_free(dslots);
+    free(k);
+    free(v);
+    free(kc);
+    free(vc);
+    free(got);
+}
+
 /* ---- conversions ---- */
 
 static void case_conversions(void)
@@ -937,6 +1032,9 @@ static const twin_case cases[] = {
     {"test_cuda_swiglu_matches_cpu", CUDA_CASE(case_swiglu)},
     {"test_cuda_add_matches_cpu_exactly", CUDA_CASE(case_add)},
     {"test_cuda_rope_and_rope_neox_match_cpu", CUDA_CASE(case_rope)},
+    {"test_cuda_rope_table_matches_cpu", CUDA_CASE(case_rope_table)},
+    {"test_cuda_add_rows_matches_cpu_exactly", CUDA_CASE(case_add_rows)},
+    {"test_cuda_kv_store_matches_row_copies", CUDA_CASE(case_kv_store)},
     {"test_cuda_conversions_match_cpu_bit_for_bit", CUDA_CASE(case_conversions)},
     {"test_cuda_embed_matches_dequant_row", CUDA_CASE(case_embed)},
     {"test_cuda_argmax_matches_cpu", CUDA_CASE(case_argmax)},

@@ -1,0 +1,471 @@
+/*
+ * test_cuda_forward.c - the CUDA forward pass (runtime/forward_cuda.c) against
+ * llama.cpp's greedy references and against the CPU forward pass, and the
+ * backend choice (runtime/backend.h).
+ *
+ * Everywhere: rt_backend_select's rules for the machine it runs on (no GPU
+ * here: "auto" and an empty device list give the CPU with the reason, "cuda"
+ * is an error naming it), and loading a model onto CUDA without a usable GPU
+ * fails with a message instead of crashing.
+ *
+ * With a GPU (otherwise each case prints "SKIP: no CUDA device" and is
+ * skipped): greedy generation on the GPU with f32 weights reproduces
+ * shared/golden/stories260K-greedy.json token for token; with the default
+ * f16 weights its logits stay within a stated tolerance of the CPU's along the
+ * golden continuations, and its greedy choice agrees wherever the CPU's top
+ * two logits are further apart than that tolerance; a mixed batch of prefill
+ * chunks and decode rows over a shared pool with scattered block tables,
+ * copy-on-write included, matches the CPU step for step; a sequence whose
+ * cache is not on the device fails that step with a message and the next
+ * step runs. SIEVE_CUDA_FORWARD_MODELS (GGUF paths separated by ':', e.g. the
+ * qwen2, scaled-RoPE and Q4_K models tests/gpu/run.sh stages) adds a
+ * CPU-vs-GPU logits comparison per model.
+ */
+#include <setjmp.h>
+#include <stdarg.h>
+#include <stddef.h>
+#include <stdint.h>
+#include <cmocka.h>
+
+#include <math.h>
+#include <string.h>
+
+#include "runtime/backend.h"
+#include "runtime/model.h"
+#include "runtime/sampler.h"
+#include "tests/common/testutil.h"
+
+#define N_GEN 32
+/* f16 weights against the CPU's f32: |gpu - cpu| <= this * (1 + max |cpu|). */
+#define F16_LOGIT_TOL 2e-2
+/* f32 weights: cuBLAS in full f32, reductions in another order. */
+#define F32_LOGIT_TOL 1e-4
+
+static bool have_gpu;
+
+static rt_model *load(const char *path, rt_backend backend, bool f32_weights, int max_batch)
+{
+    rt_model_opts o = {.n_threads = 2,
+                       .max_batch_tokens = max_batch,
+                       .backend = backend,
+                       .device = 0,
+                       .device_f32_weights = f32_weights};
+    rt_model *m = NULL;
+    char err[512];
+    if (rt_model_load(&m, path, &o, err, sizeof(err)) != 0)
+        fail_msg("load %s on %s: %s", path, rt_backend_name(backend), err);
+    assert_int_equal(rt_model_backend(m), backend);
+    return m;
+}
+
+static bool skip_without_gpu(void)
+{
+    if (have_gpu)
+        return false;
+    print_message("SKIP: no CUDA device%s\n",
+                  rt_backend_cuda_built() ? "" : " (built without CUDA)");
+    skip();
+    return true;
+}
+
+static int json_ids(json_t *arr, int32_t *out, int cap)
+{
+    int n = (int)json_array_size(arr);
+    assert_true(n <= cap);
+    for (int i = 0; i < n; i++)
+        out[i] = (int32_t)json_integer_value(json_array_get(arr, (size_t)i));
+    return n;
+}
+
+/* max |a - b| / (1 + max |b|) over n logits. */
+static double logit_error(const float *a, const float *b, int n)
+{
+    double worst = 0.0, scale = 0.0;
+    for (int i = 0; i < n; i++) {
+        worst = fmax(worst, fabs((double)a[i] - (double)b[i]));
+        scale = fmax(scale, fabs((double)b[i]));
+    }
+    return worst / (1.0 + scale);
+}
+
+/* The gap between the largest and second largest logit. */
+static double top2_margin(const float *x, int n)
+{
+    double a = -INFINITY, b = -INFINITY;
+    for (int i = 0; i < n; i++) {
+        if (x[i] > a) {
+            b = a;
+            a = x[i];
+        } else if (x[i] > b) {
+            b = x[i];
+        }
+    }
+    return a - b;
+}
+
+/* ---- everywhere ---- */
+
+static void test_backend_select_follows_the_rules(void **state)
+{
+    (void)state;
+    rt_backend_choice ch;
+    char err[512] = "";
+    const int none[1] = {0};
+    rt_device_request cpu = {.pref = RT_DEVICE_CPU, .n_devices = -1, .tp = 1};
+    assert_int_equal(rt_backend_select(&cpu, &ch, err, sizeof(err)), 0);
+    assert_int_equal(ch.backend, RT_BACKEND_CPU);
+    assert_int_equal(ch.device, -1);
+    assert_non_null(strstr(ch.why, "device \"cpu\""));
+
+    rt_device_request empty = {.pref = RT_DEVICE_AUTO, .devices = none, .n_devices = 0, .tp = 1};
+    assert_int_equal(rt_backend_select(&empty, &ch, err, sizeof(err)), 0);
+    assert_int_equal(ch.backend, RT_BACKEND_CPU);
+    assert_non_null(strstr(ch.why, rt_backend_cuda_built() ? "devices list is empty"
+                                                           : "built without CUDA"));
+
+    rt_device_request tp2 = {.pref = RT_DEVICE_AUTO, .n_devices = -1, .tp = 2};
+    assert_int_equal(rt_backend_select(&tp2, &ch, err, sizeof(err)), 0);
+    assert_int_equal(ch.backend, RT_BACKEND_CPU);
+
+    rt_device_request autod = {.pref = RT_DEVICE_AUTO, .n_devices = -1, .tp = 1};
+    rt_device_request cuda = {.pref = RT_DEVICE_CUDA, .n_devices = -1, .tp = 1};
+    if (have_gpu) {
+        assert_int_equal(rt_backend_select(&autod, &ch, err, sizeof(err)), 0);
+        assert_int_equal(ch.backend, RT_BACKEND_CUDA);
+        assert_int_equal(ch.device, 0);
+        assert_true(ch.device_name[0] != 0);
+        print_message("auto: %s\n", ch.why);
+        const int absent[1] = {63};
+        rt_device_request bad = {.pref = RT_DEVICE_CUDA, .devices = absent, .n_devices = 1,
+                                 .tp = 1};
+        assert_int_equal(rt_backend_select(&bad, &ch, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "device 63 is not present"));
+        cuda.tp = 2;
+        assert_int_equal(rt_backend_select(&cuda, &ch, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "tensor_parallel_size 2"));
+        return;
+    }
+    const char *reason =
+        rt_backend_cuda_built() ? "no CUDA device is present" : "built without CUDA";
+    assert_int_equal(rt_backend_select(&autod, &ch, err, sizeof(err)), 0);
+    assert_int_equal(ch.backend, RT_BACKEND_CPU);
+    assert_non_null(strstr(ch.why, reason));
+    assert_int_equal(rt_backend_select(&cuda, &ch, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "device \"cuda\" was requested but no GPU can be used"));
+    assert_non_null(strstr(err, reason));
+}
+
+static void test_cuda_load_without_a_gpu_fails_with_a_message(void **state)
+{
+    (void)state;
+    if (have_gpu) {
+        print_message("SKIP: a GPU is present (the loads below use it)\n");
+        skip();
+        return;
+    }
+    rt_model_opts o = {.n_threads = 1, .max_batch_tokens = 64, .backend = RT_BACKEND_CUDA};
+    rt_model *m = NULL;
+    char err[512] = "";
+    assert_int_equal(
+        rt_model_load(&m, tu_shared_path("models/stories260K.gguf"), &o, err, sizeof(err)), -1);
+    assert_null(m);
+    assert_non_null(strstr(err, "cuda"));
+    print_message("refused as expected: %s\n", err);
+}
+
+/* ---- with a GPU ---- */
+
+/* Greedy generation of one sequence with a private cache. */
+static void generate(rt_model *m, const int32_t *prompt, int n_prompt, int32_t *out, int n_gen)
+{
+    const int n_vocab = rt_model_hparams(m)->n_vocab;
+    float *logits = malloc(sizeof(float) * (size_t)n_vocab);
+    rt_kv *kv = rt_kv_create(m, n_prompt + n_gen);
+    assert_non_null(kv);
+    char err[512];
+    rt_seq_batch b = {.kv = kv, .tokens = prompt, .n_tokens = n_prompt, .logits = logits};
+    if (rt_forward(m, &b, 1, err, sizeof(err)) != 0)
+        fail_msg("prefill: %s", err);
+    for (int t = 0; t < n_gen; t++) {
+        out[t] = rt_argmax(logits, n_vocab);
+        if (t + 1 == n_gen)
+            break;
+        rt_seq_batch d = {.kv = kv, .tokens = &out[t], .n_tokens = 1, .logits = logits};
+        if (rt_forward(m, &d, 1, err, sizeof(err)) != 0)
+            fail_msg("decode %d: %s", t, err);
+    }
+    rt_kv_destroy(kv);
+    free(logits);
+}
+
+static void test_cuda_greedy_matches_golden_with_f32_weights(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    rt_model *m = load(tu_shared_path("models/stories260K.gguf"), RT_BACKEND_CUDA, true, 512);
+    json_t *golden = tu_load_json("golden/stories260K-greedy.json");
+    assert_non_null(golden);
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(golden, "cases"), i, c)
+    {
+        int32_t prompt[256], want[64], got[N_GEN];
+        const int np = json_ids(json_object_get(c, "prompt_token_ids"), prompt, 256);
+        json_ids(json_object_get(c, "completion_token_ids"), want, 64);
+        generate(m, prompt, np, got, N_GEN);
+        for (int t = 0; t < N_GEN; t++)
+            if (got[t] != want[t])
+                fail_msg("prompt %zu ('%s'): token %d is %d on the GPU, golden %d", i,
+                         json_string_value(json_object_get(c, "prompt")), t, got[t], want[t]);
+    }
+    print_message("%zu golden prompts x %d tokens equal on the GPU (f32 weights)\n",
+                  json_array_size(json_object_get(golden, "cases")), N_GEN);
+    json_decref(golden);
+    rt_model_destroy(m);
+}
+
+/* Feeds prompt + continuation to both models one step at a time (the prompt
+ * as one prefill), comparing logits after each step; returns the worst
+ * logit_error and counts greedy disagreements where the CPU's margin exceeds
+ * tol (*hard) and elsewhere (*soft). */
+static double compare_along(rt_model *gpu, rt_model *cpu, const int32_t *prompt, int np,
+                            const int32_t *cont, int nc, double tol, int *hard, int *soft)
+{
+    const int V = rt_model_hparams(cpu)->n_vocab;
+    float *lg = malloc(sizeof(float) * (size_t)V), *lc = malloc(sizeof(float) * (size_t)V);
+    rt_kv *kg = rt_kv_create(gpu, np + nc + 1), *kc = rt_kv_create(cpu, np + nc + 1);
+    assert_non_null(kg);
+    assert_non_null(kc);
+    char err[512];
+    double worst = 0.0;
+    for (int t = -1; t < nc; t++) {
+        const int32_t *tok = t < 0 ? prompt : &cont[t];
+        const int n = t < 0 ? np : 1;
+        rt_seq_batch bg = {.kv = kg, .tokens = tok, .n_tokens = n, .logits = lg};
+        rt_seq_batch bc = {.kv = kc, .tokens = tok, .n_tokens = n, .logits = lc};
+        if (rt_forward(gpu, &bg, 1, err, sizeof(err)) != 0)
+            fail_msg("GPU step %d: %s", t, err);
+        if (rt_forward(cpu, &bc, 1, err, sizeof(err)) != 0)
+            fail_msg("CPU step %d: %s", t, err);
+        worst = fmax(worst, logit_error(lg, lc, V));
+        if (rt_argmax(lg, V) != rt_argmax(lc, V)) {
+            const double scale = 1.0 + fabs((double)lc[rt_argmax(lc, V)]);
+            if (top2_margin(lc, V) > 2.0 * tol * scale)
+                (*hard)++;
+            else
+                (*soft)++;
+        }
+    }
+    rt_kv_destroy(kg);
+    rt_kv_destroy(kc);
+    free(lg);
+    free(lc);
+    return worst;
+}
+
+static void test_cuda_f16_logits_follow_the_cpu(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *cpu = load(path, RT_BACKEND_CPU, false, 512);
+    rt_model *gpu = load(path, RT_BACKEND_CUDA, false, 512);
+    json_t *golden = tu_load_json("golden/stories260K-greedy.json");
+    assert_non_null(golden);
+    double worst = 0.0;
+    int hard = 0, soft = 0, steps = 0;
+    size_t i;
+    json_t *c;
+    json_array_foreach(json_object_get(golden, "cases"), i, c)
+    {
+        int32_t prompt[256], cont[64];
+        const int np = json_ids(json_object_get(c, "prompt_token_ids"), prompt, 256);
+        const int nc = json_ids(json_object_get(c, "completion_token_ids"), cont, 64);
+        worst = fmax(worst, compare_along(gpu, cpu, prompt, np, cont, nc, F16_LOGIT_TOL, &hard,
+                                          &soft));
+        steps += nc + 1;
+    }
+    print_message("f16 weights: worst logit error %.3g (tolerance %.3g) over %d steps; greedy "
+                  "differs at %d near-ties, %d clear choices\n",
+                  worst, F16_LOGIT_TOL, steps, soft, hard);
+    assert_true(worst <= F16_LOGIT_TOL);
+    assert_int_equal(hard, 0);
+    json_decref(golden);
+    rt_model_destroy(gpu);
+    rt_model_destroy(cpu);
+}
+
+/* One step of the same batch on both models; logits compared per sequence. */
+static double step_both(rt_model *gpu, rt_model *cpu, rt_seq_batch *bg, rt_seq_batch *bc, int n)
+{
+    char err[512];
+    if (rt_forward(gpu, bg, n, err, sizeof(err)) != 0)
+        fail_msg("GPU step: %s", err);
+    if (rt_forward(cpu, bc, n, err, sizeof(err)) != 0)
+        fail_msg("CPU step: %s", err);
+    const int V = rt_model_hparams(cpu)->n_vocab;
+    double worst = 0.0;
+    for (int i = 0; i < n; i++)
+        if (bg[i].logits)
+            worst = fmax(worst, logit_error(bg[i].logits, bc[i].logits, V));
+    return worst;
+}
+
+static void test_cuda_pool_batches_match_the_cpu(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *cpu = load(path, RT_BACKEND_CPU, false, 128);
+    rt_model *gpu = load(path, RT_BACKEND_CUDA, true, 128);
+    enum { NS = 4, NB = 40, BS = 4, PER = 10 };
+    rt_kv_pool *pg = rt_kv_pool_create(gpu, NB, BS), *pc = rt_kv_pool_create(cpu, NB, BS);
+    assert_non_null(pg);
+    assert_non_null(pc);
+    assert_int_equal(rt_kv_pool_blocks(pg), NB);
+    /* Scattered block tables: sequence s owns blocks s, s + 4, s + 8, ... */
+    int32_t blocks[NS][PER];
+    for (int s = 0; s < NS; s++)
+        for (int j = 0; j < PER; j++)
+            blocks[s][j] = s + NS * j;
+    const int V = rt_model_hparams(cpu)->n_vocab;
+    float *lg = malloc(sizeof(float) * NS * (size_t)V), *lc = malloc(sizeof(float) * NS * (size_t)V);
+    int32_t toks[NS][40];
+    for (int s = 0; s < NS; s++)
+        for (int t = 0; t < 40; t++)
+            toks[s][t] = (int32_t)(1 + (s * 37 + t * 11) % (V - 1));
+    int past[NS] = {0};
+    double worst = 0.0;
+    /* Staggered starts: sequences prefill chunks of different lengths while
+     * others decode, so every step mixes both. */
+    static const int chunk[NS] = {7, 1, 13, 3};
+    for (int step = 0; step < 8; step++) {
+        rt_seq_batch bg[NS], bc[NS];
+        int n = 0;
+        for (int s = 0; s < NS; s++) {
+            const int len = step == 0 ? chunk[s] : (past[s] < 20 ? chunk[s] % 5 + 1 : 1);
+            if (past[s] + len > 36)
+                continue;
+            bg[n] = (rt_seq_batch){.tokens = toks[s] + past[s],
+                                   .n_tokens = len,
+                                   .logits = (step + s) % 3 ? lg + (size_t)n * V : NULL,
+                                   .pool = pg,
+                                   .blocks = blocks[s],
+                                   .n_blocks = PER,
+                                   .n_past = past[s]};
+            bc[n] = bg[n];
+            bc[n].pool = pc;
+            bc[n].logits = bg[n].logits ? lc + (size_t)n * V : NULL;
+            past[s] += len;
+            n++;
+        }
+        worst = fmax(worst, step_both(gpu, cpu, bg, bc, n));
+    }
+    /* Copy-on-write: sequence 0's first block into a free one, then sequence
+     * 0 continues on the copy; both sides must still agree. */
+    rt_kv_pool_copy_block(pg, blocks[0][0], 39);
+    rt_kv_pool_copy_block(pc, blocks[0][0], 39);
+    blocks[0][0] = 39;
+    rt_seq_batch bg = {.tokens = toks[0] + past[0], .n_tokens = 1, .logits = lg, .pool = pg,
+                       .blocks = blocks[0], .n_blocks = PER, .n_past = past[0]};
+    rt_seq_batch bc = bg;
+    bc.pool = pc;
+    bc.logits = lc;
+    worst = fmax(worst, step_both(gpu, cpu, &bg, &bc, 1));
+    print_message("pool batches: worst logit error %.3g (tolerance %.3g)\n", worst,
+                  F32_LOGIT_TOL);
+    assert_true(worst <= F32_LOGIT_TOL);
+    free(lg);
+    free(lc);
+    rt_kv_pool_destroy(pg);
+    rt_kv_pool_destroy(pc);
+    rt_model_destroy(gpu);
+    rt_model_destroy(cpu);
+}
+
+static void test_cuda_step_error_fails_the_step_only(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *cpu = load(path, RT_BACKEND_CPU, false, 64);
+    rt_model *gpu = load(path, RT_BACKEND_CUDA, false, 64);
+    rt_kv_pool *host = rt_kv_pool_create(cpu, 4, 16); /* not on the device */
+    const int32_t blocks[1] = {0}, tok[2] = {1, 403};
+    float *logits = malloc(sizeof(float) * (size_t)rt_model_hparams(gpu)->n_vocab);
+    rt_seq_batch b = {.tokens = tok, .n_tokens = 2, .logits = logits, .pool = host,
+                      .blocks = blocks, .n_blocks = 1};
+    char err[512] = "";
+    assert_int_equal(rt_forward(gpu, &b, 1, err, sizeof(err)), -1);
+    assert_non_null(strstr(err, "not on device"));
+    print_message("refused: %s\n", err);
+    rt_kv *kv = rt_kv_create(gpu, 8);
+    rt_seq_batch ok = {.kv = kv, .tokens = tok, .n_tokens = 2, .logits = logits};
+    assert_int_equal(rt_forward(gpu, &ok, 1, err, sizeof(err)), 0);
+    assert_int_equal(rt_kv_len(kv), 2);
+    rt_kv_destroy(kv);
+    free(logits);
+    rt_kv_pool_destroy(host);
+    rt_model_destroy(gpu);
+    rt_model_destroy(cpu);
+}
+
+static void test_cuda_extra_models_follow_the_cpu(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    const char *list = getenv("SIEVE_CUDA_FORWARD_MODELS");
+    if (!list || !*list) {
+        print_message("SKIP: SIEVE_CUDA_FORWARD_MODELS is not set\n");
+        skip();
+        return;
+    }
+    char paths[4096];
+    snprintf(paths, sizeof(paths), "%s", list);
+    int n_models = 0;
+    for (char *save = NULL, *p = strtok_r(paths, ":", &save); p; p = strtok_r(NULL, ":", &save)) {
+        rt_model *cpu = load(p, RT_BACKEND_CPU, false, 256);
+        const rt_hparams *hp = rt_model_hparams(cpu);
+        const int V = hp->n_vocab;
+        int32_t prompt[48], cont[16];
+        for (int i = 0; i < 48; i++)
+            prompt[i] = (int32_t)(1 + (i * 131 + 7) % (V - 1));
+        for (int i = 0; i < 16; i++)
+            cont[i] = (int32_t)(1 + (i * 71 + 3) % (V - 1));
+        for (int f32 = 1; f32 >= 0; f32--) {
+            rt_model *gpu = load(p, RT_BACKEND_CUDA, f32 == 1, 256);
+            int hard = 0, soft = 0;
+            const double tol = 0.1; /* quantized CPU products quantize activations too */
+            const double worst = compare_along(gpu, cpu, prompt, 48, cont, 16, tol, &hard, &soft);
+            print_message("%s (%s, neox %d, bias %d): %s device weights: worst logit error "
+                          "%.3g, greedy differs at %d steps (%d near-ties)\n",
+                          p, hp->arch, hp->rope_neox, hp->qkv_bias, f32 ? "f32" : "default",
+                          worst, hard + soft, soft);
+            assert_true(worst <= tol);
+            rt_model_destroy(gpu);
+        }
+        rt_model_destroy(cpu);
+        n_models++;
+    }
+    assert_true(n_models > 0);
+}
+
+int main(void)
+{
+    have_gpu = rt_backend_cuda_built() && rt_backend_cuda_device_count() > 0;
+    const struct CMUnitTest tests[] = {
+        cmocka_unit_test(test_backend_select_follows_the_rules),
+        cmocka_unit_test(test_cuda_load_without_a_gpu_fails_with_a_message),
+        cmocka_unit_test(test_cuda_greedy_matches_golden_with_f32_weights),
+        cmocka_unit_test(test_cuda_f16_logits_follow_the_cpu),
+        cmocka_unit_test(test_cuda_pool_batches_match_the_cpu),
+        cmocka_unit_test(test_cuda_step_error_fails_the_step_only),
+        cmocka_unit_test(test_cuda_extra_models_follow_the_cpu),
+    };
+    return cmocka_run_group_tests(tests, NULL, NULL);
+}
