@@ -342,7 +342,8 @@ int rt_kvq_set_blocks(rt_kvq *q, const int32_t *ids, int n)
     for (int i = 0; i < q->n_used; i++)
         if (ids[i] != q->blocks[i])
             return -1; /* the pages already written must stay where they are */
-    memcpy(q->blocks, ids, sizeof(int32_t) * (size_t)n);
+    if (n > 0) /* memcpy's pointers must not be NULL even for 0 bytes (UBSan) */
+        memcpy(q->blocks, ids, sizeof(int32_t) * (size_t)n);
     q->n_blocks = n;
     return 0;
 }
