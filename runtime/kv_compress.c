@@ -155,6 +155,14 @@ int rt_kvq_check(const rt_model *m, const rt_kv_pool *pool, const rt_kv_policy *
     if (m->tp > 1)
         return ERR("compressed KV caches (%s) need tensor_parallel 1, the model runs on %d ranks",
                    rt_kv_format_name(p->format), m->tp);
+    if (pool->cuda)
+        return ERR("compressed KV caches (%s) run on the CPU backend only; this model runs on "
+                   "CUDA",
+                   rt_kv_format_name(p->format));
+    if (pool->cuda) /* the pages are packed and read on the host */
+        return ERR("compressed KV caches (%s) run on the CPU backend only; this server runs on "
+                   "CUDA (use kv_cache \"fp\")",
+                   rt_kv_format_name(p->format));
     const int hd = m->hp.head_dim;
     const kern_kvq_geom g = {m->hp.n_kv_heads, hd, pool->block_size};
     char why[160];
@@ -571,8 +579,9 @@ static int pack_class(rt_kvq *q, int l, int c, const kern_kvq_src *ks, const ker
     return 0;
 }
 
-/* Pages the new blocks of class c start at in q->blocks, given that class 0
- * takes its new pages first. */
+/* ZIP compression of [plan.first, plan.first + plan.n) in layer l: scores
+ * from the column sums, per-head salient sets, the prompt's statistics (new
+ * segment only), then both classes packed. */
 static int zip_compress(rt_kvq *q, kern_pool *pool, int l, const kern_kvq_src *ks,
                         const kern_kvq_src *vs, const float *colsum, char *err, size_t errlen)
 {

@@ -1,0 +1,324 @@
+/*
+ * bench_kv.c - how many sequences a fixed KV budget holds, and how fast they
+ * decode, for each KV cache format (fp, int8, int4, zip), in one run.
+ *
+ *   bench_kv [--model PATH] [--threads N] [--seq-len N] [--gen N]
+ *            [--budget-seqs N] [--zip-salient F] [--zip-bits H,L]
+ *
+ * Defaults follow issue 7: the 768-dim synthetic model
+ * (tools/gen_model.py --preset synth768 --gguf /tmp/synth768-f32.gguf),
+ * 2048-token sequences, a budget that holds --budget-seqs (2) fp sequences of
+ * seq-len + gen tokens, and 32 decode steps.
+ *
+ * For each format the pool (exactly the budget) is filled the way the engine
+ * fills it: a sequence is admitted while its whole prompt fits in fp blocks
+ * next to a decode reserve for every running sequence; its prompt is written
+ * as f32 rows, then (compressed formats) packed into pages of the format,
+ * after which its fp blocks below the compressed positions are freed. To keep
+ * the run short the prompt's KV is computed once (in blocks outside the
+ * budget) and copied into each sequence's own blocks, as a prefix-cache hit
+ * would be; each sequence then computes its last prompt token and packs its
+ * own pages. (zip's saliency then comes from that last row only; this changes
+ * which tokens are salient, not how many, nor the bytes or the speed.)
+ * Then every admitted sequence decodes --gen tokens together, and the first
+ * n_fp of them (fp's capacity) decode again at equal batch size.
+ *
+ * Prints per format: pool bytes per token, sequences held, the ratio to fp
+ * (f32 on the CPU) and to "f16-equivalent fp" (half the f32 bytes, what fp
+ * costs on a GPU), and decode tok/s at fp's batch size and at capacity.
+ */
+#include <stdio.h>
+#include <stdlib.h>
+#include <string.h>
+#include <unistd.h>
+
+#include "runtime/model.h"
+#include "runtime/sampler.h"
+#include "scheduler/scheduler.h"
+
+#define MAX_SEQS 256
+
+typedef struct {
+    int32_t *fp; /* fp table: one entry per block of positions, -1 once freed */
+    int n_fp;
+    int32_t *cb; /* blocks handed to the compressed cache */
+    int n_cb;
+    int n_tokens;
+    rt_kvq *kvq;
+    int32_t next;
+} seq;
+
+typedef struct {
+    int32_t *stack;
+    int n;
+} freelist;
+
+static int take(freelist *f)
+{
+    return f->n > 0 ? f->stack[--f->n] : -1;
+}
+
+static void give(freelist *f, int32_t id)
+{
+    f->stack[f->n++] = id;
+}
+
+static void seq_free(seq *s, freelist *fl)
+{
+    for (int i = 0; i < s->n_fp; i++)
+        if (s->fp[i] >= 0)
+            give(fl, s->fp[i]);
+    for (int i = 0; i < s->n_cb; i++)
+        give(fl, s->cb[i]);
+    rt_kvq_destroy(s->kvq);
+    free(s->fp);
+    free(s->cb);
+    memset(s, 0, sizeof(*s));
+}
+
+/* Blocks for a step of n tokens: fp slots and compressed pages. -1 when short. */
+static int reserve(seq *s, int n, int bs, freelist *fl, int cap_blocks)
+{
+    while (s->n_fp * bs < s->n_tokens + n) {
+        const int id = take(fl);
+        if (id < 0)
+            return -1;
+        s->fp[s->n_fp++] = id;
+    }
+    if (s->kvq) {
+        const int need = rt_kvq_blocks_needed(s->kvq, s->n_tokens, n);
+        for (int i = 0; i < need; i++) {
+            const int id = take(fl);
+            if (id < 0 || s->n_cb >= cap_blocks)
+                return -1;
+            s->cb[s->n_cb++] = id;
+        }
+        if (need > 0 && rt_kvq_set_blocks(s->kvq, s->cb, s->n_cb) != 0)
+            return -1;
+    }
+    return 0;
+}
+
+static void release_compressed(seq *s, int bs, freelist *fl)
+{
+    if (!s->kvq)
+        return;
+    const int rel = rt_kvq_n_compressed(s->kvq) / bs;
+    for (int i = 0; i < rel && i < s->n_fp; i++)
+        if (s->fp[i] >= 0) {
+            give(fl, s->fp[i]);
+            s->fp[i] = -1;
+        }
+}
+
+static int blocks_held(const seq *s)
+{
+    int n = s->n_cb;
+    for (int i = 0; i < s->n_fp; i++)
+        n += s->fp[i] >= 0;
+    return n;
+}
+
+/* One decode step of seqs[0..n): each feeds its next token. */
+static int decode_step(rt_model *m, rt_kv_pool *pool, seq *seqs, int n, freelist *fl, float *lg,
+                       rt_seq_batch *b, int cap_blocks)
+{
+    const int bs = rt_kv_pool_block_size(pool), nv = rt_model_hparams(m)->n_vocab;
+    char err[256];
+    for (int i = 0; i < n; i++) {
+        if (reserve(&seqs[i], 1, bs, fl, cap_blocks) != 0)
+            return -1;
+        b[i] = (rt_seq_batch){.tokens = &seqs[i].next,
+                              .n_tokens = 1,
+                              .logits = lg + (size_t)i * nv,
+                              .pool = pool,
+                              .blocks = seqs[i].fp,
+                              .n_blocks = seqs[i].n_fp,
+                              .n_past = seqs[i].n_tokens,
+                              .kvq = seqs[i].kvq};
+    }
+    if (rt_forward(m, b, n, err, sizeof(err)) != 0) {
+        fprintf(stderr, "bench_kv: decode: %s\n", err);
+        return -1;
+    }
+    for (int i = 0; i < n; i++) {
+        seqs[i].n_tokens++;
+        seqs[i].next = rt_argmax(lg + (size_t)i * nv, nv);
+        release_compressed(&seqs[i], bs, fl);
+    }
+    return 0;
+}
+
+int main(int argc, char **argv)
+{
+    char model_path[1024] = "/tmp/synth768-f32.gguf";
+    int threads = 0, seq_len = 2048, gen = 32, budget_seqs = 2, hb = 4, lb = 2;
+    float salient = 0.6f;
+    for (int i = 1; i + 1 < argc; i += 2) {
+        if (!strcmp(argv[i], "--model"))
+            snprintf(model_path, sizeof(model_path), "%s", argv[i + 1]);
+        else if (!strcmp(argv[i], "--threads"))
+            threads = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--seq-len"))
+            seq_len = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--gen"))
+            gen = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--budget-seqs"))
+            budget_seqs = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--zip-salient"))
+            salient = (float)atof(argv[i + 1]);
+        else if (!strcmp(argv[i], "--zip-bits")) {
+            if (sscanf(argv[i + 1], "%d,%d", &hb, &lb) != 2)
+                return 2;
+        } else {
+            fprintf(stderr, "unknown option %s\n", argv[i]);
+            return 2;
+        }
+    }
+    if (threads <= 0)
+        threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
+    if (seq_len < 2 || gen < 1 || budget_seqs < 1)
+        return 2;
+    rt_model_opts o = {.n_threads = threads, .max_batch_tokens = 512, .n_ctx = seq_len + gen + 16};
+    rt_model *m;
+    char err[512];
+    if (rt_model_load(&m, model_path, &o, err, sizeof(err)) != 0) {
+        fprintf(stderr, "bench_kv: %s (make it with tools/gen_model.py --preset synth768 --gguf "
+                        "%s)\n",
+                err, model_path);
+        return 1;
+    }
+    const rt_hparams *hp = rt_model_hparams(m);
+    const int bs = 16, nv = hp->n_vocab;
+    const size_t fp_tok = rt_kv_bytes_per_token(m);
+    const int per_seq = (seq_len + gen + bs - 1) / bs + 1;
+    const int budget = budget_seqs * per_seq; /* blocks */
+    const int prefix_blocks = (seq_len + bs - 1) / bs;
+    rt_kv_pool *pool = rt_kv_pool_create(m, budget + prefix_blocks, bs);
+    if (!pool) {
+        fprintf(stderr, "bench_kv: no memory for the pool\n");
+        return 1;
+    }
+    printf("model          %s (dim %d, %d layers, %d kv heads x %d)\n", model_path, hp->dim,
+           hp->n_layers, hp->n_kv_heads, hp->head_dim);
+    printf("budget         %d blocks of %d tokens = %.1f MiB (%d fp sequences of %d + %d "
+           "tokens), %d threads\n",
+           budget, bs, (double)budget * bs * (double)fp_tok / 1048576.0, budget_seqs, seq_len,
+           gen, threads);
+
+    /* The prompt's KV, once, in the blocks after the budget. */
+    int32_t *prompt = malloc(sizeof(int32_t) * (size_t)seq_len);
+    for (int i = 0; i < seq_len; i++)
+        prompt[i] = 1 + (int32_t)((i * 7919u) % (unsigned)(nv - 1));
+    int32_t prefix[4096];
+    for (int i = 0; i < prefix_blocks; i++)
+        prefix[i] = budget + i;
+    const double tp0 = sched_now();
+    for (int i = 0; i < seq_len - 1; i += 512) {
+        const int n = seq_len - 1 - i < 512 ? seq_len - 1 - i : 512;
+        rt_seq_batch b = {.tokens = prompt + i,
+                          .n_tokens = n,
+                          .pool = pool,
+                          .blocks = prefix,
+                          .n_blocks = prefix_blocks,
+                          .n_past = i};
+        if (rt_forward(m, &b, 1, err, sizeof(err)) != 0) {
+            fprintf(stderr, "bench_kv: prefill: %s\n", err);
+            return 1;
+        }
+    }
+    printf("prompt KV      %d tokens computed once in %.1f s\n", seq_len - 1, sched_now() - tp0);
+
+    static seq seqs[MAX_SEQS];
+    freelist fl = {malloc(sizeof(int32_t) * (size_t)budget), 0};
+    float *lg = malloc(sizeof(float) * (size_t)nv * MAX_SEQS);
+    rt_seq_batch *batch = malloc(sizeof(rt_seq_batch) * MAX_SEQS);
+    const rt_kv_format fmts[4] = {RT_KV_FP, RT_KV_INT8, RT_KV_INT4, RT_KV_ZIP};
+    int n_fp_cap = 0;
+    double fp_eq_tps = 0.0;
+    printf("\n%-6s %12s %6s %9s %14s %16s %18s\n", "format", "bytes/token", "seqs", "x fp f32",
+           "x fp f16-equiv", "decode tok/s @fp", "decode tok/s @cap");
+    for (int fi = 0; fi < 4; fi++) {
+        rt_kv_policy pol = {.format = fmts[fi]};
+        if (fmts[fi] == RT_KV_ZIP) {
+            pol.salient_fraction = salient;
+            pol.high_bits = hb;
+            pol.low_bits = lb;
+        }
+        if (rt_kvq_check(m, pool, &pol, err, sizeof(err)) != 0) {
+            fprintf(stderr, "bench_kv: %s: %s\n", rt_kv_format_name(fmts[fi]), err);
+            return 1;
+        }
+        fl.n = 0;
+        for (int i = budget - 1; i >= 0; i--)
+            give(&fl, i);
+        /* Admission: a whole prompt in fp blocks, plus a decode reserve of
+         * ceil(gen / bs) + 1 blocks for every sequence held. */
+        const int reserve_each = (gen + bs - 1) / bs + 1;
+        int n = 0;
+        for (; n < MAX_SEQS; n++) {
+            if (fl.n < prefix_blocks + reserve_each * (n + 1))
+                break;
+            seq *s = &seqs[n];
+            memset(s, 0, sizeof(*s));
+            s->fp = malloc(sizeof(int32_t) * (size_t)(per_seq + 8));
+            s->cb = malloc(sizeof(int32_t) * (size_t)(per_seq + 8));
+            s->n_tokens = seq_len - 1;
+            if (reserve(s, 0, bs, &fl, per_seq + 8) != 0)
+                break;
+            for (int j = 0; j < s->n_fp; j++)
+                rt_kv_pool_copy_block(pool, prefix[j], s->fp[j]);
+            s->n_tokens = seq_len - 1;
+            if (fmts[fi] != RT_KV_FP) {
+                s->kvq = rt_kvq_create(m, pool, &pol, seq_len, seq_len - 1, 1234, err, sizeof(err));
+                if (!s->kvq) {
+                    fprintf(stderr, "bench_kv: %s\n", err);
+                    return 1;
+                }
+            }
+            s->next = prompt[seq_len - 1];
+            /* The last prompt token: its step packs the prompt's pages. */
+            if (decode_step(m, pool, s, 1, &fl, lg, batch, per_seq + 8) != 0) {
+                seq_free(s, &fl);
+                break;
+            }
+        }
+        int held = 0;
+        for (int i = 0; i < n; i++)
+            held += blocks_held(&seqs[i]);
+        const double bpt = (double)held * bs * (double)fp_tok / ((double)n * seq_len);
+        if (fi == 0)
+            n_fp_cap = n;
+        /* Decode at fp's batch size, then at capacity. */
+        const int eq = n_fp_cap < n ? n_fp_cap : n;
+        double t0 = sched_now();
+        int steps = 0;
+        for (; steps < gen / 2; steps++)
+            if (decode_step(m, pool, seqs, eq, &fl, lg, batch, per_seq + 8) != 0)
+                break;
+        const double tps_eq = (double)steps * eq / (sched_now() - t0);
+        t0 = sched_now();
+        int steps2 = 0;
+        for (; steps2 < gen / 2; steps2++)
+            if (decode_step(m, pool, seqs, n, &fl, lg, batch, per_seq + 8) != 0)
+                break;
+        const double tps_cap = (double)steps2 * n / (sched_now() - t0);
+        if (fi == 0)
+            fp_eq_tps = tps_eq;
+        printf("%-6s %12.0f %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n", rt_kv_format_name(fmts[fi]),
+               bpt, n, (double)n / n_fp_cap, (double)n / (2.0 * n_fp_cap), tps_eq,
+               tps_eq / fp_eq_tps, tps_cap,
+               steps < gen / 2 || steps2 < gen / 2 ? "  (ran out of blocks while decoding)" : "");
+        for (int i = 0; i < n; i++)
+            seq_free(&seqs[i], &fl);
+    }
+    printf("\nbytes/token: pool bytes held per prompt token after compression (all layers, K+V,"
+           " incl. partly filled pages and the fp tail); fp f16-equiv = twice fp's count\n");
+    free(lg);
+    free(batch);
+    free(fl.stack);
+    free(prompt);
+    rt_kv_pool_destroy(pool);
+    rt_model_destroy(m);
+    return 0;
+}
