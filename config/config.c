@@ -160,8 +160,10 @@ static const key_def keys[] = {
             "Per-request attention policies (README 'Attention policies'): a JSON object with "
             "'default' (the request object's shape: prefill dense|flex|power|auto, flex{gamma, "
             "tau, min_budget, max_budget, block_size}, power{window_blocks, block_size, "
-            "dense_layers}, kv_cache), 'allow' (fields requests may set, e.g. [\"prefill\", "
-            "\"flex.gamma\"]; \"*\" for all), 'bounds' ({\"flex.gamma\": [0.8, 1.0]}) and "
+            "dense_layers}, kv_cache fp|int8|int4|zip, zip{salient_fraction, high_bits, low_bits, "
+            "flush_tokens}), 'allow' (fields requests may set, e.g. [\"prefill\", "
+            "\"flex.gamma\"]; \"*\" for all), 'bounds' ({\"flex.gamma\": [0.8, 1.0]}), "
+            "'kv_cache_formats' (the KV formats requests may choose; all by default) and "
             "'auto_min_prompt_tokens' (default 4096). Empty: dense by default, every field "
             "allowed within the kernels' limits. In a config file the object may be given "
             "directly; flags and SIEVE_ATTENTION take its JSON text."),
