@@ -660,6 +660,9 @@ int rt_kvq_after_attention(rt_kvq *q, kern_pool *pool, int l, const kern_attn_ar
                 return -1;
         }
     }
+    if (pl->score_window && pl->window_n > q->kp.flush_tokens)
+        return ERR("compressed KV: a flush window of %d tokens exceeds flush_tokens %d",
+                   pl->window_n, q->kp.flush_tokens);
     if (pl->score_window && a->n_q == 1 && q->window) {
         memset(q->window, 0, sizeof(float) * (size_t)H * (size_t)pl->window_n);
         const int32_t pos = len - 1;
