@@ -60,6 +60,33 @@ static inline void dot8_rows(float *y, const float *x, const float *w, int K, in
     }
     _mm256_storeu_ps(y, kern_hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
 }
+
+/* Four rows of W against two rows of x (batched decode): six loads feed eight
+ * FMAs instead of nine loads for eight, and the eight sums leave in one
+ * reduction. y0, y1: the four outputs of each x row. */
+static inline void dot4x2(float *y0, float *y1, const float *x0, const float *x1, const float *w,
+                          int K, int ldw)
+{
+    __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
+    __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
+    const size_t k8 = (size_t)ldw;
+    for (int k = 0; k < K; k += 8) {
+        const __m256 u = _mm256_loadu_ps(x0 + k), v = _mm256_loadu_ps(x1 + k);
+        const __m256 w0 = _mm256_loadu_ps(w + k), w1 = _mm256_loadu_ps(w + k8 + k);
+        const __m256 w2 = _mm256_loadu_ps(w + 2 * k8 + k), w3 = _mm256_loadu_ps(w + 3 * k8 + k);
+        a00 = _mm256_fmadd_ps(u, w0, a00);
+        a01 = _mm256_fmadd_ps(u, w1, a01);
+        a02 = _mm256_fmadd_ps(u, w2, a02);
+        a03 = _mm256_fmadd_ps(u, w3, a03);
+        a10 = _mm256_fmadd_ps(v, w0, a10);
+        a11 = _mm256_fmadd_ps(v, w1, a11);
+        a12 = _mm256_fmadd_ps(v, w2, a12);
+        a13 = _mm256_fmadd_ps(v, w3, a13);
+    }
+    const __m256 s = kern_hsum8(a00, a01, a02, a03, a10, a11, a12, a13);
+    _mm_storeu_ps(y0, _mm256_castps256_ps128(s));
+    _mm_storeu_ps(y1, _mm256_extractf128_ps(s, 1));
+}
 #endif
 
 static void matvec_task(void *ctx, int t, int n_tasks)
@@ -74,7 +101,13 @@ static void matvec_task(void *ctx, int t, int n_tasks)
         int r = r0;
         for (; r + 8 <= r1; r += 8) {
             const float *wr = j->w + (size_t)r * j->ldw;
-            for (int m = 0; m < j->M; m++)
+            int m = 0;
+            for (; m + 2 <= j->M; m += 2)
+                for (int h = 0; h < 8; h += 4)
+                    dot4x2(j->y + (size_t)m * j->ldy + r + h, j->y + (size_t)(m + 1) * j->ldy + r + h,
+                           j->x + (size_t)m * j->ldx, j->x + (size_t)(m + 1) * j->ldx,
+                           wr + (size_t)h * j->ldw, j->K, j->ldw);
+            for (; m < j->M; m++)
                 dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K,
                           j->ldw);
         }
