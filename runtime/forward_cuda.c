@@ -27,9 +27,10 @@
  * are attended pool by pool.
  *
  * Attention on the GPU is dense over f32 KV: FlexPrefill and PowerAttention
- * requests run dense there and compressed KV formats stay fp (one log line
- * per model each); sparse requests' statistics count every causal block as
- * computed, as the CPU does when it falls back to dense.
+ * requests run dense there (one log line per model), and their statistics
+ * count every causal block as computed, as the CPU does when it falls back
+ * to dense. Compressed KV formats are refused when a request asks for one
+ * (rt_kvq_check: their pages are packed and read on the host).
  */
 #include "runtime/model_internal.h"
 
@@ -146,7 +147,7 @@ struct rt_cuda {
     int32_t *meta, *h_meta;                              /* the step's int32 inputs */
     size_t meta_cap;                                     /* int32s of both */
     pool_group *groups;                                  /* [max_batch_tokens] */
-    bool warned_policy, warned_kv; /* the fallbacks' log lines were printed */
+    bool warned_policy; /* the sparse-prefill fallback's log line was printed */
 
     /* The step being run (job_step's arguments, for its helpers). */
     rt_seq_batch *seqs;
@@ -900,11 +901,10 @@ static int job_step(rt_cuda *c, void *arg)
             fprintf(stderr, "sieve: cuda: FlexPrefill and PowerAttention run dense on the GPU "
                             "(sparse prefill kernels are CPU-only for now)\n");
         }
-        if (c->seqs[i].kvq && !c->warned_kv) {
-            c->warned_kv = true;
-            fprintf(stderr, "sieve: cuda: compressed KV caches (int8, int4, zip) are kept as fp "
-                            "on the GPU\n");
-        }
+        if (c->seqs[i].kvq) /* refused at admission (rt_kvq_check); never reaches here */
+            return job_fail(c, "forward (cuda): sequence %d: compressed KV caches run on the CPU "
+                               "backend only",
+                            i);
     }
     size_t n_meta = 0;
     const int n_groups = build_meta(c, T, &n_meta);

@@ -159,10 +159,6 @@ int rt_kvq_check(const rt_model *m, const rt_kv_pool *pool, const rt_kv_policy *
         return ERR("compressed KV caches (%s) run on the CPU backend only; this model runs on "
                    "CUDA",
                    rt_kv_format_name(p->format));
-    if (pool->cuda) /* the pages are packed and read on the host */
-        return ERR("compressed KV caches (%s) run on the CPU backend only; this server runs on "
-                   "CUDA (use kv_cache \"fp\")",
-                   rt_kv_format_name(p->format));
     const int hd = m->hp.head_dim;
     const kern_kvq_geom g = {m->hp.n_kv_heads, hd, pool->block_size};
     char why[160];

@@ -17,9 +17,15 @@
  * chunks and decode rows over a shared pool with scattered block tables,
  * copy-on-write included, matches the CPU step for step; a sequence whose
  * cache is not on the device fails that step with a message and the next
- * step runs. SIEVE_CUDA_FORWARD_MODELS (GGUF paths separated by ':', e.g. the
- * qwen2, scaled-RoPE and Q4_K models tests/gpu/run.sh stages) adds a
- * CPU-vs-GPU logits comparison per model.
+ * step runs (and, on the emulated device of cuda_emulator.c, an injected
+ * device error fails only its step). SIEVE_CUDA_FORWARD_MODELS (GGUF paths
+ * separated by ':', e.g. the qwen2, scaled-RoPE and Q4_K models
+ * tests/gpu/run.sh stages) adds a CPU-vs-GPU logits comparison per model.
+ *
+ * Built twice: test_cuda_forward against the real backend (it skips without
+ * a GPU), and in builds without CUDA test_cuda_forward_emulated against
+ * tests/unit/cuda_emulator.c, which runs the CUDA backend's host side on the
+ * CPU twins, so its logic is checked on every machine.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -159,7 +165,11 @@ static void test_cuda_load_without_a_gpu_fails_with_a_message(void **state)
 {
     (void)state;
     if (have_gpu) {
+#ifdef SIEVE_CUDA_EMULATED
+        print_message("SKIP: the emulated GPU is present (the loads below use it)\n");
+#else
         print_message("SKIP: a GPU is present (the loads below use it)\n");
+#endif
         skip();
         return;
     }
@@ -414,6 +424,50 @@ static void test_cuda_step_error_fails_the_step_only(void **state)
     rt_model_destroy(cpu);
 }
 
+#ifdef SIEVE_CUDA_EMULATED
+void kern_cuda_emulator_fail_after(int n); /* cuda_emulator.c */
+#endif
+
+/* A device error in the middle of a step fails that step with the error's
+ * message; the next step runs and matches the CPU (emulated GPU only: a real
+ * device error cannot be caused on purpose). */
+static void test_cuda_device_error_fails_one_step(void **state)
+{
+    (void)state;
+#ifndef SIEVE_CUDA_EMULATED
+    print_message("SKIP: needs the emulated device (test_cuda_forward_emulated)\n");
+    skip();
+#else
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *cpu = load(path, RT_BACKEND_CPU, false, 64);
+    rt_model *gpu = load(path, RT_BACKEND_CUDA, true, 64);
+    const int V = rt_model_hparams(cpu)->n_vocab;
+    float *lg = malloc(sizeof(float) * (size_t)V), *lc = malloc(sizeof(float) * (size_t)V);
+    const int32_t tok[4] = {1, 403, 407, 411};
+    char err[512] = "";
+    for (int after = 1; after < 60; after += 7) {
+        rt_kv *kg = rt_kv_create(gpu, 8), *kc = rt_kv_create(cpu, 8);
+        rt_seq_batch bg = {.kv = kg, .tokens = tok, .n_tokens = 4, .logits = lg};
+        rt_seq_batch bc = {.kv = kc, .tokens = tok, .n_tokens = 4, .logits = lc};
+        kern_cuda_emulator_fail_after(after);
+        assert_int_equal(rt_forward(gpu, &bg, 1, err, sizeof(err)), -1);
+        assert_non_null(strstr(err, "forward (cuda)"));
+        assert_non_null(strstr(err, "emulated"));
+        assert_int_equal(rt_kv_len(kg), 0); /* the failed step appended nothing */
+        assert_int_equal(rt_forward(gpu, &bg, 1, err, sizeof(err)), 0);
+        assert_int_equal(rt_forward(cpu, &bc, 1, err, sizeof(err)), 0);
+        assert_true(logit_error(lg, lc, V) <= F32_LOGIT_TOL);
+        rt_kv_destroy(kg);
+        rt_kv_destroy(kc);
+    }
+    print_message("last injected failure: %s\n", err[0] ? err : "(none)");
+    free(lg);
+    free(lc);
+    rt_model_destroy(gpu);
+    rt_model_destroy(cpu);
+#endif
+}
+
 static void test_cuda_extra_models_follow_the_cpu(void **state)
 {
     (void)state;
@@ -465,6 +519,7 @@ int main(void)
         cmocka_unit_test(test_cuda_f16_logits_follow_the_cpu),
         cmocka_unit_test(test_cuda_pool_batches_match_the_cpu),
         cmocka_unit_test(test_cuda_step_error_fails_the_step_only),
+        cmocka_unit_test(test_cuda_device_error_fails_one_step),
         cmocka_unit_test(test_cuda_extra_models_follow_the_cpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
