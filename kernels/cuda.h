@@ -242,6 +242,49 @@ typedef struct {
 
 int kern_cuda_attention_varlen_f32(const kern_cuda_attn_varlen *a);
 
+/* ---- compressed KV (twins of kernels.h "compressed KV (issue 7)") -------- */
+
+/* kernels/cuda/kv_sparse.cu. Pages have the byte layout of kernels.h, so a page
+ * packed on either side reads on the other. The CPU ops' err/errlen have no
+ * twin (like their kern_pool): a message goes to the context (kern_cuda_sync,
+ * kern_cuda_last_error). Structs (g, src, sel, a, m, a->seqs) are on the host;
+ * every array they point to is on the device, and so is every page.
+ * Device data cannot be checked before launch: a selection position outside
+ * the source packs zeros; a page descriptor (kern_kvq_page, in a device array)
+ * with an unknown format, a slot count outside its block, NULL data or missing
+ * ZIP statistics is skipped rather than read, where the CPU op refuses it. */
+
+/* Twin of kern_kvq_pack: codes and f16 scales bit-identical to the CPU's (the
+ * same IEEE steps and round-ups); page 4-byte aligned. */
+int kern_cuda_kvq_pack(void *page, kern_kvq_kind kind, kern_kvq_fmt fmt, const kern_kvq_geom *g,
+                       int slot0, const kern_kvq_src *src, const kern_kvq_sel *sel,
+                       const float *stats);
+/* Twin of kern_kvq_unpack. F32, F16, Q8 and Q4 values are exact; ZIP values
+ * use fused multiply-adds (as the CPU's AVX2 path), within an ulp or two of
+ * the CPU's scalar path. */
+int kern_cuda_kvq_unpack(float *dst, size_t dst_stride, const void *page, kern_kvq_kind kind,
+                         kern_kvq_fmt fmt, const kern_kvq_geom *g, int slot0, int n,
+                         const float *stats);
+/* Twin of kern_attention_decode_quant: fused dequantization, one online
+ * softmax per (row, head) across pages of any formats and per-page block
+ * sizes, lse when asked. a->seqs is a host array (its q, out, lse, q_pos and
+ * pages are device pointers; pages is a device array of kern_kvq_page whose
+ * k, v and stats are device pointers). Sequences go 64 per launch. A decode
+ * batch too small to fill the device is split along its pages in the op
+ * workspace when it is large enough: min(n_seqs, 64) * n_kv_heads * 16 *
+ * (head_dim + 2) * 4 bytes per split, up to 64 splits of at least 256
+ * positions of ctx_len. */
+int kern_cuda_attention_decode_quant(const kern_kvq_attn_args *a);
+
+/* ---- sparse attention (twin of kernels.h "sparse attention (issue 6)") ---- */
+
+/* Twin of kern_attention_block_sparse_f32 (kernels/cuda/kv_sparse.cu): *a as
+ * kern_cuda_attention_f32 takes it, *m on the host with m->bits on the device.
+ * The mask's shape is checked (KERN_CUDA_E_ARG); its bits are device data:
+ * bits above a row's diagonal are ignored (keys are causal anyway) and a row
+ * that selects no block gets zeros, where the CPU op refuses such a mask. */
+int kern_cuda_attention_block_sparse_f32(const kern_attn_args *a, const kern_block_mask *m);
+
 #ifdef __cplusplus
 }
 #endif
