@@ -278,7 +278,9 @@ def calibrate_prompt(args, target):
     probes); returns (words, tokens)."""
     seen = {}
     want = args.prompt_tokens
-    words = max(1, want - 1)
+    # Start at no more than 64 words: a long target (e.g. 1499 tokens) probed with
+    # want - 1 words would overflow the model's context before the first scaling step.
+    words = max(1, min(want - 1, 64))
     for i in range(10):
         if words in seen:
             break
