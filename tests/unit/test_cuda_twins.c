@@ -1014,6 +1014,523 @@ static void case_nccl_one_rank(void)
 #endif
 }
 
+/* ---- compressed KV (issue 7) ---- */
+
+/* Equal bytes, except that two f16 NaNs are equal whatever their payloads
+ * (the CPU's conversion keeps the payload, the GPU's makes it canonical). */
+static void expect_same_page(const char *what, const uint8_t *got, const uint8_t *want,
+                             size_t bytes, kern_kvq_fmt fmt)
+{
+    size_t bad = 0, first = 0;
+    for (size_t i = 0; i < bytes; i++) {
+        if (got[i] == want[i])
+            continue;
+        if (fmt == KERN_KVQ_F16) {
+            const size_t e = i & ~(size_t)1;
+            uint16_t a, b;
+            memcpy(&a, got + e, 2);
+            memcpy(&b, want + e, 2);
+            if ((a & 0x7fff) > 0x7c00 && (b & 0x7fff) > 0x7c00)
+                continue;
+        }
+        if (bad++ == 0)
+            first = i;
+    }
+    if (bad)
+        fail_msg("%s: %zu of %zu bytes differ from the CPU's page; first at byte %zu: 0x%02x, "
+                 "CPU 0x%02x",
+                 what, bad, bytes, first, got[first], want[first]);
+}
+
+/* Source rows for packing: n positions from `first` in shuffled blocks of 8 rows
+ * (row stride kvd + 3), values in [-2, 2], with a few non-finite and extreme
+ * values and an all-zero head row. */
+typedef struct {
+    float *base;
+    int32_t *blocks;
+    int n_blocks;
+    size_t rows;
+    kern_kvq_src src; /* host pointers */
+} kvq_source;
+
+static kvq_source make_source(int kvd, int first, int n)
+{
+    kvq_source s;
+    const int bs = 8;
+    s.n_blocks = (n + bs - 1) / bs;
+    s.rows = (size_t)s.n_blocks * bs;
+    const size_t stride = (size_t)kvd + 3;
+    s.base = random_floats(s.rows * stride, -2.0f, 2.0f);
+    s.blocks = xmalloc(sizeof(int32_t) * (size_t)s.n_blocks);
+    for (int i = 0; i < s.n_blocks; i++)
+        s.blocks[i] = s.n_blocks - 1 - i;
+    s.src = (kern_kvq_src){s.base, stride, s.blocks, bs, first, n};
+    float *r1 = s.base + (size_t)s.blocks[0] * bs * stride + stride; /* position first + 1 */
+    r1[3] = NAN;
+    r1[5] = INFINITY;
+    r1[kvd - 1] = -INFINITY;
+    r1[kvd - 2] = 1e6f; /* beyond the f16 range */
+    float *r2 = r1 + stride;
+    for (int e = 0; e < 8; e++)
+        r2[e] = 0.0f;
+    return s;
+}
+
+static void case_kvq_pack_unpack(void)
+{
+    /* Tolerance: pages must equal the CPU's byte for byte (codes and f16 scales; F16
+     * NaNs may differ in payload only). Unpacked values: exact for F32, F16, Q8 and Q4;
+     * ZIP within 1e-6 * (|value| + 4): one fused multiply-add rounding against the CPU
+     * scalar path's two (its AVX2 path fuses as the GPU does). */
+    static const kern_kvq_geom geoms[] = {{2, 64, 16}, {3, 40, 5}, {1, 256, 32}, {4, 128, 64}};
+    for (size_t gi = 0; gi < sizeof(geoms) / sizeof(geoms[0]); gi++) {
+        const kern_kvq_geom g = geoms[gi];
+        const int kvd = g.n_kv_heads * g.head_dim, first = 100, n_src = 3 * g.block_size + 7;
+        kvq_source hs = make_source(kvd, first, n_src);
+        const size_t src_bytes = sizeof(float) * hs.rows * hs.src.stride;
+        kern_kvq_src dsrc = hs.src;
+        dsrc.base = dev_from(hs.base, src_bytes);
+        dsrc.blocks = dev_from(hs.blocks, sizeof(int32_t) * (size_t)hs.n_blocks);
+        /* Slots [1, bs): positions first + 1 .. (the non-finite row first) for uniform
+         * formats, per-head scattered positions for ZIP (as salient sets are). */
+        const int slot0 = g.block_size > 1 ? 1 : 0, n = g.block_size - slot0;
+        int32_t *idx = xmalloc(sizeof(int32_t) * (size_t)g.n_kv_heads * (size_t)n);
+        for (int h = 0; h < g.n_kv_heads; h++)
+            for (int i = 0; i < n; i++)
+                idx[h * n + i] = first + (int)(xorshift64() % (uint64_t)n_src);
+        int32_t *didx = dev_from(idx, sizeof(int32_t) * (size_t)g.n_kv_heads * (size_t)n);
+        for (int fmt = 0; fmt < KERN_KVQ_N_FMT; fmt++) {
+            const bool zip = kern_kvq_fmt_is_zip((kern_kvq_fmt)fmt);
+            float *stats = NULL, *dstats = NULL;
+            if (zip) {
+                char err[256] = "";
+                stats = xmalloc(sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd));
+                const kern_kvq_sel cls = {idx, n, 0, n};
+                if (kern_kvq_zip_stats(stats, (kern_kvq_fmt)fmt, &g, &hs.src, &cls, &hs.src,
+                                       first, n_src, err, sizeof(err)) != 0)
+                    fail_msg("zip stats: %s", err);
+                dstats = dev_from(stats, sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd));
+            }
+            const kern_kvq_sel hsel = zip ? (kern_kvq_sel){idx, n, 0, n}
+                                          : (kern_kvq_sel){NULL, 0, first + 1, n};
+            kern_kvq_sel dsel = hsel;
+            dsel.idx = zip ? didx : NULL;
+            for (int kind = 0; kind < 2; kind++) {
+                char what[128], err[256] = "";
+                snprintf(what, sizeof(what), "kvq %s %s (kv heads %d, dim %d, block %d)",
+                         kern_kvq_fmt_name((kern_kvq_fmt)fmt), kind ? "V" : "K", g.n_kv_heads,
+                         g.head_dim, g.block_size);
+                const size_t pb = kern_kvq_page_bytes((kern_kvq_fmt)fmt, (kern_kvq_kind)kind, &g);
+                assert_true(pb > 0);
+                uint8_t *want = xmalloc(pb), *got = xmalloc(pb);
+                memset(want, 0xa5, pb);
+                uint8_t *dpage = dev_from(want, pb);
+                if (kern_kvq_pack(want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0,
+                                  &hs.src, &hsel, stats, err, sizeof(err)) != 0)
+                    fail_msg("%s: CPU pack: %s", what, err);
+                check(kern_cuda_kvq_pack(dpage, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0,
+                                         &dsrc, &dsel, dstats),
+                      what);
+                to_host(got, dpage, pb);
+                expect_same_page(what, got, want, pb, (kern_kvq_fmt)fmt);
+                /* Unpack the CPU's page on both sides (row stride kvd + 5: padding
+                 * stays NaN). */
+                const size_t ds = (size_t)kvd + 5, dn = ds * (size_t)n;
+                float *uw = xmalloc(sizeof(float) * dn), *ug = xmalloc(sizeof(float) * dn);
+                memset(uw, 0xff, sizeof(float) * dn);
+                if (kern_kvq_unpack(uw, ds, want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g,
+                                    slot0, n, stats, err, sizeof(err)) != 0)
+                    fail_msg("%s: CPU unpack: %s", what, err);
+                check(kern_cuda_h2d(dpage, want, pb, KERN_CUDA_COMPUTE), "h2d page");
+                float *dout = dev_nan(sizeof(float) * dn);
+                check(kern_cuda_kvq_unpack(dout, ds, dpage, (kern_kvq_kind)kind,
+                                           (kern_kvq_fmt)fmt, &g, slot0, n, dstats),
+                      what);
+                to_host(ug, dout, sizeof(float) * dn);
+                size_t exact = 0;
+                for (size_t i = 0; i < dn; i++) {
+                    const bool pad = i % ds >= (size_t)kvd;
+                    if (pad) {
+                        if (!is_nan_bits(ug[i]))
+                            fail_msg("%s: unpack wrote padding element %zu", what, i);
+                        ug[i] = uw[i] = 0.0f;
+                        continue;
+                    }
+                    if (isnan(uw[i]) && isnan(ug[i]))
+                        ug[i] = uw[i] = 0.0f; /* F32/F16 pages keep a NaN input */
+                    else if (isinf(uw[i]) && ug[i] == uw[i])
+                        ug[i] = uw[i] = 0.0f;
+                    exact += memcmp(&ug[i], &uw[i], 4) == 0;
+                }
+                if (zip) {
+                    float *scale = xmalloc(sizeof(float) * dn);
+                    for (size_t i = 0; i < dn; i++)
+                        scale[i] = fabsf(uw[i]) + 4.0f;
+                    expect_close(what, ug, uw, scale, dn, 1e-6, 0.0);
+                    free(scale);
+                } else {
+                    expect_close(what, ug, uw, NULL, dn, 0.0, 0.0);
+                }
+                print_message("%s: page bit-identical, %zu of %zu unpacked values exact\n", what,
+                              exact, dn);
+                kern_cuda_free(dout);
+                kern_cuda_free(dpage);
+                free(want);
+                free(got);
+                free(uw);
+                free(ug);
+            }
+            kern_cuda_free(dstats);
+            free(stats);
+        }
+        kern_cuda_free((void *)dsrc.base);
+        kern_cuda_free((void *)dsrc.blocks);
+        kern_cuda_free(didx);
+        free(idx);
+        free(hs.base);
+        free(hs.blocks);
+    }
+}
+
+/* Pages of a decode test: host descriptors for the CPU, device ones for the GPU,
+ * and every allocation to free. */
+typedef struct {
+    kern_kvq_page h[64], d[64];
+    int n;
+    void *host_mem[256], *dev_mem[256];
+    int n_host, n_dev;
+} kvq_pages;
+
+static void *keep_host(kvq_pages *ps, void *p)
+{
+    assert_true(ps->n_host < 256);
+    return ps->host_mem[ps->n_host++] = p;
+}
+
+static void *keep_dev(kvq_pages *ps, void *p)
+{
+    assert_true(ps->n_dev < 256);
+    return ps->dev_mem[ps->n_dev++] = p;
+}
+
+/* Appends a page of `fmt` with its own slot count bs (0: g's) holding sel's
+ * positions of src, packed on the CPU (the GPU reads the same bytes). */
+static void add_page(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt fmt,
+                     const kern_kvq_src *k, const kern_kvq_src *v, const kern_kvq_sel *sel,
+                     int32_t pos0, const float *stats, const float *dstats)
+{
+    assert_true(ps->n < 64);
+    kern_kvq_geom pg = *g;
+    if (bs > 0)
+        pg.block_size = bs;
+    char err[256] = "";
+    kern_kvq_page *h = &ps->h[ps->n], *d = &ps->d[ps->n];
+    void *kv[2];
+    for (int kind = 0; kind < 2; kind++) {
+        const size_t pb = kern_kvq_page_bytes(fmt, (kern_kvq_kind)kind, &pg);
+        kv[kind] = keep_host(ps, xmalloc(pb));
+        memset(kv[kind], 0, pb);
+        if (sel->n > 0 && kern_kvq_pack(kv[kind], (kern_kvq_kind)kind, fmt, &pg, 0,
+                                        kind ? v : k, sel, stats, err, sizeof(err)) != 0)
+            fail_msg("pack %s page: %s", kern_kvq_fmt_name(fmt), err);
+        (kind ? &d->v : &d->k)[0] = keep_dev(ps, dev_from(kv[kind], pb));
+    }
+    *h = (kern_kvq_page){kv[0], kv[1], stats, pos0, sel->n, fmt, bs};
+    d->stats = dstats;
+    d->pos0 = pos0;
+    d->n = sel->n;
+    d->fmt = fmt;
+    d->block_size = bs;
+    ps->n++;
+}
+
+/* Ordered pages of `fmt` and bs slots over positions [lo, hi). */
+static void add_ordered(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt fmt,
+                        const kern_kvq_src *k, const kern_kvq_src *v, int lo, int hi)
+{
+    const int pbs = bs > 0 ? bs : g->block_size;
+    for (int p = lo; p < hi; p += pbs) {
+        const kern_kvq_sel sel = {NULL, 0, p, hi - p < pbs ? hi - p : pbs};
+        add_page(ps, g, bs, fmt, k, v, &sel, p, NULL, NULL);
+    }
+}
+
+/* ZIP set pages (slots in a shuffled order) of `fmt` over the positions in pos[0..n),
+ * with the class statistics computed from them. */
+static void add_zip_class(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt fmt,
+                          const kern_kvq_src *k, const kern_kvq_src *v, const int32_t *pos,
+                          int n)
+{
+    const int kvd = g->n_kv_heads * g->head_dim;
+    float *stats = keep_host(ps, xmalloc(sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd)));
+    int32_t *idx = keep_host(ps, xmalloc(sizeof(int32_t) * (size_t)n));
+    memcpy(idx, pos, sizeof(int32_t) * (size_t)n);
+    for (int i = n - 1; i > 0; i--) {
+        const int j = (int)(xorshift64() % (uint64_t)(i + 1));
+        const int32_t t = idx[i];
+        idx[i] = idx[j];
+        idx[j] = t;
+    }
+    const kern_kvq_sel cls = {idx, 0, 0, n};
+    char err[256] = "";
+    if (kern_kvq_zip_stats(stats, fmt, g, k, &cls, v, 0, v->len, err, sizeof(err)) != 0)
+        fail_msg("zip stats: %s", err);
+    float *dstats = keep_dev(ps, dev_from(stats, sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd)));
+    const int pbs = bs > 0 ? bs : g->block_size;
+    for (int i = 0; i < n; i += pbs) {
+        const kern_kvq_sel sel = {idx + i, 0, 0, n - i < pbs ? n - i : pbs};
+        add_page(ps, g, bs, fmt, k, v, &sel, KERN_KVQ_UNORDERED, stats, dstats);
+    }
+}
+
+static void free_pages(kvq_pages *ps)
+{
+    for (int i = 0; i < ps->n_host; i++)
+        free(ps->host_mem[i]);
+    for (int i = 0; i < ps->n_dev; i++)
+        kern_cuda_free(ps->dev_mem[i]);
+}
+
+/* One sequence of the decode test: rows, pages, outputs on both sides. */
+typedef struct {
+    kvq_pages pages;
+    float *k, *v, *q;
+    int32_t q_pos[8];
+    bool has_pos;
+    int n_q, ctx;
+    kern_kvq_seq h, d;
+    float *out_h, *lse_h;
+} kvq_test_seq;
+
+static void seq_init(kvq_test_seq *s, const kern_kvq_geom *g, int n_heads, int n_q, int ctx)
+{
+    memset(s, 0, sizeof(*s));
+    const int kvd = g->n_kv_heads * g->head_dim;
+    s->n_q = n_q;
+    s->ctx = ctx;
+    s->k = random_floats((size_t)ctx * kvd, -1.0f, 1.0f);
+    s->v = random_floats((size_t)ctx * kvd, -1.0f, 1.0f);
+    s->q = random_floats((size_t)n_q * n_heads * g->head_dim, -1.0f, 1.0f);
+}
+
+static void seq_finish(kvq_test_seq *s, const kern_kvq_geom *g, int n_heads)
+{
+    const size_t qn = (size_t)s->n_q * n_heads * g->head_dim;
+    s->out_h = xmalloc(sizeof(float) * qn);
+    s->lse_h = xmalloc(sizeof(float) * (size_t)s->n_q * n_heads);
+    s->h = (kern_kvq_seq){s->q,           s->out_h,       s->lse_h, s->has_pos ? s->q_pos : NULL,
+                          s->pages.h,     s->pages.n,     s->n_q,   s->ctx};
+    s->d = s->h;
+    s->d.q = keep_dev(&s->pages, dev_from(s->q, sizeof(float) * qn));
+    s->d.out = keep_dev(&s->pages, dev_nan(sizeof(float) * qn));
+    s->d.lse = keep_dev(&s->pages, dev_nan(sizeof(float) * (size_t)s->n_q * n_heads));
+    s->d.q_pos = s->has_pos ? keep_dev(&s->pages, dev_from(s->q_pos, sizeof(int32_t) * s->n_q))
+                            : NULL;
+    s->d.pages = keep_dev(&s->pages, dev_from(s->pages.d, sizeof(kern_kvq_page) * s->pages.n));
+}
+
+/* Runs the CPU twin and the GPU op on seqs[list[0..n)] and compares out and lse. */
+static void kvq_decode_compare(const char *what, const kern_kvq_geom *g, int n_heads,
+                               kvq_test_seq *seqs, const int *list, int n)
+{
+    kern_kvq_seq hs[8], ds[8];
+    for (int i = 0; i < n; i++) {
+        hs[i] = seqs[list[i]].h;
+        ds[i] = seqs[list[i]].d;
+    }
+    char err[256] = "";
+    const kern_kvq_attn_args ha = {*g, n_heads, hs, n};
+    if (kern_attention_decode_quant(NULL, &ha, err, sizeof(err)) != 0)
+        fail_msg("%s: CPU twin: %s", what, err);
+    const kern_kvq_attn_args da = {*g, n_heads, ds, n};
+    check(kern_cuda_attention_decode_quant(&da), what);
+    double worst = 0.0;
+    for (int i = 0; i < n; i++) {
+        const kvq_test_seq *s = &seqs[list[i]];
+        const size_t qn = (size_t)s->n_q * n_heads * g->head_dim, ln = (size_t)s->n_q * n_heads;
+        float *got = xmalloc(sizeof(float) * qn), *lse = xmalloc(sizeof(float) * ln);
+        float *want_lse = xmalloc(sizeof(float) * ln);
+        to_host(got, s->d.out, sizeof(float) * qn);
+        to_host(lse, s->d.lse, sizeof(float) * ln);
+        memcpy(want_lse, s->lse_h, sizeof(float) * ln);
+        for (size_t r = 0; r < ln; r++)
+            if (isinf(want_lse[r]) && want_lse[r] < 0) {
+                if (!(isinf(lse[r]) && lse[r] < 0))
+                    fail_msg("%s: lse %zu is %g, CPU twin -inf (a row that sees no key)", what,
+                             r, (double)lse[r]);
+                lse[r] = want_lse[r] = 0.0f;
+            }
+        char w[160];
+        snprintf(w, sizeof(w), "%s, sequence %d out", what, list[i]);
+        const double e = expect_close(w, got, s->out_h, NULL, qn, 0.0, 5e-5);
+        worst = e > worst ? e : worst;
+        snprintf(w, sizeof(w), "%s, sequence %d lse", what, list[i]);
+        expect_close(w, lse, want_lse, NULL, ln, 1e-5, 5e-5);
+        /* The next call must write everything again. */
+        check(kern_cuda_memset(s->d.out, 0xff, sizeof(float) * qn, KERN_CUDA_COMPUTE), "memset");
+        check(kern_cuda_memset(s->d.lse, 0xff, sizeof(float) * ln, KERN_CUDA_COMPUTE), "memset");
+        free(got);
+        free(lse);
+        free(want_lse);
+    }
+    print_message("%s: max output error %.3g\n", what, worst);
+}
+
+static void case_kvq_decode(void)
+{
+    /* Tolerance: out 5e-5 absolute (averages of values of magnitude <= ~1), lse 5e-5 +
+     * 1e-5 relative, against the CPU twin kern_attention_decode_quant on the same pages;
+     * a row that sees no key must be zeros with lse -inf on both. */
+    const kern_kvq_geom g = {2, 64, 16};
+    const int n_heads = 8, kvd = g.n_kv_heads * g.head_dim;
+    kvq_test_seq seqs[3];
+    /* 0: decode at 700: ZIP4 salient set pages (32 slots) and ZIP2 regular ones over
+     * [0, 640), then ordered Q4, F16, Q8 pages, an empty page, an F32 tail of 12. */
+    kvq_test_seq *s = &seqs[0];
+    seq_init(s, &g, n_heads, 1, 700);
+    kern_kvq_src k = {s->k, (size_t)kvd, NULL, 0, 0, 700}, v = k;
+    v.base = s->v;
+    int32_t sal[640], reg[640];
+    int ns = 0, nr = 0;
+    for (int p = 0; p < 640; p++) {
+        if (p % 5 == 0)
+            sal[ns++] = p;
+        else
+            reg[nr++] = p;
+    }
+    add_zip_class(&s->pages, &g, 32, KERN_KVQ_ZIP4, &k, &v, sal, ns);
+    add_zip_class(&s->pages, &g, 0, KERN_KVQ_ZIP2, &k, &v, reg, nr);
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_Q4, &k, &v, 640, 656);
+    add_ordered(&s->pages, &g, 8, KERN_KVQ_F16, &k, &v, 656, 672);
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_Q8, &k, &v, 672, 688);
+    const kern_kvq_sel none = {NULL, 0, 0, 0};
+    add_page(&s->pages, &g, 0, KERN_KVQ_Q8, &k, &v, &none, 0, NULL, NULL);
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_F32, &k, &v, 688, 700);
+    seq_finish(s, &g, n_heads);
+    /* 1: five rows at 295..299 over Q8 pages [0, 288) and an F32 tail. */
+    s = &seqs[1];
+    seq_init(s, &g, n_heads, 5, 300);
+    k = (kern_kvq_src){s->k, (size_t)kvd, NULL, 0, 0, 300};
+    v = k;
+    v.base = s->v;
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_Q8, &k, &v, 0, 288);
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_F32, &k, &v, 288, 300);
+    seq_finish(s, &g, n_heads);
+    /* 2: rows at positions 3 (sees nothing) and 50 over ordered pages from 10. */
+    s = &seqs[2];
+    seq_init(s, &g, n_heads, 2, 64);
+    s->has_pos = true;
+    s->q_pos[0] = 3;
+    s->q_pos[1] = 50;
+    k = (kern_kvq_src){s->k, (size_t)kvd, NULL, 0, 0, 64};
+    v = k;
+    v.base = s->v;
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_Q8, &k, &v, 10, 42);
+    add_ordered(&s->pages, &g, 0, KERN_KVQ_F16, &k, &v, 42, 64);
+    seq_finish(s, &g, n_heads);
+
+    static const int split[] = {0, 2}, tiles[] = {0, 1, 2}, one[] = {1};
+    kvq_decode_compare("decode_quant, 1 and 2 rows (pages split)", &g, n_heads, seqs, split, 2);
+    kvq_decode_compare("decode_quant, 1, 5 and 2 rows (row tiles)", &g, n_heads, seqs, tiles, 3);
+    kvq_decode_compare("decode_quant, 5 rows", &g, n_heads, seqs, one, 1);
+    for (int i = 0; i < 3; i++) {
+        free_pages(&seqs[i].pages);
+        free(seqs[i].k);
+        free(seqs[i].v);
+        free(seqs[i].q);
+        free(seqs[i].out_h);
+        free(seqs[i].lse_h);
+    }
+}
+
+/* ---- sparse attention (issue 6) ---- */
+
+static void case_block_sparse(void)
+{
+    /* Tolerance: 5e-5 absolute against the CPU twin kern_attention_block_sparse_f32 on
+     * the same mask (both accumulate in f32; the CPU uses its own exp). */
+    static const struct {
+        attn_shape s;
+        int B, n_lists; /* n_lists 0: PowerAttention's mask (one list) */
+        int percent;    /* chance of each off-diagonal causal block */
+    } cases[] = {
+        {{8, 2, 64, 300, 300, 16, 0}, 32, 8, 30},   /* per-head lists, GQA 4 */
+        {{4, 4, 128, 200, 513, 16, 4}, 64, 0, 0},   /* chunked prefill, power mask, padded */
+        {{16, 1, 256, 40, 129, 32, 0}, 16, 1, 50},  /* group 16, head_dim 256 */
+        {{8, 2, 64, 1, 1000, 16, 0}, 64, 2, 20},    /* decode row, one list per kv head */
+        {{6, 2, 80, 97, 97, 0, 1}, 8, 6, 40},       /* contiguous, odd stride: scalar loads */
+        {{32, 8, 128, 256, 2048, 16, 0}, 128, 8, 10}, /* Llama-3-8B heads, 10% */
+    };
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        const attn_shape *s = &cases[c].s;
+        const int n_lists = cases[c].n_lists ? cases[c].n_lists : 1;
+        kv_pool p = make_pool(s, 3);
+        const size_t qn = (size_t)s->n_q * s->n_heads * s->head_dim;
+        float *q = random_floats(qn, -1.0f, 1.0f);
+        float *want = xmalloc(sizeof(float) * qn), *got = xmalloc(sizeof(float) * qn);
+        const size_t words = kern_block_mask_words(cases[c].B, n_lists, s->ctx_len, s->n_q);
+        uint64_t *bits = xmalloc(sizeof(uint64_t) * words);
+        kern_block_mask m;
+        assert_int_equal(kern_block_mask_init(&m, bits, words, cases[c].B, n_lists, s->ctx_len,
+                                              s->n_q),
+                         KERN_SPARSE_OK);
+        if (cases[c].n_lists == 0) {
+            const kern_power_params pp = {cases[c].B, 2};
+            assert_int_equal(kern_power_mask(&pp, &m), KERN_SPARSE_OK);
+        } else {
+            for (int l = 0; l < n_lists; l++)
+                for (int r = m.q_block0; r < m.q_block0 + m.n_qblocks; r++) {
+                    kern_block_mask_set(&m, l, r, r);
+                    for (int cb = 0; cb < r; cb++)
+                        if ((int)(xorshift64() % 100) < cases[c].percent)
+                            kern_block_mask_set(&m, l, r, cb);
+                }
+        }
+        kern_attn_args a = {q,           p.k,         p.v,        want,
+                            s->n_q,      s->ctx_len,  s->n_heads, s->n_kv_heads,
+                            s->head_dim, p.kv_stride, p.blocks,   s->block_size};
+        assert_int_equal(kern_attention_block_sparse_f32(NULL, &a, &m), KERN_SPARSE_OK);
+        const size_t kvb = sizeof(float) * (size_t)p.rows * p.kv_stride;
+        kern_attn_args d = a;
+        d.q = dev_from(q, sizeof(float) * qn);
+        d.k = dev_from(p.k, kvb);
+        d.v = dev_from(p.v, kvb);
+        d.out = dev_nan(sizeof(float) * qn);
+        d.blocks = p.blocks ? dev_from(p.blocks, sizeof(int32_t) * p.n_blocks) : NULL;
+        kern_block_mask dm = m;
+        dm.bits = dev_from(bits, sizeof(uint64_t) * words);
+        check(kern_cuda_attention_block_sparse_f32(&d, &dm), "attention_block_sparse");
+        to_host(got, d.out, sizeof(float) * qn);
+        kern_sparse_stats st;
+        kern_block_mask_stats(&m, s->n_heads, &st);
+        char what[160];
+        snprintf(what, sizeof(what),
+                 "block_sparse heads %d/%d dim %d rows %d ctx %d page %d B %d lists %d "
+                 "density %.2f",
+                 s->n_heads, s->n_kv_heads, s->head_dim, s->n_q, s->ctx_len, s->block_size,
+                 cases[c].B, n_lists, kern_sparse_density(&st));
+        const double e = expect_close(what, got, want, NULL, qn, 0.0, 5e-5);
+        print_message("%s: max error %.3g\n", what, e);
+        /* A mask of another shape is refused before anything runs. */
+        kern_block_mask bad = dm;
+        bad.n_q = s->n_q + 1;
+        assert_int_equal(kern_cuda_attention_block_sparse_f32(&d, &bad), KERN_CUDA_E_ARG);
+        char err[256] = "";
+        assert_int_equal(kern_cuda_sync(err, sizeof(err)), KERN_CUDA_E_ARG);
+        kern_cuda_free((void *)d.q);
+        kern_cuda_free((void *)d.k);
+        kern_cuda_free((void *)d.v);
+        kern_cuda_free(d.out);
+        kern_cuda_free((void *)d.blocks);
+        kern_cuda_free(dm.bits);
+        free_pool(&p);
+        free(q);
+        free(want);
+        free(got);
+        free(bits);
+    }
+}
+
 #define CUDA_CASE(fn) fn
 #else
 #define CUDA_CASE(fn) NULL
@@ -1042,6 +1559,9 @@ static const twin_case cases[] = {
     {"test_cuda_matmul_q_half_weights_match_cpu", CUDA_CASE(case_matmul_q)},
     {"test_cuda_attention_matches_cpu", CUDA_CASE(case_attention)},
     {"test_cuda_attention_varlen_matches_each_sequence", CUDA_CASE(case_attention_varlen)},
+    {"test_cuda_kvq_pack_matches_cpu_pages_bit_for_bit", CUDA_CASE(case_kvq_pack_unpack)},
+    {"test_cuda_attention_decode_quant_matches_cpu", CUDA_CASE(case_kvq_decode)},
+    {"test_cuda_attention_block_sparse_matches_cpu", CUDA_CASE(case_block_sparse)},
     {"test_cuda_errors_are_reported_never_fatal", CUDA_CASE(case_errors)},
     {"test_cuda_graph_replays_captured_ops", CUDA_CASE(case_graph)},
     {"test_nccl_one_rank_allreduce_is_identity", CUDA_CASE(case_nccl_one_rank)},
