@@ -2,9 +2,14 @@
  * bench_cuda.c - each CUDA kernel against its CPU twin, on shapes of
  * Llama-3-8B (dim 4096, 32 query / 8 kv heads of 128, FFN 14336, vocab
  * 128256), plus a batch-1 / batch-64 decode weight stream over the whole
- * model's projections in bf16 against the HBM roofline.
+ * model's projections in bf16 against the HBM roofline, decode attention over
+ * compressed KV pages (q8, q4, zip4/2, f16, f32) against the fp paged kernel,
+ * and block-sparse prefill at a 10% selection against dense.
  *
- *   bench_cuda [--quick] [--threads N] [--hbm-gbs 4300]
+ *   bench_cuda [--quick] [--threads N] [--hbm-gbs 4300] [--only SECTION,...]
+ *
+ * Sections (all by default): elementwise, embed, matmul, stream, attention,
+ * kvq, sparse.
  *
  * Every row: the op, its shape, GPU time per call (mean over >= 0.2 s), its
  * rate (GB/s of the bytes it must move, or TFLOP/s), the CPU twin's time (a
@@ -587,6 +592,326 @@ static void bench_attention(void)
     }
 }
 
+/* ---- compressed KV decode (issue 7) ---- */
+
+/* A decode batch over compressed pages: 16 sequences of ctx positions each, one
+ * row each, Llama-3-8B heads, pages of 64 slots. fp is the paged f32 kernel
+ * (kern_cuda_attention_varlen_f32, pool blocks of 16); the rest run
+ * kern_cuda_attention_decode_quant over pages of one format, or ZIP with 60%
+ * of the tokens (the default salient fraction) in zip4 pages and 40% in zip2.
+ * Pages are packed on the GPU by kern_cuda_kvq_pack for sequence 0 and copied
+ * for the others (distinct memory, so nothing is served from L2). GB/s counts
+ * the K and V page bytes one call must read. */
+typedef struct {
+    kern_kvq_attn_args a;
+} kvq_job;
+
+static int g_kvq(void *c)
+{
+    kvq_job *j = c;
+    return kern_cuda_attention_decode_quant(&j->a);
+}
+
+static void h2d_or_die(void *d, const void *h, size_t bytes)
+{
+    if (kern_cuda_h2d(d, h, bytes, KERN_CUDA_COMPUTE) != 0)
+        die("h2d");
+}
+
+static void bench_kvq_decode(void)
+{
+    enum { HQ = 32, HKV = 8, HD = 128, NS = 16, PB = 64 };
+    const int KVS = HKV * HD, ctx = g_quick ? 8192 : 32768;
+    const kern_kvq_geom g = {HKV, HD, PB};
+    char shape[64], err[512] = "";
+    snprintf(shape, sizeof(shape), "%d seqs x ctx %d, 32/8 x 128", NS, ctx);
+
+    /* fp: the paged f32 decode kernel. */
+    double t_fp;
+    {
+        const int BS = 16, nb = ctx / BS;
+        const size_t rows = (size_t)NS * ctx;
+        attn_job j;
+        memset(&j, 0, sizeof(j));
+        j.varlen = 1;
+        float *k = dev_fill(sizeof(float) * rows * KVS), *v = dev_fill(sizeof(float) * rows * KVS);
+        float *q = dev_random((size_t)NS * HQ * HD, -1.0f, 1.0f);
+        float *out = dev(sizeof(float) * NS * HQ * HD);
+        int32_t qs[NS + 1], cl[NS];
+        int32_t *tab = seq_table(0, NS * nb);
+        for (int s = 0; s <= NS; s++)
+            qs[s] = s;
+        for (int s = 0; s < NS; s++)
+            cl[s] = ctx;
+        int32_t *dqs = dev(sizeof(qs)), *dcl = dev(sizeof(cl));
+        int32_t *dtab = dev(sizeof(int32_t) * (size_t)NS * nb);
+        h2d_or_die(dqs, qs, sizeof(qs));
+        h2d_or_die(dcl, cl, sizeof(cl));
+        h2d_or_die(dtab, tab, sizeof(int32_t) * (size_t)NS * nb);
+        j.b = (kern_cuda_attn_varlen){.q = q,
+                                      .k = k,
+                                      .v = v,
+                                      .out = out,
+                                      .q_start = dqs,
+                                      .ctx_len = dcl,
+                                      .blocks = dtab,
+                                      .blocks_stride = nb,
+                                      .block_size = BS,
+                                      .n_seqs = NS,
+                                      .max_q = 1,
+                                      .max_ctx = ctx,
+                                      .n_heads = HQ,
+                                      .n_kv_heads = HKV,
+                                      .head_dim = HD,
+                                      .kv_stride = KVS};
+        t_fp = time_gpu(g_attn, &j);
+        row("kv decode fp (varlen)", shape, t_fp, 8.0 * (double)rows * KVS, "GB/s", 0.0);
+        kern_cuda_free(k);
+        kern_cuda_free(v);
+        kern_cuda_free(q);
+        kern_cuda_free(out);
+        kern_cuda_free(dqs);
+        kern_cuda_free(dcl);
+        kern_cuda_free(dtab);
+        free(tab);
+    }
+
+    /* The source rows (one sequence's K and V) on both sides, for packing and the
+     * ZIP statistics. */
+    const size_t src_n = (size_t)ctx * KVS;
+    float *hk = host_random(src_n, -1.0f, 1.0f), *hv = host_random(src_n, -1.0f, 1.0f);
+    float *dk = dev(sizeof(float) * src_n), *dv = dev(sizeof(float) * src_n);
+    h2d_or_die(dk, hk, sizeof(float) * src_n);
+    h2d_or_die(dv, hv, sizeof(float) * src_n);
+    const kern_kvq_src hks = {hk, (size_t)KVS, NULL, 0, 0, ctx},
+                       hvs = {hv, (size_t)KVS, NULL, 0, 0, ctx};
+    const kern_kvq_src dks = {dk, (size_t)KVS, NULL, 0, 0, ctx},
+                       dvs = {dv, (size_t)KVS, NULL, 0, 0, ctx};
+    /* ZIP classes: positions p with p % 5 < 3 are salient (60%). */
+    int32_t *cls[2];
+    int ncls[2] = {0, 0};
+    cls[0] = malloc(sizeof(int32_t) * ctx);
+    cls[1] = malloc(sizeof(int32_t) * ctx);
+    if (!cls[0] || !cls[1])
+        exit(1);
+    for (int p = 0; p < ctx; p++) {
+        const int c = p % 5 < 3 ? 0 : 1;
+        cls[c][ncls[c]++] = p;
+    }
+    float *q = dev_random((size_t)NS * HQ * HD, -1.0f, 1.0f);
+    float *out = dev(sizeof(float) * NS * HQ * HD), *lse = dev(sizeof(float) * NS * HQ);
+    static const kern_kvq_fmt fmts[] = {KERN_KVQ_F32, KERN_KVQ_F16, KERN_KVQ_Q8, KERN_KVQ_Q4,
+                                        KERN_KVQ_ZIP8};
+    for (size_t f = 0; f < sizeof(fmts) / sizeof(fmts[0]); f++) {
+        const bool zip = kern_kvq_fmt_is_zip(fmts[f]);
+        /* Page lists of one sequence: (format, first index into the class or position). */
+        const kern_kvq_fmt pf[2] = {zip ? KERN_KVQ_ZIP4 : fmts[f], KERN_KVQ_ZIP2};
+        const int n_cls = zip ? 2 : 1;
+        int n_pages = 0, cls_pages[2];
+        size_t seq_bytes = 0;
+        for (int c = 0; c < n_cls; c++) {
+            const int n = zip ? ncls[c] : ctx;
+            cls_pages[c] = (n + PB - 1) / PB;
+            n_pages += cls_pages[c];
+            seq_bytes += (size_t)cls_pages[c] * kern_kvq_block_bytes(pf[c], &g);
+        }
+        uint8_t *mem = dev(seq_bytes * NS);
+        float *dstats[2] = {NULL, NULL};
+        int32_t *didx[2] = {NULL, NULL};
+        kern_kvq_page *pages = malloc(sizeof(kern_kvq_page) * (size_t)n_pages * NS);
+        if (!pages)
+            exit(1);
+        for (int c = 0; c < n_cls && zip; c++) {
+            float *st = malloc(sizeof(float) * KERN_KVQ_STATS_FLOATS(KVS));
+            const kern_kvq_sel sel = {cls[c], 0, 0, ncls[c]};
+            if (!st || kern_kvq_zip_stats(st, pf[c], &g, &hks, &sel, &hvs, 0, ctx, err,
+                                          sizeof(err)) != 0) {
+                fprintf(stderr, "bench_cuda: zip stats: %s\n", err);
+                exit(1);
+            }
+            dstats[c] = dev(sizeof(float) * KERN_KVQ_STATS_FLOATS(KVS));
+            h2d_or_die(dstats[c], st, sizeof(float) * KERN_KVQ_STATS_FLOATS(KVS));
+            didx[c] = dev(sizeof(int32_t) * ncls[c]);
+            h2d_or_die(didx[c], cls[c], sizeof(int32_t) * ncls[c]);
+            if (kern_cuda_sync(err, sizeof(err)) != 0)
+                die("upload");
+            free(st);
+        }
+        /* Sequence 0 packed on the GPU, then copied; descriptors for every sequence. */
+        const double t0 = now_s();
+        size_t off = 0;
+        int pi = 0;
+        for (int c = 0; c < n_cls; c++) {
+            const size_t kb = kern_kvq_page_bytes(pf[c], KERN_KVQ_K, &g);
+            const size_t vb = kern_kvq_page_bytes(pf[c], KERN_KVQ_V, &g);
+            const int n = zip ? ncls[c] : ctx;
+            for (int i = 0; i < cls_pages[c]; i++, pi++) {
+                const int cnt = n - i * PB < PB ? n - i * PB : PB;
+                const kern_kvq_sel sel = zip ? (kern_kvq_sel){didx[c] + (size_t)i * PB, 0, 0, cnt}
+                                             : (kern_kvq_sel){NULL, 0, i * PB, cnt};
+                if (kern_cuda_kvq_pack(mem + off, KERN_KVQ_K, pf[c], &g, 0, &dks, &sel,
+                                       dstats[c]) != 0 ||
+                    kern_cuda_kvq_pack(mem + off + kb, KERN_KVQ_V, pf[c], &g, 0, &dvs, &sel,
+                                       dstats[c]) != 0)
+                    die("kvq pack");
+                for (int s = 0; s < NS; s++)
+                    pages[(size_t)s * n_pages + pi] =
+                        (kern_kvq_page){mem + (size_t)s * seq_bytes + off,
+                                        mem + (size_t)s * seq_bytes + off + kb,
+                                        dstats[c],
+                                        zip ? KERN_KVQ_UNORDERED : i * PB,
+                                        cnt,
+                                        pf[c],
+                                        0};
+                off += kb + vb;
+            }
+        }
+        if (kern_cuda_sync(err, sizeof(err)) != 0)
+            die("kvq pack sync");
+        const double t_pack = now_s() - t0;
+        for (int s = 1; s < NS; s++)
+            if (kern_cuda_d2d(mem + (size_t)s * seq_bytes, mem, seq_bytes, KERN_CUDA_COMPUTE) != 0)
+                die("d2d");
+        kern_kvq_page *dpages = dev(sizeof(kern_kvq_page) * (size_t)n_pages * NS);
+        h2d_or_die(dpages, pages, sizeof(kern_kvq_page) * (size_t)n_pages * NS);
+        kern_kvq_seq seqs[NS];
+        for (int s = 0; s < NS; s++)
+            seqs[s] = (kern_kvq_seq){q + (size_t)s * HQ * HD,
+                                     out + (size_t)s * HQ * HD,
+                                     lse + (size_t)s * HQ,
+                                     NULL,
+                                     dpages + (size_t)s * n_pages,
+                                     n_pages,
+                                     1,
+                                     ctx};
+        kvq_job j = {{g, HQ, seqs, NS}};
+        const double t = time_gpu(g_kvq, &j);
+        char op[32];
+        snprintf(op, sizeof(op), "kv decode %s", zip ? "zip4/2 60%" : kern_kvq_fmt_name(fmts[f]));
+        row(op, shape, t, (double)seq_bytes * NS, "GB/s", 0.0);
+        printf("  %s: %.2f bytes/token/layer, %.2fx the fp time; packing one sequence's %d "
+               "pages: %.1f ms\n",
+               op, (double)seq_bytes / ctx, t / t_fp, 2 * n_pages, t_pack * 1e3);
+        fflush(stdout);
+        kern_cuda_free(dpages);
+        kern_cuda_free(mem);
+        for (int c = 0; c < 2; c++) {
+            kern_cuda_free(dstats[c]);
+            kern_cuda_free(didx[c]);
+        }
+        free(pages);
+    }
+    kern_cuda_free(q);
+    kern_cuda_free(out);
+    kern_cuda_free(lse);
+    kern_cuda_free(dk);
+    kern_cuda_free(dv);
+    free(hk);
+    free(hv);
+    free(cls[0]);
+    free(cls[1]);
+}
+
+/* ---- block-sparse prefill (issue 6) ---- */
+
+typedef struct {
+    kern_attn_args a;
+    kern_block_mask m;
+} sparse_job;
+
+static int g_sparse(void *c)
+{
+    sparse_job *j = c;
+    return kern_cuda_attention_block_sparse_f32(&j->a, &j->m);
+}
+
+/* One sequence's causal prefill at 8K and 32K tokens: the dense kernel, the
+ * block-sparse kernel on the full causal mask (its overhead), and on a 10%
+ * selection (blocks of 128, one list per kv head: the diagonal, the sink block
+ * and random earlier blocks). TFLOP/s counts the blocks computed. */
+static void bench_sparse_prefill(void)
+{
+    enum { HQ = 32, HKV = 8, HD = 128, B = 128 };
+    const int KVS = HKV * HD;
+    static const int lens[] = {8192, 32768};
+    for (size_t c = 0; c < sizeof(lens) / sizeof(lens[0]); c++) {
+        const int n = lens[c];
+        if (g_quick && n > 8192)
+            continue;
+        /* Timing only: the values need only be ordinary numbers. */
+        float *k = dev_fill(sizeof(float) * n * KVS), *v = dev_fill(sizeof(float) * n * KVS);
+        float *q = dev_fill(sizeof(float) * n * HQ * HD);
+        float *out = dev(sizeof(float) * (size_t)n * HQ * HD);
+        const kern_attn_args a = {q, k, v, out, n, n, HQ, HKV, HD, KVS, NULL, 0};
+        attn_job dj;
+        memset(&dj, 0, sizeof(dj));
+        dj.single = a;
+        const double dense_flop = 4.0 * HQ * HD * (double)n * (n + 1) / 2.0;
+        const double t_dense = time_gpu(g_attn, &dj);
+        char shape[64];
+        snprintf(shape, sizeof(shape), "%d tokens causal, 32/8 x 128", n);
+        row("prefill dense", shape, t_dense, dense_flop, "TFLOP/s", 0.0);
+        const size_t words = kern_block_mask_words(B, HKV, n, n);
+        uint64_t *bits = malloc(sizeof(uint64_t) * words);
+        uint64_t *dbits = dev(sizeof(uint64_t) * words);
+        sparse_job j;
+        j.a = a;
+        for (int mode = 0; mode < 2; mode++) {
+            if (!bits || kern_block_mask_init(&j.m, bits, words, B, HKV, n, n) != KERN_SPARSE_OK)
+                die("mask");
+            if (mode == 0) {
+                kern_block_mask_fill_causal(&j.m);
+            } else {
+                uint64_t s = 0x2545F4914F6CDD1Dull;
+                for (int l = 0; l < HKV; l++)
+                    for (int r = 0; r < j.m.n_qblocks; r++) {
+                        kern_block_mask_set(&j.m, l, r, r);
+                        kern_block_mask_set(&j.m, l, r, 0);
+                        const int want = (r + 1) / 10;
+                        for (int i = 2; i < want && r > 1; i++) {
+                            s ^= s << 13;
+                            s ^= s >> 7;
+                            s ^= s << 17;
+                            kern_block_mask_set(&j.m, l, r, 1 + (int)(s % (uint64_t)(r - 1)));
+                        }
+                    }
+            }
+            kern_sparse_stats st;
+            kern_block_mask_stats(&j.m, HQ, &st);
+            const double density = kern_sparse_density(&st);
+            h2d_or_die(dbits, bits, sizeof(uint64_t) * words);
+            j.m.bits = dbits;
+            const double t = time_gpu(g_sparse, &j);
+            char op[32];
+            snprintf(op, sizeof(op), "prefill sparse %.0f%%", density * 100.0);
+            row(op, shape, t, dense_flop * density, "TFLOP/s", 0.0);
+            printf("  %s: density %.3f, %.2fx faster than dense\n", op, density, t_dense / t);
+            fflush(stdout);
+            j.m.bits = bits;
+        }
+        free(bits);
+        kern_cuda_free(dbits);
+        kern_cuda_free(k);
+        kern_cuda_free(v);
+        kern_cuda_free(q);
+        kern_cuda_free(out);
+    }
+}
+
+/* Whether section `name` is in the --only list (every section without one). */
+static const char *g_only;
+
+static int want(const char *name)
+{
+    if (!g_only)
+        return 1;
+    const size_t n = strlen(name);
+    for (const char *p = g_only; (p = strstr(p, name)) != NULL; p += n)
+        if ((p == g_only || p[-1] == ',') && (p[n] == ',' || p[n] == '\0'))
+            return 1;
+    return 0;
+}
+
 int main(int argc, char **argv)
 {
     int threads = (int)sysconf(_SC_NPROCESSORS_ONLN);
@@ -597,8 +922,13 @@ int main(int argc, char **argv)
             threads = atoi(argv[++i]);
         else if (!strcmp(argv[i], "--hbm-gbs") && i + 1 < argc)
             g_hbm_gbs = atof(argv[++i]);
+        else if (!strcmp(argv[i], "--only") && i + 1 < argc)
+            g_only = argv[++i];
         else {
-            fprintf(stderr, "usage: bench_cuda [--quick] [--threads N] [--hbm-gbs GB/s]\n");
+            fprintf(stderr, "usage: bench_cuda [--quick] [--threads N] [--hbm-gbs GB/s] "
+                            "[--only SECTION,...]\n"
+                            "sections: elementwise, embed, matmul, stream, attention, kvq, "
+                            "sparse\n");
             return 2;
         }
     }
@@ -620,11 +950,20 @@ int main(int argc, char **argv)
            info.cc_major, info.cc_minor, info.n_sm, (double)info.total_mem / (1 << 30), threads);
     printf("%-22s %-34s %12s %10s %-7s %12s %9s\n", "op", "shape", "gpu us", "rate", "", "cpu us",
            "speedup");
-    bench_elementwise();
-    bench_embed();
-    bench_matmul();
-    bench_decode_stream();
-    bench_attention();
+    if (want("elementwise"))
+        bench_elementwise();
+    if (want("embed"))
+        bench_embed();
+    if (want("matmul"))
+        bench_matmul();
+    if (want("stream"))
+        bench_decode_stream();
+    if (want("attention"))
+        bench_attention();
+    if (want("kvq"))
+        bench_kvq_decode();
+    if (want("sparse"))
+        bench_sparse_prefill();
     kern_pool_destroy(g_pool);
     kern_cuda_close();
     return 0;

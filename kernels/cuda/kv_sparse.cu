@@ -42,10 +42,10 @@
 #include <math.h>
 #include <string.h>
 
-#define GROUP 32   /* quantization group along head_dim */
-#define TK 32      /* keys per chunk: one per lane */
-#define WARPS 4    /* warps per attention block */
-#define QPW 4      /* query vectors per warp */
+#define GROUP 32 /* quantization group along head_dim */
+#define TK 32    /* keys per chunk: one per lane */
+#define WARPS 4  /* warps per attention block */
+#define QPW 4    /* query vectors per warp */
 #define NV_MAX (WARPS * QPW)
 #define MAX_KV_HEADS 1024 /* kern_kvq_geom_check's bound */
 #define F16_MAX 65504.0f
@@ -204,19 +204,19 @@ static int check_geom(const char *what, const kern_kvq_geom *g)
     if (!g)
         return kc_fail(KERN_CUDA_E_ARG, "%s: kv geometry is NULL", what);
     if (g->n_kv_heads < 1 || g->n_kv_heads > MAX_KV_HEADS)
-        return kc_fail(KERN_CUDA_E_ARG, "%s: n_kv_heads %d is not in [1, %d]", what,
-                       g->n_kv_heads, MAX_KV_HEADS);
+        return kc_fail(KERN_CUDA_E_ARG, "%s: n_kv_heads %d is not in [1, %d]", what, g->n_kv_heads,
+                       MAX_KV_HEADS);
     if (g->head_dim < 8 || g->head_dim > KERN_ATTN_MAX_HEAD_DIM || g->head_dim % 8 != 0)
         return kc_fail(KERN_CUDA_E_ARG, "%s: head_dim %d is not a multiple of 8 in [8, %d]", what,
                        g->head_dim, KERN_ATTN_MAX_HEAD_DIM);
     if (g->block_size < 1 || g->block_size > KERN_KVQ_MAX_BLOCK_SIZE)
-        return kc_fail(KERN_CUDA_E_ARG, "%s: block_size %d is not in [1, %d]", what,
-                       g->block_size, KERN_KVQ_MAX_BLOCK_SIZE);
+        return kc_fail(KERN_CUDA_E_ARG, "%s: block_size %d is not in [1, %d]", what, g->block_size,
+                       KERN_KVQ_MAX_BLOCK_SIZE);
     return 0;
 }
 
-static int check_page(const char *what, const void *page, int kind, int fmt,
-                      const kern_kvq_geom *g, int slot0, int n, const float *stats)
+static int check_page(const char *what, const void *page, int kind, int fmt, const kern_kvq_geom *g,
+                      int slot0, int n, const float *stats)
 {
     int rc = check_geom(what, g);
     if (rc)
@@ -246,9 +246,8 @@ template <typename F> static int allow_smem(const kc_ctx *c, F fn, size_t bytes,
                        c->smem_optin);
     if (bytes <= DEFAULT_SMEM)
         return 0;
-    return kc_check(cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                         (int)bytes),
-                    what);
+    return kc_check(
+        cudaFuncSetAttribute(fn, cudaFuncAttributeMaxDynamicSharedMemorySize, (int)bytes), what);
 }
 
 /* ---- packing ---- */
@@ -404,7 +403,8 @@ __global__ void __launch_bounds__(WARPS * 32) kvq_pack_kernel(const pack_params 
                 if (lane == 0)
                     *sc = d16;
                 if (lane < m)
-                    codes[(size_t)s * d + g0 + lane] = (uint8_t)(int8_t)(int)(v + (v >= 0.0f ? 0.5f : -0.5f));
+                    codes[(size_t)s * d + g0 + lane] =
+                        (uint8_t)(int8_t)(int)(v + (v >= 0.0f ? 0.5f : -0.5f));
                 continue;
             }
             const float mag = f16_val(f16_round_up(amax / 8.0f));
@@ -553,10 +553,9 @@ static size_t attn_smem_bytes(int hd)
  * shared memory: lane j holds key j's visibility. Same arithmetic as
  * attention.cu. */
 template <int DPL>
-__device__ __forceinline__ void softmax_step(float &m, float &l, float (&acc)[DPL],
-                                             const float *qv, const float *Ks, int ks,
-                                             const float *Vs, int hd, int cn, bool vis,
-                                             float scale, int lane)
+__device__ __forceinline__ void softmax_step(float &m, float &l, float (&acc)[DPL], const float *qv,
+                                             const float *Ks, int ks, const float *Vs, int hd,
+                                             int cn, bool vis, float scale, int lane)
 {
     float sc = -INFINITY;
     if (vis) {
@@ -616,7 +615,8 @@ __device__ __forceinline__ int kvq_row_pos(const kvq_seq_d &sq, int r)
     return sq.q_pos ? sq.q_pos[r] : sq.ctx_len - sq.n_q + r;
 }
 
-template <int DPL> __global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel(const kvq_attn_params p)
+template <int DPL>
+__global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel(const kvq_attn_params p)
 {
     extern __shared__ float smem[];
     __shared__ int kpos[TK];
@@ -635,7 +635,8 @@ template <int DPL> __global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel
     const size_t q_row = (size_t)p.n_heads * hd;
     for (int x = threadIdx.x; x < n_vec * hd; x += blockDim.x) {
         const int vi = x / hd, e = x % hd;
-        Qs[x] = sq.q[(size_t)(r0 + vi / group) * q_row + (size_t)(kvh * group + vi % group) * hd + e];
+        Qs[x] =
+            sq.q[(size_t)(r0 + vi / group) * q_row + (size_t)(kvh * group + vi % group) * hd + e];
     }
     int maxpos = INT_MIN;
     for (int r = r0; r < r1; r++)
@@ -702,8 +703,7 @@ template <int DPL> __global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel
         if (vi >= n_vec)
             break;
         if (p.n_splits > 1) {
-            float *pp = p.part +
-                        (((size_t)s * p.nkv + kvh) * NV_MAX + vi) * p.n_splits * (hd + 2) +
+            float *pp = p.part + (((size_t)s * p.nkv + kvh) * NV_MAX + vi) * p.n_splits * (hd + 2) +
                         (size_t)split * (hd + 2);
             if (lane == 0) {
                 pp[0] = m[j];
@@ -728,8 +728,9 @@ template <int DPL> __global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel
                 o[d] = lv != lv ? NAN : acc[j][i] * inv;
         }
         if (sq.lse && lane == 0)
-            sq.lse[(size_t)row * p.n_heads + h] =
-                lv > 0.0f ? m[j] + logf(lv) : lv == 0.0f ? -INFINITY : NAN;
+            sq.lse[(size_t)row * p.n_heads + h] = lv > 0.0f    ? m[j] + logf(lv)
+                                                  : lv == 0.0f ? -INFINITY
+                                                               : NAN;
     }
 }
 
@@ -765,8 +766,9 @@ __global__ void kvq_combine_kernel(const kvq_attn_params p)
         o[d] = sum != sum ? NAN : a * inv;
     }
     if (sq.lse && threadIdx.x == 0)
-        sq.lse[(size_t)row * p.n_heads + h] =
-            sum > 0.0f ? mx + logf(sum) : sum == 0.0f ? -INFINITY : NAN;
+        sq.lse[(size_t)row * p.n_heads + h] = sum > 0.0f    ? mx + logf(sum)
+                                              : sum == 0.0f ? -INFINITY
+                                                            : NAN;
 }
 
 typedef void (*kvq_attn_fn)(const kvq_attn_params);
@@ -797,8 +799,8 @@ extern "C" int kern_cuda_attention_decode_quant(const kern_kvq_attn_args *a)
     const int nkv = a->g.n_kv_heads, hd = a->g.head_dim;
     if (a->n_heads < nkv || a->n_heads % nkv != 0 || a->n_heads / nkv > KERN_ATTN_MAX_GROUP)
         return kc_fail(KERN_CUDA_E_ARG,
-                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d",
-                       what, a->n_heads, KERN_ATTN_MAX_GROUP, nkv);
+                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d", what,
+                       a->n_heads, KERN_ATTN_MAX_GROUP, nkv);
     if (a->n_seqs < 0 || (a->n_seqs > 0 && !a->seqs))
         return kc_fail(KERN_CUDA_E_ARG, "%s: n_seqs %d with seqs %p", what, a->n_seqs,
                        (const void *)a->seqs);
@@ -814,8 +816,8 @@ extern "C" int kern_cuda_attention_decode_quant(const kern_kvq_attn_args *a)
         if (s->n_pages > 0 && !s->pages)
             return kc_fail(KERN_CUDA_E_ARG, "%s: sequence %d: pages is NULL", what, i);
         if (!s->q_pos && s->n_q > s->ctx_len)
-            return kc_fail(KERN_CUDA_E_ARG, "%s: sequence %d: n_q %d exceeds ctx_len %d", what,
-                           i, s->n_q, s->ctx_len);
+            return kc_fail(KERN_CUDA_E_ARG, "%s: sequence %d: n_q %d exceeds ctx_len %d", what, i,
+                           s->n_q, s->ctx_len);
         max_q = s->n_q > max_q ? s->n_q : max_q;
         max_pages = s->n_pages > max_pages ? s->n_pages : max_pages;
         max_ctx = s->ctx_len > max_ctx ? s->ctx_len : max_ctx;
@@ -860,8 +862,8 @@ extern "C" int kern_cuda_attention_decode_quant(const kern_kvq_attn_args *a)
         p.n_seqs = a->n_seqs - first < SEQS_PER_LAUNCH ? a->n_seqs - first : SEQS_PER_LAUNCH;
         for (int i = 0; i < p.n_seqs; i++) {
             const kern_kvq_seq *s = &a->seqs[first + i];
-            p.seqs[i] = kvq_seq_d{s->q,     s->out,     s->lse,  s->q_pos,
-                                  s->pages, s->n_pages, s->n_q,  s->ctx_len};
+            p.seqs[i] =
+                kvq_seq_d{s->q, s->out, s->lse, s->q_pos, s->pages, s->n_pages, s->n_q, s->ctx_len};
         }
         const dim3 grid((unsigned)(p.n_splits > 1 ? p.n_splits : n_tiles), (unsigned)nkv,
                         (unsigned)p.n_seqs);
@@ -895,8 +897,9 @@ struct bs_params {
 
 __device__ __forceinline__ size_t bs_kv_row(const bs_params &p, int key)
 {
-    return p.blocks ? (size_t)p.blocks[key / p.page_size] * p.page_size + (size_t)(key % p.page_size)
-                    : (size_t)key;
+    return p.blocks
+               ? (size_t)p.blocks[key / p.page_size] * p.page_size + (size_t)(key % p.page_size)
+               : (size_t)key;
 }
 
 /* Mask row of query head h for query block index qi (0-based from q_block0). */
@@ -1055,8 +1058,8 @@ extern "C" int kern_cuda_attention_block_sparse_f32(const kern_attn_args *a,
     if (a->n_kv_heads <= 0 || a->n_heads <= 0 || a->n_heads % a->n_kv_heads != 0 ||
         a->n_heads / a->n_kv_heads > KERN_ATTN_MAX_GROUP)
         return kc_fail(KERN_CUDA_E_ARG,
-                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d",
-                       what, a->n_heads, KERN_ATTN_MAX_GROUP, a->n_kv_heads);
+                       "%s: n_heads %d is not a multiple (at most %d times) of n_kv_heads %d", what,
+                       a->n_heads, KERN_ATTN_MAX_GROUP, a->n_kv_heads);
     if ((long)a->n_kv_heads * hd > a->kv_stride)
         return kc_fail(KERN_CUDA_E_ARG, "%s: kv_stride %d < n_kv_heads * head_dim", what,
                        a->kv_stride);

@@ -6,9 +6,12 @@
 # tokens, logits against the CPU forward pass, mixed paged batches, and the staged qwen2,
 # scaled-RoPE and Q4_K models), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
 # elementwise ops, cuBLAS/half-weight products, a Llama-3-8B bf16 decode weight stream
-# against the HBM roofline, paged attention decode and causal prefill), and PyTorch's
+# against the HBM roofline, paged attention decode and causal prefill), the KV-compression
+# and sparse-prefill benchmarks (bench_cuda --only kvq,sparse: decode attention over int8,
+# int4 and zip4/2 pages against fp decode at 32K context and batch 16, block-sparse prefill
+# at 8K and 32K with a 10% selection against dense), and PyTorch's
 # scaled_dot_product_attention on the same attention shapes for reference. Expected wall
-# time: 3 to 5 minutes (build 1-2, tests about 1, benchmarks 1-2); every step has its own
+# time: 4 to 6 minutes (build 1-2, tests about 1, benchmarks 2-3); every step has its own
 # time limit and the whole stays under 8 minutes.
 #
 #   tests/gpu/run.sh                 on the device machine, from the repository root
@@ -227,7 +230,12 @@ SIEVE_CUDA_FORWARD_MODELS="$MODELS" timeout 180 "$BIN/test_cuda_forward" ||
 step "bench_cuda: GPU kernels against the CPU twins"
 QUICK=()
 [ "${SIEVE_GPU_QUICK:-0}" = 1 ] && QUICK=(--quick)
-timeout 300 "$BIN/bench_cuda" "${QUICK[@]}" || echo "bench_cuda stopped (status $?)"
+timeout 300 "$BIN/bench_cuda" "${QUICK[@]}" --only elementwise,embed,matmul,stream,attention ||
+    echo "bench_cuda stopped (status $?)"
+
+step "bench_cuda: KV int8/zip decode against fp, block-sparse prefill (10%) against dense"
+timeout 150 "$BIN/bench_cuda" "${QUICK[@]}" --only kvq,sparse ||
+    echo "bench_cuda kvq,sparse stopped (status $?)"
 
 step "PyTorch scaled_dot_product_attention on the same shapes (reference)"
 if python3 -c "import torch; assert torch.cuda.is_available()" 2>/dev/null; then

@@ -1106,13 +1106,13 @@ static void case_kvq_pack_unpack(void)
                 char err[256] = "";
                 stats = xmalloc(sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd));
                 const kern_kvq_sel cls = {idx, n, 0, n};
-                if (kern_kvq_zip_stats(stats, (kern_kvq_fmt)fmt, &g, &hs.src, &cls, &hs.src,
-                                       first, n_src, err, sizeof(err)) != 0)
+                if (kern_kvq_zip_stats(stats, (kern_kvq_fmt)fmt, &g, &hs.src, &cls, &hs.src, first,
+                                       n_src, err, sizeof(err)) != 0)
                     fail_msg("zip stats: %s", err);
                 dstats = dev_from(stats, sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd));
             }
-            const kern_kvq_sel hsel = zip ? (kern_kvq_sel){idx, n, 0, n}
-                                          : (kern_kvq_sel){NULL, 0, first + 1, n};
+            const kern_kvq_sel hsel =
+                zip ? (kern_kvq_sel){idx, n, 0, n} : (kern_kvq_sel){NULL, 0, first + 1, n};
             kern_kvq_sel dsel = hsel;
             dsel.idx = zip ? didx : NULL;
             for (int kind = 0; kind < 2; kind++) {
@@ -1125,8 +1125,8 @@ static void case_kvq_pack_unpack(void)
                 uint8_t *want = xmalloc(pb), *got = xmalloc(pb);
                 memset(want, 0xa5, pb);
                 uint8_t *dpage = dev_from(want, pb);
-                if (kern_kvq_pack(want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0,
-                                  &hs.src, &hsel, stats, err, sizeof(err)) != 0)
+                if (kern_kvq_pack(want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0, &hs.src,
+                                  &hsel, stats, err, sizeof(err)) != 0)
                     fail_msg("%s: CPU pack: %s", what, err);
                 check(kern_cuda_kvq_pack(dpage, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0,
                                          &dsrc, &dsel, dstats),
@@ -1138,13 +1138,13 @@ static void case_kvq_pack_unpack(void)
                 const size_t ds = (size_t)kvd + 5, dn = ds * (size_t)n;
                 float *uw = xmalloc(sizeof(float) * dn), *ug = xmalloc(sizeof(float) * dn);
                 memset(uw, 0xff, sizeof(float) * dn);
-                if (kern_kvq_unpack(uw, ds, want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g,
-                                    slot0, n, stats, err, sizeof(err)) != 0)
+                if (kern_kvq_unpack(uw, ds, want, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt, &g, slot0,
+                                    n, stats, err, sizeof(err)) != 0)
                     fail_msg("%s: CPU unpack: %s", what, err);
                 check(kern_cuda_h2d(dpage, want, pb, KERN_CUDA_COMPUTE), "h2d page");
                 float *dout = dev_nan(sizeof(float) * dn);
-                check(kern_cuda_kvq_unpack(dout, ds, dpage, (kern_kvq_kind)kind,
-                                           (kern_kvq_fmt)fmt, &g, slot0, n, dstats),
+                check(kern_cuda_kvq_unpack(dout, ds, dpage, (kern_kvq_kind)kind, (kern_kvq_fmt)fmt,
+                                           &g, slot0, n, dstats),
                       what);
                 to_host(ug, dout, sizeof(float) * dn);
                 size_t exact = 0;
@@ -1230,8 +1230,8 @@ static void add_page(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt
         const size_t pb = kern_kvq_page_bytes(fmt, (kern_kvq_kind)kind, &pg);
         kv[kind] = keep_host(ps, xmalloc(pb));
         memset(kv[kind], 0, pb);
-        if (sel->n > 0 && kern_kvq_pack(kv[kind], (kern_kvq_kind)kind, fmt, &pg, 0,
-                                        kind ? v : k, sel, stats, err, sizeof(err)) != 0)
+        if (sel->n > 0 && kern_kvq_pack(kv[kind], (kern_kvq_kind)kind, fmt, &pg, 0, kind ? v : k,
+                                        sel, stats, err, sizeof(err)) != 0)
             fail_msg("pack %s page: %s", kern_kvq_fmt_name(fmt), err);
         (kind ? &d->v : &d->k)[0] = keep_dev(ps, dev_from(kv[kind], pb));
     }
@@ -1258,8 +1258,7 @@ static void add_ordered(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_
 /* ZIP set pages (slots in a shuffled order) of `fmt` over the positions in pos[0..n),
  * with the class statistics computed from them. */
 static void add_zip_class(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt fmt,
-                          const kern_kvq_src *k, const kern_kvq_src *v, const int32_t *pos,
-                          int n)
+                          const kern_kvq_src *k, const kern_kvq_src *v, const int32_t *pos, int n)
 {
     const int kvd = g->n_kv_heads * g->head_dim;
     float *stats = keep_host(ps, xmalloc(sizeof(float) * KERN_KVQ_STATS_FLOATS(kvd)));
@@ -1318,14 +1317,14 @@ static void seq_finish(kvq_test_seq *s, const kern_kvq_geom *g, int n_heads)
     const size_t qn = (size_t)s->n_q * n_heads * g->head_dim;
     s->out_h = xmalloc(sizeof(float) * qn);
     s->lse_h = xmalloc(sizeof(float) * (size_t)s->n_q * n_heads);
-    s->h = (kern_kvq_seq){s->q,           s->out_h,       s->lse_h, s->has_pos ? s->q_pos : NULL,
-                          s->pages.h,     s->pages.n,     s->n_q,   s->ctx};
+    s->h = (kern_kvq_seq){s->q,       s->out_h,   s->lse_h, s->has_pos ? s->q_pos : NULL,
+                          s->pages.h, s->pages.n, s->n_q,   s->ctx};
     s->d = s->h;
     s->d.q = keep_dev(&s->pages, dev_from(s->q, sizeof(float) * qn));
     s->d.out = keep_dev(&s->pages, dev_nan(sizeof(float) * qn));
     s->d.lse = keep_dev(&s->pages, dev_nan(sizeof(float) * (size_t)s->n_q * n_heads));
-    s->d.q_pos = s->has_pos ? keep_dev(&s->pages, dev_from(s->q_pos, sizeof(int32_t) * s->n_q))
-                            : NULL;
+    s->d.q_pos =
+        s->has_pos ? keep_dev(&s->pages, dev_from(s->q_pos, sizeof(int32_t) * s->n_q)) : NULL;
     s->d.pages = keep_dev(&s->pages, dev_from(s->pages.d, sizeof(kern_kvq_page) * s->pages.n));
 }
 
@@ -1356,8 +1355,8 @@ static void kvq_decode_compare(const char *what, const kern_kvq_geom *g, int n_h
         for (size_t r = 0; r < ln; r++)
             if (isinf(want_lse[r]) && want_lse[r] < 0) {
                 if (!(isinf(lse[r]) && lse[r] < 0))
-                    fail_msg("%s: lse %zu is %g, CPU twin -inf (a row that sees no key)", what,
-                             r, (double)lse[r]);
+                    fail_msg("%s: lse %zu is %g, CPU twin -inf (a row that sees no key)", what, r,
+                             (double)lse[r]);
                 lse[r] = want_lse[r] = 0.0f;
             }
         char w[160];
@@ -1454,11 +1453,11 @@ static void case_block_sparse(void)
         int B, n_lists; /* n_lists 0: PowerAttention's mask (one list) */
         int percent;    /* chance of each off-diagonal causal block */
     } cases[] = {
-        {{8, 2, 64, 300, 300, 16, 0}, 32, 8, 30},   /* per-head lists, GQA 4 */
-        {{4, 4, 128, 200, 513, 16, 4}, 64, 0, 0},   /* chunked prefill, power mask, padded */
-        {{16, 1, 256, 40, 129, 32, 0}, 16, 1, 50},  /* group 16, head_dim 256 */
-        {{8, 2, 64, 1, 1000, 16, 0}, 64, 2, 20},    /* decode row, one list per kv head */
-        {{6, 2, 80, 97, 97, 0, 1}, 8, 6, 40},       /* contiguous, odd stride: scalar loads */
+        {{8, 2, 64, 300, 300, 16, 0}, 32, 8, 30},     /* per-head lists, GQA 4 */
+        {{4, 4, 128, 200, 513, 16, 4}, 64, 0, 0},     /* chunked prefill, power mask, padded */
+        {{16, 1, 256, 40, 129, 32, 0}, 16, 1, 50},    /* group 16, head_dim 256 */
+        {{8, 2, 64, 1, 1000, 16, 0}, 64, 2, 20},      /* decode row, one list per kv head */
+        {{6, 2, 80, 97, 97, 0, 1}, 8, 6, 40},         /* contiguous, odd stride: scalar loads */
         {{32, 8, 128, 256, 2048, 16, 0}, 128, 8, 10}, /* Llama-3-8B heads, 10% */
     };
     for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
@@ -1471,9 +1470,9 @@ static void case_block_sparse(void)
         const size_t words = kern_block_mask_words(cases[c].B, n_lists, s->ctx_len, s->n_q);
         uint64_t *bits = xmalloc(sizeof(uint64_t) * words);
         kern_block_mask m;
-        assert_int_equal(kern_block_mask_init(&m, bits, words, cases[c].B, n_lists, s->ctx_len,
-                                              s->n_q),
-                         KERN_SPARSE_OK);
+        assert_int_equal(
+            kern_block_mask_init(&m, bits, words, cases[c].B, n_lists, s->ctx_len, s->n_q),
+            KERN_SPARSE_OK);
         if (cases[c].n_lists == 0) {
             const kern_power_params pp = {cases[c].B, 2};
             assert_int_equal(kern_power_mask(&pp, &m), KERN_SPARSE_OK);
