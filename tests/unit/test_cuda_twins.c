@@ -1172,7 +1172,7 @@ static void case_kvq_pack_unpack(void)
                     expect_close(what, ug, uw, NULL, dn, 0.0, 0.0);
                 }
                 print_message("%s: page bit-identical, %zu of %zu unpacked values exact\n", what,
-                              exact, dn);
+                              exact, (size_t)kvd * n);
                 kern_cuda_free(dout);
                 kern_cuda_free(dpage);
                 free(want);
