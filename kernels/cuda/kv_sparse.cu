@@ -197,6 +197,70 @@ __device__ __forceinline__ float kvq_value(const uint8_t *page, int kind, int fm
     }
 }
 
+/* Values e0 .. e0 + 7 (e0 a multiple of 8, so one quantization group) of kv head
+ * h, slot s: kvq_value for eight elements with the addressing done once, as the
+ * attention kernels expand their tiles. */
+__device__ __forceinline__ void kvq_values8(float (&o)[8], const uint8_t *page, int kind, int fmt,
+                                            int nkv, int d, int bs, int h, int s, int e0,
+                                            const float *stats)
+{
+    switch (fmt) {
+    case KERN_KVQ_F32: {
+        const float *x = (const float *)page + ((size_t)s * nkv + h) * d + e0;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = x[i];
+        return;
+    }
+    case KERN_KVQ_F16: {
+        const uint16_t *x = (const uint16_t *)page + ((size_t)s * nkv + h) * d + e0;
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = f16_val(x[i]);
+        return;
+    }
+    case KERN_KVQ_Q8:
+    case KERN_KVQ_Q4: {
+        const int ng = n_groups(d);
+        const uint8_t *t = page + (size_t)h * bs * slot_head_bytes(fmt, d);
+        const float sd = f16_val(((const uint16_t *)t)[(size_t)s * ng + e0 / GROUP]);
+        const uint8_t *codes = t + 2 * (size_t)bs * ng;
+        if (fmt == KERN_KVQ_Q8) {
+            const int8_t *x = (const int8_t *)codes + (size_t)s * d + e0;
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                o[i] = (float)x[i] * sd;
+            return;
+        }
+        const uint8_t *row = codes + (size_t)s * (d / 2);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = (float)(code_at(row, e0 + i, d, 4) - 8) * sd;
+        return;
+    }
+    default: {
+        const int bits = fmt_bits(fmt);
+        const size_t row = (size_t)d * bits / 8;
+        const uint8_t *codes =
+            page + header_bytes(fmt, kind, bs) + (size_t)h * bs * row + (size_t)s * row;
+        const size_t kvd = (size_t)nkv * d, ch = (size_t)h * d + e0;
+        if (kind == KERN_KVQ_K) {
+#pragma unroll
+            for (int i = 0; i < 8; i++)
+                o[i] = fmaf((float)code_at(codes, e0 + i, d, bits), stats[kvd + ch + i],
+                            stats[ch + i]);
+            return;
+        }
+        const uint16_t *pair = (const uint16_t *)page + 2 * (size_t)s;
+        const float mt = f16_val(pair[0]), dt = f16_val(pair[1]);
+#pragma unroll
+        for (int i = 0; i < 8; i++)
+            o[i] = fmaf((float)code_at(codes, e0 + i, d, bits), dt, mt) * stats[2 * kvd + ch + i];
+        return;
+    }
+    }
+}
+
 /* ---- host-side checks (the CPU's messages, where the data is on the host) ---- */
 
 static int check_geom(const char *what, const kern_kvq_geom *g)
@@ -669,17 +733,26 @@ __global__ void __launch_bounds__(WARPS * 32) kvq_attn_kernel(const kvq_attn_par
                 break; /* later slots are later positions */
             const int cn = min(TK, pg.n - c0);
             __syncthreads(); /* the previous chunk (and, first time, Qs) is done with */
-            for (int x = threadIdx.x; x < TK * hd; x += blockDim.x) {
-                const int j = x / hd, e = x % hd;
-                float kx = 0.0f, vx = 0.0f;
+            /* Eight values per thread (head_dim is a multiple of 8). */
+            const int hd8 = hd / 8;
+            for (int x = threadIdx.x; x < TK * hd8; x += blockDim.x) {
+                const int j = x / hd8, e0 = (x % hd8) * 8;
+                float kx[8], vx[8];
                 if (j < cn) {
-                    kx = kvq_value((const uint8_t *)pg.k, KERN_KVQ_K, pg.fmt, p.nkv, hd, bs, kvh,
-                                   c0 + j, e, pg.stats);
-                    vx = kvq_value((const uint8_t *)pg.v, KERN_KVQ_V, pg.fmt, p.nkv, hd, bs, kvh,
-                                   c0 + j, e, pg.stats);
+                    kvq_values8(kx, (const uint8_t *)pg.k, KERN_KVQ_K, pg.fmt, p.nkv, hd, bs, kvh,
+                                c0 + j, e0, pg.stats);
+                    kvq_values8(vx, (const uint8_t *)pg.v, KERN_KVQ_V, pg.fmt, p.nkv, hd, bs, kvh,
+                                c0 + j, e0, pg.stats);
+                } else {
+#pragma unroll
+                    for (int i = 0; i < 8; i++)
+                        kx[i] = vx[i] = 0.0f;
                 }
-                Ks[j * ks + e] = kx;
-                Vs[j * hd + e] = vx;
+#pragma unroll
+                for (int i = 0; i < 8; i++) {
+                    Ks[j * ks + e0 + i] = kx[i];
+                    Vs[j * hd + e0 + i] = vx[i];
+                }
             }
             if (threadIdx.x < TK)
                 kpos[threadIdx.x] = ordered ? pg.pos0 + c0 + (int)threadIdx.x : -1;

@@ -1195,21 +1195,21 @@ static void case_kvq_pack_unpack(void)
 /* Pages of a decode test: host descriptors for the CPU, device ones for the GPU,
  * and every allocation to free. */
 typedef struct {
-    kern_kvq_page h[64], d[64];
+    kern_kvq_page h[128], d[128];
     int n;
-    void *host_mem[256], *dev_mem[256];
+    void *host_mem[512], *dev_mem[512];
     int n_host, n_dev;
 } kvq_pages;
 
 static void *keep_host(kvq_pages *ps, void *p)
 {
-    assert_true(ps->n_host < 256);
+    assert_true(ps->n_host < 512);
     return ps->host_mem[ps->n_host++] = p;
 }
 
 static void *keep_dev(kvq_pages *ps, void *p)
 {
-    assert_true(ps->n_dev < 256);
+    assert_true(ps->n_dev < 512);
     return ps->dev_mem[ps->n_dev++] = p;
 }
 
@@ -1219,7 +1219,7 @@ static void add_page(kvq_pages *ps, const kern_kvq_geom *g, int bs, kern_kvq_fmt
                      const kern_kvq_src *k, const kern_kvq_src *v, const kern_kvq_sel *sel,
                      int32_t pos0, const float *stats, const float *dstats)
 {
-    assert_true(ps->n < 64);
+    assert_true(ps->n < 128);
     kern_kvq_geom pg = *g;
     if (bs > 0)
         pg.block_size = bs;
@@ -1375,13 +1375,10 @@ static void kvq_decode_compare(const char *what, const kern_kvq_geom *g, int n_h
     print_message("%s: max output error %.3g\n", what, worst);
 }
 
-static void case_kvq_decode(void)
+/* One geometry of the decode test: three sequences over pages of every format. */
+static void kvq_decode_geometry(const kern_kvq_geom g, const int n_heads)
 {
-    /* Tolerance: out 5e-5 absolute (averages of values of magnitude <= ~1), lse 5e-5 +
-     * 1e-5 relative, against the CPU twin kern_attention_decode_quant on the same pages;
-     * a row that sees no key must be zeros with lse -inf on both. */
-    const kern_kvq_geom g = {2, 64, 16};
-    const int n_heads = 8, kvd = g.n_kv_heads * g.head_dim;
+    const int kvd = g.n_kv_heads * g.head_dim;
     kvq_test_seq seqs[3];
     /* 0: decode at 700: ZIP4 salient set pages (32 slots) and ZIP2 regular ones over
      * [0, 640), then ordered Q4, F16, Q8 pages, an empty page, an F32 tail of 12. */
@@ -1428,10 +1425,19 @@ static void case_kvq_decode(void)
     add_ordered(&s->pages, &g, 0, KERN_KVQ_F16, &k, &v, 42, 64);
     seq_finish(s, &g, n_heads);
 
-    static const int split[] = {0, 2}, tiles[] = {0, 1, 2}, one[] = {1};
-    kvq_decode_compare("decode_quant, 1 and 2 rows (pages split)", &g, n_heads, seqs, split, 2);
-    kvq_decode_compare("decode_quant, 1, 5 and 2 rows (row tiles)", &g, n_heads, seqs, tiles, 3);
-    kvq_decode_compare("decode_quant, 5 rows", &g, n_heads, seqs, one, 1);
+    /* Sequences 0 and 2 fit one row tile: their pages are split (the workspace is
+     * 16 MiB); with sequence 1 (5 rows) the launch has two row tiles when the group is 4. */
+    static const int split[] = {0, 2}, all[] = {0, 1, 2}, one[] = {1};
+    char what[160];
+    snprintf(what, sizeof(what), "decode_quant heads %d/%d dim %d block %d", n_heads, g.n_kv_heads,
+             g.head_dim, g.block_size);
+    char w[200];
+    snprintf(w, sizeof(w), "%s, sequences 0 and 2", what);
+    kvq_decode_compare(w, &g, n_heads, seqs, split, 2);
+    snprintf(w, sizeof(w), "%s, sequences 0, 1 and 2", what);
+    kvq_decode_compare(w, &g, n_heads, seqs, all, 3);
+    snprintf(w, sizeof(w), "%s, sequence 1", what);
+    kvq_decode_compare(w, &g, n_heads, seqs, one, 1);
     for (int i = 0; i < 3; i++) {
         free_pages(&seqs[i].pages);
         free(seqs[i].k);
@@ -1440,6 +1446,16 @@ static void case_kvq_decode(void)
         free(seqs[i].out_h);
         free(seqs[i].lse_h);
     }
+}
+
+static void case_kvq_decode(void)
+{
+    /* Tolerance: out 5e-5 absolute (averages of values of magnitude <= ~1), lse 5e-5 +
+     * 1e-5 relative, against the CPU twin kern_attention_decode_quant on the same pages;
+     * a row that sees no key must be zeros with lse -inf on both. Geometries: GQA 4 at
+     * head_dim 64; one kv head of 40 (a partial quantization group) with group 3. */
+    kvq_decode_geometry((kern_kvq_geom){2, 64, 16}, 8);
+    kvq_decode_geometry((kern_kvq_geom){1, 40, 8}, 3);
 }
 
 /* ---- sparse attention (issue 6) ---- */
