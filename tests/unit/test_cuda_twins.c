@@ -1359,7 +1359,7 @@ static void kvq_decode_compare(const char *what, const kern_kvq_geom *g, int n_h
                              (double)lse[r]);
                 lse[r] = want_lse[r] = 0.0f;
             }
-        char w[160];
+        char w[320];
         snprintf(w, sizeof(w), "%s, sequence %d out", what, list[i]);
         const double e = expect_close(w, got, s->out_h, NULL, qn, 0.0, 5e-5);
         worst = e > worst ? e : worst;
