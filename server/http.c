@@ -301,7 +301,23 @@ typedef struct sockwatch {
     uv_poll_t poll; /* first member: the close callback frees the whole struct */
     conn *c;        /* the request on this connection, while MHD has one */
     bool hup;       /* the hang-up has been passed on with shutdown(SHUT_RD) */
+    int events;     /* what the poll watches now (UV_*; 0: stopped) */
 } sockwatch;
+
+static void on_sock_event(uv_poll_t *h, int status, int events);
+
+/* Watches for these events (0: stops); a no-op when they are the current ones, as
+ * on every resume of a stream. */
+static void sockwatch_set(sockwatch *w, int events)
+{
+    if (events == w->events)
+        return;
+    w->events = events;
+    if (events)
+        uv_poll_start(&w->poll, events, on_sock_event);
+    else
+        uv_poll_stop(&w->poll);
+}
 
 static void on_sock_event(uv_poll_t *h, int status, int events)
 {
@@ -319,28 +335,25 @@ static void on_sock_event(uv_poll_t *h, int status, int events)
         if (n <= 0) /* the EOF or a socket error: the client is gone */
             for (int i = 0; i < c->n_choices; i++)
                 sched_request_cancel(c->reqs[i]);
-        uv_poll_stop(h); /* resuming the connection re-arms the watch */
+        sockwatch_set(w, 0); /* resuming the connection re-arms the watch */
         return;
     }
     w->hup = true;
     shutdown(fd, SHUT_RD);
-    uv_poll_stop(h);
+    sockwatch_set(w, 0);
 }
 
 /* The receiving watch, unless the hang-up has already been passed on. */
 static void sockwatch_arm(sockwatch *w)
 {
-    if (!w->hup)
-        uv_poll_start(&w->poll, UV_DISCONNECT, on_sock_event);
-    else
-        uv_poll_stop(&w->poll);
+    sockwatch_set(w, w->hup ? 0 : UV_DISCONNECT);
 }
 
 /* A suspended request: its bytes and its hang-up matter now. */
 static void watch_peer(conn *c)
 {
     if (c->w)
-        uv_poll_start(&c->w->poll, UV_READABLE | UV_DISCONNECT, on_sock_event);
+        sockwatch_set(c->w, UV_READABLE | UV_DISCONNECT);
 }
 
 static void detach_watch(conn *c)
@@ -1446,7 +1459,7 @@ static void on_connection(void *cls, struct MHD_Connection *mc, void **socket_co
         return;
     if (w->c)
         w->c->w = NULL;
-    uv_poll_stop(&w->poll); /* before libmicrohttpd closes the descriptor */
+    sockwatch_set(w, 0); /* before libmicrohttpd closes the descriptor */
     uv_close((uv_handle_t *)&w->poll, free_handle);
 }
 
