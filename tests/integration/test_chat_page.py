@@ -11,6 +11,11 @@ import urllib.parse
 import sieve_harness as h
 
 BINARY = h.sieve_binary()
+with open(BINARY, "rb") as _f:
+    # Headless Chromium's virtual time runs on while a streamed body is still arriving, so
+    # it can dump the page before a slow stream ends; the ASan/UBSan server of
+    # scripts/test-sanitize.sh decodes several times slower, so it gets a shorter reply.
+    MAX_TOKENS = 4 if b"__asan_init" in _f.read() else 24
 
 
 def chromium():
@@ -42,13 +47,13 @@ class ChatPageTest(unittest.TestCase):
         browser = chromium()
         if not browser:
             self.skipTest("chromium is not installed (apt-get install chromium)")
-        url = "http://127.0.0.1:%d/?max_tokens=24&q=%s" % (self.srv.port,
-                                                          urllib.parse.quote("Once upon a time"))
+        url = "http://127.0.0.1:%d/?max_tokens=%d&q=%s" % (
+            self.srv.port, MAX_TOKENS, urllib.parse.quote("Once upon a time"))
         env = dict(os.environ, HOME=os.environ.get("TMPDIR", "/tmp"))
         # The browser dumps the page when its virtual-time budget runs out; on a
         # loaded machine the stream may not have finished by then, so allow a
-        # couple of attempts before calling it a failure.
-        for attempt in range(3):
+        # few attempts before calling it a failure.
+        for attempt in range(5):
             p = subprocess.run([browser, "--headless=new", "--no-sandbox", "--disable-gpu",
                                 "--disable-dev-shm-usage", "--virtual-time-budget=30000",
                                 "--dump-dom", url],
