@@ -27,6 +27,8 @@ PID whatever happens.
   running get a 503 error object (or an error event in the stream) and the exit code is 0.
 - A FIN (orderly close) in the middle of a request -- part of the headers, or the headers
   and part of the body -- frees its connection at once, not at the idle timeout.
+- Pipelining: a completion, a streamed chat and GET /health sent in one write on one
+  connection are all answered, in order.
 
 Only the standard library. Under scripts/test-sanitize.sh the server is the ASan/UBSan build:
 its output must hold no sanitizer report, and the RSS bound is not applied (ASan keeps
@@ -385,6 +387,39 @@ class HalfClosedRequestTest(unittest.TestCase):
         finally:
             rc = srv.stop()
         self.assertLessEqual(left, 2, "%d connections still open 1.5 s after the FIN" % left)
+        self.assertEqual(rc, 0, srv.logs()[-3000:])
+        assert_clean_logs(self, srv.logs())
+
+
+class PipelineTest(unittest.TestCase):
+    def test_pipelined_requests_are_answered_in_order(self):
+        # Three requests in one write on a kept-alive connection: a completion, a streamed
+        # chat and GET /health. sieve watches the socket of a suspended request itself; the
+        # bytes of the next requests must not be taken for a hang-up (nor be lost).
+        srv = h.Server(BINARY, "--threads", "1").start()
+        try:
+            h1, d1 = post_bytes("/v1/completions", {"prompt": "Once", "max_tokens": 8,
+                                                    "temperature": 0})
+            h2, d2 = post_bytes("/v1/chat/completions", {
+                "messages": [{"role": "user", "content": "Hi"}], "max_tokens": 8,
+                "stream": True})
+            h3 = b"GET /health HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"
+            for _ in range(3):
+                s = connect(srv.port, timeout=30)
+                try:
+                    s.sendall(h1 + d1 + h2 + d2 + h3)
+                    buf = read_until(s, b'{"status":"ok"}')
+                finally:
+                    close(s, reset=False)
+                self.assertEqual(buf.count(b"HTTP/1.1 200"), 3, buf[-2000:])
+                first, stream, health = (buf.index(b'"text_completion"'),
+                                         buf.index(b"data: [DONE]"), buf.index(b'{"status"'))
+                self.assertLess(first, stream)
+                self.assertLess(stream, health)
+            status, body = complete(srv, prompt="Once", max_tokens=4)
+            self.assertEqual(status, 200, body)
+        finally:
+            rc = srv.stop()
         self.assertEqual(rc, 0, srv.logs()[-3000:])
         assert_clean_logs(self, srv.logs())
 
