@@ -12,7 +12,8 @@
  *
  * For each format the pool (exactly the budget) is filled the way the engine
  * fills it: a sequence is admitted while its whole prompt fits in fp blocks
- * next to a decode reserve for every running sequence; its prompt is written
+ * and, once packed, every sequence held can still decode --gen tokens (the
+ * growth is measured on a probe sequence of the format first); its prompt is written
  * as f32 rows, then (compressed formats) packed into pages of the format,
  * after which its fp blocks below the compressed positions are freed. To keep
  * the run short the prompt's KV is computed once (in blocks outside the
@@ -236,8 +237,8 @@ int main(int argc, char **argv)
     const rt_kv_format fmts[4] = {RT_KV_FP, RT_KV_INT8, RT_KV_INT4, RT_KV_ZIP};
     int n_fp_cap = 0;
     double fp_eq_tps = 0.0;
-    printf("\n%-6s %12s %6s %9s %14s %16s %18s\n", "format", "bytes/token", "seqs", "x fp f32",
-           "x fp f16-equiv", "decode tok/s @fp", "decode tok/s @cap");
+    printf("\n%-6s %12s %13s %6s %9s %14s %16s %18s\n", "format", "bytes/token", "blocks/seq",
+           "seqs", "x fp f32", "x fp f16-equiv", "decode tok/s @fp", "decode tok/s @cap");
     for (int fi = 0; fi < 4; fi++) {
         rt_kv_policy pol = {.format = fmts[fi]};
         if (fmts[fi] == RT_KV_ZIP) {
@@ -252,12 +253,17 @@ int main(int argc, char **argv)
         fl.n = 0;
         for (int i = budget - 1; i >= 0; i--)
             give(&fl, i);
-        /* Admission: a whole prompt in fp blocks, plus a decode reserve of
-         * ceil(gen / bs) + 1 blocks for every sequence held. */
-        const int reserve_each = (gen + bs - 1) / bs + 1;
+        /* A probe sequence of this format: the blocks it holds after its prompt
+         * (c0) and after decoding gen tokens (c1). */
+        int c0 = 0, c1 = 0;
         int n = 0;
+        int reserve_each = -1;
         for (; n < MAX_SEQS; n++) {
-            if (fl.n < prefix_blocks + reserve_each * (n + 1))
+            /* Admission: the whole prompt must fit in fp blocks, and once it is
+             * packed every held sequence must still be able to decode gen
+             * tokens (reserve_each blocks each, measured on the first one). */
+            if (reserve_each >= 0 &&
+                (fl.n < prefix_blocks || fl.n < c0 + reserve_each * (n + 1)))
                 break;
             seq *s = &seqs[n];
             memset(s, 0, sizeof(*s));
@@ -282,6 +288,18 @@ int main(int argc, char **argv)
                 seq_free(s, &fl);
                 break;
             }
+            if (reserve_each < 0) {
+                /* The first sequence measures what one sequence grows by while
+                 * decoding gen tokens, then starts again from its prompt. */
+                c0 = blocks_held(s);
+                for (int t = 0; t < gen; t++)
+                    if (decode_step(m, pool, s, 1, &fl, lg, batch, per_seq + 8) != 0)
+                        break;
+                c1 = blocks_held(s);
+                reserve_each = c1 > c0 ? c1 - c0 : 0;
+                seq_free(s, &fl);
+                n--;
+            }
         }
         int held = 0;
         for (int i = 0; i < n; i++)
@@ -305,15 +323,16 @@ int main(int argc, char **argv)
         const double tps_cap = (double)steps2 * n / (sched_now() - t0);
         if (fi == 0)
             fp_eq_tps = tps_eq;
-        printf("%-6s %12.0f %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n", rt_kv_format_name(fmts[fi]),
-               bpt, n, (double)n / n_fp_cap, (double)n / (2.0 * n_fp_cap), tps_eq,
+        printf("%-6s %12.0f %6d -> %3d %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n",
+               rt_kv_format_name(fmts[fi]), bpt, c0, c1, n, (double)n / n_fp_cap, (double)n / (2.0 * n_fp_cap), tps_eq,
                tps_eq / fp_eq_tps, tps_cap,
                steps < gen / 2 || steps2 < gen / 2 ? "  (ran out of blocks while decoding)" : "");
         for (int i = 0; i < n; i++)
             seq_free(&seqs[i], &fl);
     }
     printf("\nbytes/token: pool bytes held per prompt token after compression (all layers, K+V,"
-           " incl. partly filled pages and the fp tail); fp f16-equiv = twice fp's count\n");
+           " incl. partly filled pages); blocks/seq: held after the prompt -> after gen tokens;"
+           " fp f16-equiv = twice fp's count\n");
     free(lg);
     free(batch);
     free(fl.stack);
