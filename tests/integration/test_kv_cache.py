@@ -193,6 +193,35 @@ class KvCacheConfigTest(unittest.TestCase):
                 srv.start(timeout=10)
             self.assertIn("attention", str(ctx.exception))
 
+    def test_kv_exhaustion_preempts_and_every_request_completes(self):
+        # A pool of 160 blocks (3.3 MB) for 10 concurrent requests decoding 600 tokens each,
+        # fp and compressed mixed: as they grow, sequences are preempted (their pages and
+        # compressed state dropped, recomputed later), none fails, and every block returns.
+        srv = h.Server(BINARY, "--threads", "2", "--kv-cache-bytes", str(160 * 16 * 1280)).start()
+        try:
+            kinds = ["fp"] * 4 + ["int8"] * 3 + ["zip"] * 3
+            results = [None] * len(kinds)
+
+            def run(i):
+                body = dict(prompt=GOLDEN[i % len(GOLDEN)]["prompt"],
+                            max_tokens=600, temperature=0, ignore_eos=True,
+                            attention={"kv_cache": kinds[i]})
+                results[i] = srv.post_json("/v1/completions", body, timeout=300)
+
+            threads = [threading.Thread(target=run, args=(i,)) for i in range(len(kinds))]
+            for t in threads:
+                t.start()
+            for t in threads:
+                t.join()
+            for kv, (status, r) in zip(kinds, results):
+                self.assertEqual(status, 200, (kv, r))
+                self.assertEqual(r["usage"]["completion_tokens"], 600, kv)
+                self.assertEqual(r["choices"][0]["finish_reason"], "length")
+            self.assertGreater(metric(srv, "sieve_preemptions_total"), 0)
+            self.assertTrue(wait_idle(srv), "blocks still in use")
+        finally:
+            self.assertEqual(srv.stop(), 0)
+
     def test_tensor_parallel_refuses_compressed_caches(self):
         srv = h.Server(BINARY, "--threads", "2", "--tensor-parallel-size", "2").start()
         try:
