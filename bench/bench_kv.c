@@ -37,7 +37,7 @@
 #include "runtime/sampler.h"
 #include "scheduler/scheduler.h"
 
-#define MAX_SEQS 256
+#define MAX_SEQS 512 /* one decode step holds at most max_batch_tokens (512) sequences */
 
 typedef struct {
     int32_t *fp; /* fp table: one entry per block of positions, -1 once freed */
@@ -47,6 +47,7 @@ typedef struct {
     int n_tokens;
     rt_kvq *kvq;
     int32_t next;
+    int peak; /* most blocks held at once (during a step, before freeing) */
 } seq;
 
 typedef struct {
@@ -129,6 +130,8 @@ static int decode_step(rt_model *m, rt_kv_pool *pool, seq *seqs, int n, freelist
     for (int i = 0; i < n; i++) {
         if (reserve(&seqs[i], 1, bs, fl, cap_blocks) != 0)
             return -1;
+        const int held = blocks_held(&seqs[i]);
+        seqs[i].peak = held > seqs[i].peak ? held : seqs[i].peak;
         b[i] = (rt_seq_batch){.tokens = &seqs[i].next,
                               .n_tokens = 1,
                               .logits = lg + (size_t)i * nv,
@@ -184,8 +187,9 @@ int main(int argc, char **argv)
     rt_model *m;
     char err[512];
     if (rt_model_load(&m, model_path, &o, err, sizeof(err)) != 0) {
-        fprintf(stderr, "bench_kv: %s (make it with tools/gen_model.py --preset synth768 --gguf "
-                        "%s)\n",
+        fprintf(stderr,
+                "bench_kv: %s (make it with tools/gen_model.py --preset synth768 --gguf "
+                "%s)\n",
                 err, model_path);
         return 1;
     }
@@ -204,8 +208,8 @@ int main(int argc, char **argv)
            hp->n_layers, hp->n_kv_heads, hp->head_dim);
     printf("budget         %d blocks of %d tokens = %.1f MiB (%d fp sequences of %d + %d "
            "tokens), %d threads\n",
-           budget, bs, (double)budget * bs * (double)fp_tok / 1048576.0, budget_seqs, seq_len,
-           gen, threads);
+           budget, bs, (double)budget * bs * (double)fp_tok / 1048576.0, budget_seqs, seq_len, gen,
+           threads);
 
     /* The prompt's KV, once, in the blocks after the budget. */
     int32_t *prompt = malloc(sizeof(int32_t) * (size_t)seq_len);
@@ -262,8 +266,7 @@ int main(int argc, char **argv)
             /* Admission: the whole prompt must fit in fp blocks, and once it is
              * packed every held sequence must still be able to decode gen
              * tokens (reserve_each blocks each, measured on the first one). */
-            if (reserve_each >= 0 &&
-                (fl.n < prefix_blocks || fl.n < c0 + reserve_each * (n + 1)))
+            if (reserve_each >= 0 && (fl.n < prefix_blocks || fl.n < c0 + reserve_each * (n + 1)))
                 break;
             seq *s = &seqs[n];
             memset(s, 0, sizeof(*s));
@@ -292,10 +295,11 @@ int main(int argc, char **argv)
                 /* The first sequence measures what one sequence grows by while
                  * decoding gen tokens, then starts again from its prompt. */
                 c0 = blocks_held(s);
+                s->peak = c0;
                 for (int t = 0; t < gen; t++)
                     if (decode_step(m, pool, s, 1, &fl, lg, batch, per_seq + 8) != 0)
                         break;
-                c1 = blocks_held(s);
+                c1 = s->peak; /* the tail block and new pages exist during a step */
                 reserve_each = c1 > c0 ? c1 - c0 : 0;
                 seq_free(s, &fl);
                 n--;
@@ -324,15 +328,16 @@ int main(int argc, char **argv)
         if (fi == 0)
             fp_eq_tps = tps_eq;
         printf("%-6s %12.0f %6d -> %3d %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n",
-               rt_kv_format_name(fmts[fi]), bpt, c0, c1, n, (double)n / n_fp_cap, (double)n / (2.0 * n_fp_cap), tps_eq,
-               tps_eq / fp_eq_tps, tps_cap,
+               rt_kv_format_name(fmts[fi]), bpt, c0, c1, n, (double)n / n_fp_cap,
+               (double)n / (2.0 * n_fp_cap), tps_eq, tps_eq / fp_eq_tps, tps_cap,
                steps < gen / 2 || steps2 < gen / 2 ? "  (ran out of blocks while decoding)" : "");
         for (int i = 0; i < n; i++)
             seq_free(&seqs[i], &fl);
     }
-    printf("\nbytes/token: pool bytes held per prompt token after compression (all layers, K+V,"
-           " incl. partly filled pages); blocks/seq: held after the prompt -> after gen tokens;"
-           " fp f16-equiv = twice fp's count\n");
+    printf(
+        "\nbytes/token: pool bytes held per prompt token after compression (all layers, K+V,"
+        " incl. partly filled pages); blocks/seq: held after the prompt -> at most while decoding;"
+        " fp f16-equiv = twice fp's count\n");
     free(lg);
     free(batch);
     free(fl.stack);

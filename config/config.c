@@ -55,7 +55,7 @@ typedef struct {
         .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
         .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_, .json_object = true     \
     }
-#define INTLIST(field, flag_, arg_, help_, doc_)                                                    \
+#define INTLIST(field, flag_, arg_, help_, doc_)                                                   \
     {                                                                                              \
         .name = #field, .flag = flag_, .kind = K_STR, .off = offsetof(cfg_config, field),          \
         .cap = FIELD_SIZE(field), .arg = arg_, .help = help_, .doc = doc_, .int_list = true        \
@@ -872,8 +872,9 @@ char *cfg_schema_json(void)
         env_name(k, env, sizeof(env));
         json_t *o = json_object();
         json_object_set_new(o, "key", json_string(k->name));
-        json_object_set_new(o, "type", json_string(k->int_list ? "array of integers or string"
-                                                                : kind_name(k->kind)));
+        json_object_set_new(
+            o, "type",
+            json_string(k->int_list ? "array of integers or string" : kind_name(k->kind)));
         json_object_set_new(o, "default", value_json(&d, k, false));
         if (k->kind == K_INT || k->kind == K_INT64) {
             json_object_set_new(o, "min", json_integer(k->min));
@@ -1157,8 +1158,7 @@ int cfg_validate(const cfg_config *c, char *err, size_t errlen)
     }
     if (strcmp(c->device, "auto") != 0 && strcmp(c->device, "cpu") != 0 &&
         strcmp(c->device, "cuda") != 0) {
-        snprintf(err, errlen, "config key 'device': '%s' is not one of auto, cpu, cuda",
-                 c->device);
+        snprintf(err, errlen, "config key 'device': '%s' is not one of auto, cpu, cuda", c->device);
         return -1;
     }
     int ids[CFG_DEVICES_MAX];

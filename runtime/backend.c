@@ -110,8 +110,9 @@ int rt_backend_select(const rt_device_request *req, rt_backend_choice *out, char
     out->device = dev;
     snprintf(out->device_name, sizeof(out->device_name), "%s", info.name);
     out->device_mem = info.total_mem;
-    snprintf(out->why, sizeof(out->why), "cuda (device %d: %.100s, %.1f GiB, sm_%d%d; device \"%s\")",
-             dev, info.name, (double)info.total_mem / 1073741824.0, info.cc_major, info.cc_minor,
+    snprintf(out->why, sizeof(out->why),
+             "cuda (device %d: %.100s, %.1f GiB, sm_%d%d; device \"%s\")", dev, info.name,
+             (double)info.total_mem / 1073741824.0, info.cc_major, info.cc_minor,
              req->pref == RT_DEVICE_CUDA ? "cuda" : "auto");
     return 0;
 #else

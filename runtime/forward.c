@@ -89,8 +89,10 @@ static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *
             return -1;
         }
         if (b->kvq && (b->kv || m->tp > 1)) {
-            snprintf(err, errlen, "forward: sequence %d: a compressed KV cache needs pool blocks "
-                                  "and tp 1", i);
+            snprintf(err, errlen,
+                     "forward: sequence %d: a compressed KV cache needs pool blocks "
+                     "and tp 1",
+                     i);
             return -1;
         }
         /* Blocks wholly below the compressed positions may have been released. */

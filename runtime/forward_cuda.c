@@ -46,22 +46,16 @@ int rt_cuda_attach(rt_model *m, int device, bool f32_weights, char *err, size_t 
     return -1;
 }
 
-void rt_cuda_detach(rt_model *m)
-{
-}
+void rt_cuda_detach(rt_model *m) {}
 
 int rt_cuda_kv_alloc(rt_cuda *c, rt_kv_pool *p)
 {
     return -1;
 }
 
-void rt_cuda_kv_free(rt_kv_pool *p)
-{
-}
+void rt_cuda_kv_free(rt_kv_pool *p) {}
 
-void rt_cuda_kv_copy_block(rt_kv_pool *p, int src, int dst)
-{
-}
+void rt_cuda_kv_copy_block(rt_kv_pool *p, int src, int dst) {}
 
 int rt_cuda_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen)
 {
@@ -103,11 +97,11 @@ typedef struct {
 /* Consecutive sequences of a step that share a pool. */
 typedef struct {
     rt_kv_pool *pool;
-    int s0, n;        /* sequences s0 .. s0 + n - 1 */
-    int row0, rows;   /* their token rows in the step */
+    int s0, n;      /* sequences s0 .. s0 + n - 1 */
+    int row0, rows; /* their token rows in the step */
     int max_q, max_ctx;
-    int stride;       /* block-table entries per sequence */
-    size_t q_start;   /* offsets into the step's meta array */
+    int stride;     /* block-table entries per sequence */
+    size_t q_start; /* offsets into the step's meta array */
     size_t ctx_len;
     size_t blocks;
 } pool_group;
@@ -123,8 +117,8 @@ struct rt_cuda {
     pthread_t thread;
     pthread_mutex_t mu;
     pthread_cond_t cv;
-    bool busy;    /* a caller owns the slot, from handing in a job to taking its result */
-    job_fn job;   /* the job waiting for the device thread, or NULL */
+    bool busy;  /* a caller owns the slot, from handing in a job to taking its result */
+    job_fn job; /* the job waiting for the device thread, or NULL */
     void *job_arg;
     bool job_done;
     int job_rc;
@@ -142,11 +136,11 @@ struct rt_cuda {
     int n_half, n_bf16, n_f32; /* matrices by device type (for the load line) */
 
     float *x, *xb, *q, *k, *v, *att, *proj, *gate, *up; /* [T, width] scratch */
-    float *last, *logits;                                /* [LOGIT_ROWS, dim / n_vocab] */
-    float *h_logits;                                     /* pinned [LOGIT_ROWS, n_vocab] */
-    int32_t *meta, *h_meta;                              /* the step's int32 inputs */
-    size_t meta_cap;                                     /* int32s of both */
-    pool_group *groups;                                  /* [max_batch_tokens] */
+    float *last, *logits;                               /* [LOGIT_ROWS, dim / n_vocab] */
+    float *h_logits;                                    /* pinned [LOGIT_ROWS, n_vocab] */
+    int32_t *meta, *h_meta;                             /* the step's int32 inputs */
+    size_t meta_cap;                                    /* int32s of both */
+    pool_group *groups;                                 /* [max_batch_tokens] */
     bool warned_policy; /* the sparse-prefill fallback's log line was printed */
 
     /* The step being run (job_step's arguments, for its helpers). */
@@ -297,8 +291,7 @@ static int upload_weight(rt_cuda *c, const rt_weight *w, int N, int K, dev_weigh
 {
     const size_t n = (size_t)N * (size_t)K;
     memset(out, 0, sizeof(*out));
-    if ((w->type == KERN_TYPE_F16 || w->type == KERN_TYPE_BF16) &&
-        w->row_bytes == (size_t)K * 2) {
+    if ((w->type == KERN_TYPE_F16 || w->type == KERN_TYPE_BF16) && w->row_bytes == (size_t)K * 2) {
         out->type = w->type;
         out->data = weight_alloc(c, n * 2, what);
         if (!out->data)
@@ -374,8 +367,8 @@ static void free_all(rt_cuda *c)
     free(c->allocs);
     c->allocs = NULL;
     c->n_allocs = c->cap_allocs = 0;
-    float *bufs[] = {c->x, c->xb, c->q, c->k, c->v, c->att, c->proj, c->gate, c->up, c->last,
-                     c->logits};
+    float *bufs[] = {c->x,    c->xb,   c->q,  c->k,    c->v,     c->att,
+                     c->proj, c->gate, c->up, c->last, c->logits};
     for (size_t i = 0; i < sizeof(bufs) / sizeof(bufs[0]); i++)
         kern_cuda_free(bufs[i]);
     kern_cuda_free(c->meta);
@@ -430,9 +423,12 @@ static int upload_model(rt_cuda *c)
             int N, K;
             const char *name;
         } mats[] = {
-            {&L->wq, &D->wq, qd, dim, "attn_q"},          {&L->wk, &D->wk, kvd, dim, "attn_k"},
-            {&L->wv, &D->wv, kvd, dim, "attn_v"},         {&L->wo, &D->wo, dim, qd, "attn_output"},
-            {&L->w_gate, &D->w_gate, ffn, dim, "ffn_gate"}, {&L->w_up, &D->w_up, ffn, dim, "ffn_up"},
+            {&L->wq, &D->wq, qd, dim, "attn_q"},
+            {&L->wk, &D->wk, kvd, dim, "attn_k"},
+            {&L->wv, &D->wv, kvd, dim, "attn_v"},
+            {&L->wo, &D->wo, dim, qd, "attn_output"},
+            {&L->w_gate, &D->w_gate, ffn, dim, "ffn_gate"},
+            {&L->w_up, &D->w_up, ffn, dim, "ffn_up"},
             {&L->w_down, &D->w_down, dim, ffn, "ffn_down"},
         };
         for (size_t i = 0; i < sizeof(mats) / sizeof(mats[0]); i++) {
@@ -783,9 +779,9 @@ static int layer_forward(rt_cuda *c, int l, int T, int n_groups)
         const pool_group *g = &c->groups[gi];
         const size_t layer_off = (size_t)l * pool_layer_floats(g->pool);
         float *kc = g->pool->k + layer_off, *vc = g->pool->v + layer_off;
-        keep(&rc, kern_cuda_kv_store_f32(kc, vc, kvd, c->k + (size_t)g->row0 * kvd,
-                                         c->v + (size_t)g->row0 * kvd, kvd, slots + g->row0,
-                                         g->rows));
+        keep(&rc,
+             kern_cuda_kv_store_f32(kc, vc, kvd, c->k + (size_t)g->row0 * kvd,
+                                    c->v + (size_t)g->row0 * kvd, kvd, slots + g->row0, g->rows));
         const kern_cuda_attn_varlen a = {
             .q = c->q + (size_t)g->row0 * qd,
             .k = kc,
@@ -839,9 +835,9 @@ static int logits_out(rt_cuda *c)
             row += c->seqs[i].n_tokens;
             if (!c->seqs[i].logits)
                 continue;
-            keep(&rc, kern_cuda_rmsnorm_f32(c->last + (size_t)n * dim,
-                                            c->x + (size_t)(row - 1) * dim, c->output_norm, 1,
-                                            dim, hp->norm_eps));
+            keep(&rc,
+                 kern_cuda_rmsnorm_f32(c->last + (size_t)n * dim, c->x + (size_t)(row - 1) * dim,
+                                       c->output_norm, 1, dim, hp->norm_eps));
             want[n++] = &c->seqs[i];
         }
         if (n == 0)
@@ -902,8 +898,9 @@ static int job_step(rt_cuda *c, void *arg)
                             "(sparse prefill kernels are CPU-only for now)\n");
         }
         if (c->seqs[i].kvq) /* refused at admission (rt_kvq_check); never reaches here */
-            return job_fail(c, "forward (cuda): sequence %d: compressed KV caches run on the CPU "
-                               "backend only",
+            return job_fail(c,
+                            "forward (cuda): sequence %d: compressed KV caches run on the CPU "
+                            "backend only",
                             i);
     }
     size_t n_meta = 0;

@@ -71,9 +71,9 @@ struct rt_kvq {
     int32_t *blocks;
     int n_blocks, blocks_cap, n_used;
     /* zip */
-    float *stats;   /* [n_layers][2][KERN_KVQ_STATS_FLOATS(kv_dim)] */
-    float *colsum;  /* [n_layers][H * L] prompt probe sums; freed after compression */
-    float *window;  /* [H * flush_tokens] a flush's window sums (one layer at a time) */
+    float *stats;  /* [n_layers][2][KERN_KVQ_STATS_FLOATS(kv_dim)] */
+    float *colsum; /* [n_layers][H * L] prompt probe sums; freed after compression */
+    float *window; /* [H * flush_tokens] a flush's window sums (one layer at a time) */
     int32_t *probes;
     int n_probes;
     float *scores;  /* [H * max(L, flush)] */
@@ -346,7 +346,7 @@ int rt_kvq_set_blocks(rt_kvq *q, const int32_t *ids, int n)
     for (int i = 0; i < q->n_used; i++)
         if (ids[i] != q->blocks[i])
             return -1; /* the pages already written must stay where they are */
-    if (n > 0) /* memcpy's pointers must not be NULL even for 0 bytes (UBSan) */
+    if (n > 0)         /* memcpy's pointers must not be NULL even for 0 bytes (UBSan) */
         memcpy(q->blocks, ids, sizeof(int32_t) * (size_t)n);
     q->n_blocks = n;
     return 0;
@@ -526,8 +526,7 @@ int rt_kvq_attend(rt_kvq *q, kern_pool *pool, int l, const kern_attn_args *a, ch
         .n_q = a->n_q,
         .ctx_len = ctx,
     };
-    const kern_kvq_attn_args qa = {
-        .g = q->g_fp, .n_heads = a->n_heads, .seqs = &s, .n_seqs = 1};
+    const kern_kvq_attn_args qa = {.g = q->g_fp, .n_heads = a->n_heads, .seqs = &s, .n_seqs = 1};
     return kern_attention_decode_quant(pool, &qa, err, errlen);
 }
 
@@ -564,10 +563,10 @@ static int pack_class(rt_kvq *q, int l, int c, const kern_kvq_src *ks, const ker
             part.idx = sel.idx + done;
         else
             part.first = sel.first + done;
-        if (kern_kvq_pack(page_at(q, l, id, KERN_KVQ_K), KERN_KVQ_K, k->fmt, &k->g, slot, ks,
-                          &part, stats, err, errlen) != 0 ||
-            kern_kvq_pack(page_at(q, l, id, KERN_KVQ_V), KERN_KVQ_V, k->fmt, &k->g, slot, vs,
-                          &part, stats, err, errlen) != 0)
+        if (kern_kvq_pack(page_at(q, l, id, KERN_KVQ_K), KERN_KVQ_K, k->fmt, &k->g, slot, ks, &part,
+                          stats, err, errlen) != 0 ||
+            kern_kvq_pack(page_at(q, l, id, KERN_KVQ_V), KERN_KVQ_V, k->fmt, &k->g, slot, vs, &part,
+                          stats, err, errlen) != 0)
             return -1;
         tok += take;
         done += take;
@@ -585,9 +584,8 @@ static int zip_compress(rt_kvq *q, kern_pool *pool, int l, const kern_kvq_src *k
     if (kern_kvq_saliency_normalize(q->scores, colsum, H, first, n, q->plan.norm, q->plan.norm_L,
                                     q->probes, q->n_probes, q->kp.head_shared, err, errlen) != 0)
         return -1;
-    const int n_sal =
-        kern_kvq_select_salient(q->order, q->scores, H, first, n, q->kp.salient_fraction, err,
-                                errlen);
+    const int n_sal = kern_kvq_select_salient(q->order, q->scores, H, first, n,
+                                              q->kp.salient_fraction, err, errlen);
     if (n_sal < 0)
         return -1;
     if (n_sal != q->add[0])
@@ -611,9 +609,9 @@ static int zip_compress(rt_kvq *q, kern_pool *pool, int l, const kern_kvq_src *k
         const int cnt = c == 0 ? n_sal : n - n_sal;
         if (c == 1)
             q->n_used = saved + pages_for(&q->cls[0], q->add[0]);
-        if (cnt > 0 && pack_class(q, l, c, ks, vs,
-                                  (kern_kvq_sel){q->order + (c == 0 ? 0 : n_sal), n, 0, cnt}, err,
-                                  errlen) != 0) {
+        if (cnt > 0 &&
+            pack_class(q, l, c, ks, vs, (kern_kvq_sel){q->order + (c == 0 ? 0 : n_sal), n, 0, cnt},
+                       err, errlen) != 0) {
             q->n_used = saved;
             return -1;
         }

@@ -135,16 +135,15 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
                 for (; jv < j1; jv++)
                     a0 = _mm256_fmadd_ps(_mm256_set1_ps(sg[jv]),
                                          _mm256_loadu_ps(a->v + off[jv - j0]), a0);
-                _mm256_storeu_ps(acc[g], _mm256_add_ps(_mm256_add_ps(a0, a1),
-                                                       _mm256_add_ps(a2, a3)));
+                _mm256_storeu_ps(acc[g],
+                                 _mm256_add_ps(_mm256_add_ps(a0, a1), _mm256_add_ps(a2, a3)));
             } else if (hd % 8 == 0) {
                 for (; jv < j1; jv++) {
                     const __m256 p8 = _mm256_set1_ps(s[g][jv - j0]);
                     const float *v = a->v + off[jv - j0];
                     for (int i = 0; i < hd; i += 8)
-                        _mm256_storeu_ps(acc[g] + i,
-                                         _mm256_fmadd_ps(p8, _mm256_loadu_ps(v + i),
-                                                         _mm256_loadu_ps(acc[g] + i)));
+                        _mm256_storeu_ps(acc[g] + i, _mm256_fmadd_ps(p8, _mm256_loadu_ps(v + i),
+                                                                     _mm256_loadu_ps(acc[g] + i)));
                 }
             }
 #endif

@@ -116,9 +116,10 @@ static void matvec_task(void *ctx, int t, int n_tasks)
                     const float *pf = r + 8 + call < r1 && call < 8
                                           ? j->w + (size_t)(r + 8 + call) * j->ldw
                                           : NULL;
-                    dot4x2(j->y + (size_t)m * j->ldy + r + h, j->y + (size_t)(m + 1) * j->ldy + r + h,
-                           j->x + (size_t)m * j->ldx, j->x + (size_t)(m + 1) * j->ldx,
-                           wr + (size_t)h * j->ldw, j->K, j->ldw, pf);
+                    dot4x2(j->y + (size_t)m * j->ldy + r + h,
+                           j->y + (size_t)(m + 1) * j->ldy + r + h, j->x + (size_t)m * j->ldx,
+                           j->x + (size_t)(m + 1) * j->ldx, wr + (size_t)h * j->ldw, j->K, j->ldw,
+                           pf);
                 }
             for (; m < j->M; m++)
                 dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K,

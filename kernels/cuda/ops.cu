@@ -143,8 +143,8 @@ extern "C" int kern_cuda_add_rows_f32(float *y, const float *b, int rows, int n)
 /* ---- KV store ---- */
 
 /* One block per row: k and v row r into cache row slots[r]. */
-__global__ void kv_store_kernel(float *kc, float *vc, int kv_stride, const float *k,
-                                const float *v, int kvd, const int32_t *slots)
+__global__ void kv_store_kernel(float *kc, float *vc, int kv_stride, const float *k, const float *v,
+                                int kvd, const int32_t *slots)
 {
     const size_t r = blockIdx.x;
     const int32_t slot = slots[r];
@@ -158,17 +158,17 @@ __global__ void kv_store_kernel(float *kc, float *vc, int kv_stride, const float
     }
 }
 
-extern "C" int kern_cuda_kv_store_f32(float *k_cache, float *v_cache, int kv_stride,
-                                      const float *k, const float *v, int kvd,
-                                      const int32_t *slots, int rows)
+extern "C" int kern_cuda_kv_store_f32(float *k_cache, float *v_cache, int kv_stride, const float *k,
+                                      const float *v, int kvd, const int32_t *slots, int rows)
 {
     kc_ctx *c;
     int rc = kc_need_ctx(&c, "kv_store");
     if (rc || rows == 0)
         return rc;
     if (rows < 0 || kvd <= 0 || kv_stride < kvd || !k_cache || !v_cache || !k || !v || !slots)
-        return kc_fail(KERN_CUDA_E_ARG, "kv_store: rows %d, kvd %d, kv_stride %d, or a NULL pointer",
-                       rows, kvd, kv_stride);
+        return kc_fail(KERN_CUDA_E_ARG,
+                       "kv_store: rows %d, kvd %d, kv_stride %d, or a NULL pointer", rows, kvd,
+                       kv_stride);
     kv_store_kernel<<<(unsigned)rows, ROW_THREADS, 0, kc_stream(c)>>>(k_cache, v_cache, kv_stride,
                                                                       k, v, kvd, slots);
     return kc_launched("kv_store launch");
@@ -244,15 +244,14 @@ extern "C" int kern_cuda_rope_neox_f32(float *x, const int32_t *pos, int rows, i
 }
 
 extern "C" int kern_cuda_rope_table_f32(float *x, const int32_t *pos, int rows, int n_heads,
-                                        int head_dim, int rope_dim, const float *inv_freq,
-                                        int neox)
+                                        int head_dim, int rope_dim, const float *inv_freq, int neox)
 {
     if (!inv_freq && rows > 0)
         return kc_fail(KERN_CUDA_E_ARG, "rope_table: inv_freq is NULL");
-    return neox ? rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq,
-                             "rope_table")
-                : rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq,
-                              "rope_table");
+    return neox
+               ? rope<true>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq, "rope_table")
+               : rope<false>(x, pos, rows, n_heads, head_dim, rope_dim, 0.0f, inv_freq,
+                             "rope_table");
 }
 
 /* ---- conversions ---- */
