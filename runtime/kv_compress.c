@@ -396,14 +396,16 @@ int rt_kvq_begin_step(rt_kvq *q, int n_past, int n_new, char *err, size_t errlen
         split_counts(q, q->plan.n, q->add);
         /* Assign the step's new pages from the handed-in blocks now, so every
          * layer writes the same places. */
+        int need = 0;
         for (int c = 0; c < q->n_classes; c++) {
             const int np = pages_for(&q->cls[c], q->add[c]);
-            if (q->n_used + np > q->n_blocks)
-                return ERR("compressed KV: %d more pages needed, %d blocks handed in", np,
-                           q->n_blocks - q->n_used);
+            need += np;
             if (class_grow(&q->cls[c], np) != 0)
                 return ERR("compressed KV: out of memory");
         }
+        if (q->n_used + need > q->n_blocks)
+            return ERR("compressed KV: %d more pages needed, %d blocks handed in", need,
+                       q->n_blocks - q->n_used);
     }
     q->in_step = true;
     return 0;
@@ -543,19 +545,27 @@ static kern_kvq_src fp_src(const rt_kvq *q, const float *base, const int32_t *bl
                           .len = len};
 }
 
-/* Appends cnt tokens to class c in layer l: the selection's slots i0 .. i0+cnt
- * (sel describes all of them; its idx/first are offset here). */
+/* Where class c's new pages of this step start in the handed-in blocks:
+ * class 0 takes its new pages first, then class 1 (as rt_kvq_end_step
+ * assigns them). */
+static int first_new_block(const rt_kvq *q, int c)
+{
+    return q->n_used + (c == 1 ? pages_for(&q->cls[0], q->add[0]) : 0);
+}
+
+/* Appends the sel.n tokens of sel to class c in layer l, filling its open
+ * page first, then the step's new pages. */
 static int pack_class(rt_kvq *q, int l, int c, const kern_kvq_src *ks, const kern_kvq_src *vs,
                       kern_kvq_sel sel, char *err, size_t errlen)
 {
     kvq_class *k = &q->cls[c];
+    const int new0 = first_new_block(q, c);
     const int B = k->g.block_size;
     int tok = k->n_tokens, done = 0;
     const float *stats = class_stats(q, l, c);
     while (done < sel.n) {
         const int page = tok / B, slot = tok % B;
-        const int32_t id =
-            page < k->n_pages ? k->blk[page] : q->blocks[q->n_used + (page - k->n_pages)];
+        const int32_t id = page < k->n_pages ? k->blk[page] : q->blocks[new0 + (page - k->n_pages)];
         const int take = B - slot < sel.n - done ? B - slot : sel.n - done;
         kern_kvq_sel part = sel;
         part.n = take;
@@ -577,8 +587,8 @@ static int pack_class(rt_kvq *q, int l, int c, const kern_kvq_src *ks, const ker
 /* ZIP compression of [plan.first, plan.first + plan.n) in layer l: scores
  * from the column sums, per-head salient sets, the prompt's statistics (new
  * segment only), then both classes packed. */
-static int zip_compress(rt_kvq *q, kern_pool *pool, int l, const kern_kvq_src *ks,
-                        const kern_kvq_src *vs, const float *colsum, char *err, size_t errlen)
+static int zip_compress(rt_kvq *q, int l, const kern_kvq_src *ks, const kern_kvq_src *vs,
+                        const float *colsum, char *err, size_t errlen)
 {
     const int H = q->g_fp.n_kv_heads, first = q->plan.first, n = q->plan.n;
     if (kern_kvq_saliency_normalize(q->scores, colsum, H, first, n, q->plan.norm, q->plan.norm_L,
@@ -601,22 +611,13 @@ static int zip_compress(rt_kvq *q, kern_pool *pool, int l, const kern_kvq_src *k
                 return -1;
         }
     }
-    (void)pool;
-    /* Class 0's new pages come first in the handed-in blocks, then class 1's:
-     * pack_class addresses new pages from q->n_used, so shift for class 1. */
-    const int saved = q->n_used;
     for (int c = 0; c < 2; c++) {
         const int cnt = c == 0 ? n_sal : n - n_sal;
-        if (c == 1)
-            q->n_used = saved + pages_for(&q->cls[0], q->add[0]);
         if (cnt > 0 &&
             pack_class(q, l, c, ks, vs, (kern_kvq_sel){q->order + (c == 0 ? 0 : n_sal), n, 0, cnt},
-                       err, errlen) != 0) {
-            q->n_used = saved;
+                       err, errlen) != 0)
             return -1;
-        }
     }
-    q->n_used = saved;
     return 0;
 }
 
@@ -681,5 +682,5 @@ int rt_kvq_after_attention(rt_kvq *q, kern_pool *pool, int l, const kern_attn_ar
     if (!sums)
         return ERR("compressed KV: no saliency scores for the %s",
                    pl->action == KERN_KVQ_ACT_COMPRESS_PROMPT ? "prompt" : "flush");
-    return zip_compress(q, pool, l, &ks, &vs, sums, err, errlen);
+    return zip_compress(q, l, &ks, &vs, sums, err, errlen);
 }

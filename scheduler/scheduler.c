@@ -67,7 +67,7 @@ struct sched_request {
     bool started; /* sampler and logits exist */
     bool running;
     sched_block_table bt;
-    rt_kvq *kvq;          /* compressed KV state, or NULL (fp) */
+    rt_kvq *kvq;           /* compressed KV state, or NULL (fp) */
     sched_block_table cbt; /* the pool blocks holding its compressed pages */
     rt_sampler sampler;
     float *logits;

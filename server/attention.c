@@ -318,8 +318,9 @@ int srv_attention_conf_parse(srv_attention_conf *c, const char *text, char *err,
         } else if (strcmp(key, "kv_cache_formats") == 0) {
             /* Which formats requests may choose (the default is always served). */
             if (!json_is_array(v) || json_array_size(v) == 0) {
-                snprintf(err, errlen, "config key 'attention.kv_cache_formats': must be a "
-                                      "non-empty array of fp, int8, int4, zip");
+                snprintf(err, errlen,
+                         "config key 'attention.kv_cache_formats': must be a "
+                         "non-empty array of fp, int8, int4, zip");
                 goto done;
             }
             bool kv[RT_KV_N_FORMATS] = {false};

@@ -16,8 +16,8 @@
  * "*" for all), "bounds" ({"flex.gamma": [0.5, 1], ...}) and
  * "auto_min_prompt_tokens" (prompts at least this long use flex under
  * "auto") and "kv_cache_formats" (the KV formats requests may choose; all by
- * default, and the default format always). A request field outside its bounds or not allowed gets 400 naming
- * it (e.g. param "attention.flex.gamma").
+ * default, and the default format always). A request field outside its bounds or not allowed gets
+ * 400 naming it (e.g. param "attention.flex.gamma").
  */
 #ifndef SIEVE_SERVER_ATTENTION_H
 #define SIEVE_SERVER_ATTENTION_H

@@ -88,10 +88,10 @@ typedef struct conn {
     char id[40];
     long created;
     double t_start;
-    bool closed;     /* MHD finished with it while the engine still ran */
+    bool closed;         /* MHD finished with it while the engine still ran */
     struct sockwatch *w; /* its connection's socket watch, while MHD has the request */
     bool suspended;      /* MHD_suspend_connection'd */
-    int http_status; /* for the access log */
+    int http_status;     /* for the access log */
     char method[8];
     char path[128];
     int log_prompt_tokens, log_completion_tokens;

@@ -100,9 +100,7 @@ int kern_cuda_current_device(void)
     return t_device;
 }
 
-void kern_cuda_set_timeout_ms(int ms)
-{
-}
+void kern_cuda_set_timeout_ms(int ms) {}
 
 int kern_cuda_sync(char *err, size_t errlen)
 {
@@ -216,9 +214,7 @@ int kern_cuda_graph_launch(kern_cuda_graph *g)
     return KERN_CUDA_E_STATE;
 }
 
-void kern_cuda_graph_destroy(kern_cuda_graph *g)
-{
-}
+void kern_cuda_graph_destroy(kern_cuda_graph *g) {}
 
 int kern_cuda_rmsnorm_f32(float *out, const float *x, const float *w, int rows, int dim, float eps)
 {

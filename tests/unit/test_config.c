@@ -1027,8 +1027,9 @@ static void test_config_device_keys(void **state)
     assert_int_equal(cfg_devices(&c, ids, CFG_DEVICES_MAX), -1);
     assert_int_equal(cfg_validate(&c, err, sizeof err), 0);
 
-    assert_int_equal(load(&c, "{\"device\": \"cuda\", \"devices\": [2, 0], "
-                              "\"tensor_parallel_size\": 2}",
+    assert_int_equal(load(&c,
+                          "{\"device\": \"cuda\", \"devices\": [2, 0], "
+                          "\"tensor_parallel_size\": 2}",
                           err, sizeof err),
                      0);
     assert_string_equal(c.device, "cuda");

@@ -126,8 +126,8 @@ static void test_backend_select_follows_the_rules(void **state)
     rt_device_request empty = {.pref = RT_DEVICE_AUTO, .devices = none, .n_devices = 0, .tp = 1};
     assert_int_equal(rt_backend_select(&empty, &ch, err, sizeof(err)), 0);
     assert_int_equal(ch.backend, RT_BACKEND_CPU);
-    assert_non_null(strstr(ch.why, rt_backend_cuda_built() ? "devices list is empty"
-                                                           : "built without CUDA"));
+    assert_non_null(
+        strstr(ch.why, rt_backend_cuda_built() ? "devices list is empty" : "built without CUDA"));
 
     rt_device_request tp2 = {.pref = RT_DEVICE_AUTO, .n_devices = -1, .tp = 2};
     assert_int_equal(rt_backend_select(&tp2, &ch, err, sizeof(err)), 0);
@@ -142,8 +142,8 @@ static void test_backend_select_follows_the_rules(void **state)
         assert_true(ch.device_name[0] != 0);
         print_message("auto: %s\n", ch.why);
         const int absent[1] = {63};
-        rt_device_request bad = {.pref = RT_DEVICE_CUDA, .devices = absent, .n_devices = 1,
-                                 .tp = 1};
+        rt_device_request bad = {
+            .pref = RT_DEVICE_CUDA, .devices = absent, .n_devices = 1, .tp = 1};
         assert_int_equal(rt_backend_select(&bad, &ch, err, sizeof(err)), -1);
         assert_non_null(strstr(err, "device 63 is not present"));
         cuda.tp = 2;
@@ -293,8 +293,8 @@ static void test_cuda_f16_logits_follow_the_cpu(void **state)
         int32_t prompt[256], cont[64];
         const int np = json_ids(json_object_get(c, "prompt_token_ids"), prompt, 256);
         const int nc = json_ids(json_object_get(c, "completion_token_ids"), cont, 64);
-        worst = fmax(worst, compare_along(gpu, cpu, prompt, np, cont, nc, F16_LOGIT_TOL, &hard,
-                                          &soft));
+        worst =
+            fmax(worst, compare_along(gpu, cpu, prompt, np, cont, nc, F16_LOGIT_TOL, &hard, &soft));
         steps += nc + 1;
     }
     print_message("f16 weights: worst logit error %.3g (tolerance %.3g) over %d steps; greedy "
@@ -342,7 +342,8 @@ static void test_cuda_pool_batches_match_the_cpu(void **state)
         for (int j = 0; j < PER; j++)
             blocks[s][j] = s + NS * j;
     const int V = rt_model_hparams(cpu)->n_vocab;
-    float *lg = malloc(sizeof(float) * NS * (size_t)V), *lc = malloc(sizeof(float) * NS * (size_t)V);
+    float *lg = malloc(sizeof(float) * NS * (size_t)V),
+          *lc = malloc(sizeof(float) * NS * (size_t)V);
     int32_t toks[NS][40];
     for (int s = 0; s < NS; s++)
         for (int t = 0; t < 40; t++)
@@ -379,14 +380,18 @@ static void test_cuda_pool_batches_match_the_cpu(void **state)
     rt_kv_pool_copy_block(pg, blocks[0][0], 39);
     rt_kv_pool_copy_block(pc, blocks[0][0], 39);
     blocks[0][0] = 39;
-    rt_seq_batch bg = {.tokens = toks[0] + past[0], .n_tokens = 1, .logits = lg, .pool = pg,
-                       .blocks = blocks[0], .n_blocks = PER, .n_past = past[0]};
+    rt_seq_batch bg = {.tokens = toks[0] + past[0],
+                       .n_tokens = 1,
+                       .logits = lg,
+                       .pool = pg,
+                       .blocks = blocks[0],
+                       .n_blocks = PER,
+                       .n_past = past[0]};
     rt_seq_batch bc = bg;
     bc.pool = pc;
     bc.logits = lc;
     worst = fmax(worst, step_both(gpu, cpu, &bg, &bc, 1));
-    print_message("pool batches: worst logit error %.3g (tolerance %.3g)\n", worst,
-                  F32_LOGIT_TOL);
+    print_message("pool batches: worst logit error %.3g (tolerance %.3g)\n", worst, F32_LOGIT_TOL);
     assert_true(worst <= F32_LOGIT_TOL);
     free(lg);
     free(lc);
@@ -407,8 +412,12 @@ static void test_cuda_step_error_fails_the_step_only(void **state)
     rt_kv_pool *host = rt_kv_pool_create(cpu, 4, 16); /* not on the device */
     const int32_t blocks[1] = {0}, tok[2] = {1, 403};
     float *logits = malloc(sizeof(float) * (size_t)rt_model_hparams(gpu)->n_vocab);
-    rt_seq_batch b = {.tokens = tok, .n_tokens = 2, .logits = logits, .pool = host,
-                      .blocks = blocks, .n_blocks = 1};
+    rt_seq_batch b = {.tokens = tok,
+                      .n_tokens = 2,
+                      .logits = logits,
+                      .pool = host,
+                      .blocks = blocks,
+                      .n_blocks = 1};
     char err[512] = "";
     assert_int_equal(rt_forward(gpu, &b, 1, err, sizeof(err)), -1);
     assert_non_null(strstr(err, "not on device"));
@@ -498,8 +507,8 @@ static void test_cuda_extra_models_follow_the_cpu(void **state)
             const double worst = compare_along(gpu, cpu, prompt, 48, cont, 16, tol, &hard, &soft);
             print_message("%s (%s, neox %d, bias %d): %s device weights: worst logit error "
                           "%.3g, greedy differs at %d steps (%d near-ties)\n",
-                          p, hp->arch, hp->rope_neox, hp->qkv_bias, f32 ? "f32" : "default",
-                          worst, hard + soft, soft);
+                          p, hp->arch, hp->rope_neox, hp->qkv_bias, f32 ? "f32" : "default", worst,
+                          hard + soft, soft);
             assert_true(worst <= tol);
             rt_model_destroy(gpu);
         }

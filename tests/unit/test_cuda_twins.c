@@ -345,8 +345,10 @@ static void case_kv_store(void)
     float *v = random_floats((size_t)rows * kvd, -2.0f, 2.0f);
     float *kc = random_floats(cache_n, -1.0f, 1.0f), *vc = random_floats(cache_n, -1.0f, 1.0f);
     float *got = xmalloc(sizeof(float) * cache_n);
-    float *dkc = dev_from(kc, sizeof(float) * cache_n), *dvc = dev_from(vc, sizeof(float) * cache_n);
-    float *dk = dev_from(k, sizeof(float) * rows * kvd), *dv = dev_from(v, sizeof(float) * rows * kvd);
+    float *dkc = dev_from(kc, sizeof(float) * cache_n),
+          *dvc = dev_from(vc, sizeof(float) * cache_n);
+    float *dk = dev_from(k, sizeof(float) * rows * kvd),
+          *dv = dev_from(v, sizeof(float) * rows * kvd);
     int32_t *dslots = dev_from(slots, sizeof(slots));
     const int off = 32; /* the rank's first column */
     for (int r = 0; r < rows; r++) {

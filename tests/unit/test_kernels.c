@@ -166,7 +166,7 @@ static void test_matmul_gemm_with_row_strides_matches_ref(void **state)
     check_matmul(pool4, 7, 33, 65, 80, 40);
     check_matmul(pool4, 2, 256, 128, 128, 256);
     check_matmul(pool4, 5, 40, 64, 72, 48); /* odd rows of x: pairs, then one alone */
-    check_matmul(NULL, 16, 64, 64, 64, 64);  /* a 16-sequence decode batch of stories260K */
+    check_matmul(NULL, 16, 64, 64, 64, 64); /* a 16-sequence decode batch of stories260K */
     check_matmul(NULL, 64, 96, 288, 300, 100);
 }
 

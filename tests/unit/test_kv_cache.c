@@ -22,8 +22,8 @@
 
 #define N_GEN 32
 #define BS 16
-#define FP_BLOCKS 64     /* fp table: blocks [0, 64) */
-#define POOL_BLOCKS 256  /* compressed pages from block 64 on */
+#define FP_BLOCKS 64    /* fp table: blocks [0, 64) */
+#define POOL_BLOCKS 256 /* compressed pages from block 64 on */
 
 typedef struct {
     rt_model *model;
@@ -115,7 +115,7 @@ static void run(fixture *f, const rt_kv_policy *pol, const int32_t *prompt, int 
     }
     int n_past = 0, released = 0;
     int32_t tok;
-    for (int step = 0;; step++) {
+    for (;;) {
         const int32_t *toks;
         int n;
         if (n_past < np) {
@@ -128,7 +128,6 @@ static void run(fixture *f, const rt_kv_policy *pol, const int32_t *prompt, int 
             tok = feed ? feed[t] : argmax[t];
             toks = &tok;
             n = 1;
-            (void)step;
         }
         if (q) {
             const int need = rt_kvq_blocks_needed(q, n_past, n);
@@ -407,8 +406,8 @@ static void test_mixed_slot_counts_match_reference(void **state)
         const kern_kvq_src ks = {rows_k, (size_t)kvd, NULL, 0, 0, n_tok};
         const kern_kvq_src vs = {rows_v, (size_t)kvd, NULL, 0, 0, n_tok};
         const kern_kvq_sel sel = {NULL, 0, spec[i].first, spec[i].n};
-        assert_int_equal(kern_kvq_pack(mem[2 * i], KERN_KVQ_K, spec[i].fmt, &pg, 0, &ks, &sel,
-                                       NULL, err, sizeof(err)),
+        assert_int_equal(kern_kvq_pack(mem[2 * i], KERN_KVQ_K, spec[i].fmt, &pg, 0, &ks, &sel, NULL,
+                                       err, sizeof(err)),
                          0);
         assert_int_equal(kern_kvq_pack(mem[2 * i + 1], KERN_KVQ_V, spec[i].fmt, &pg, 0, &vs, &sel,
                                        NULL, err, sizeof(err)),
@@ -424,8 +423,8 @@ static void test_mixed_slot_counts_match_reference(void **state)
     float q[3 * 4 * 32], out[3 * 4 * 32], ref[3 * 4 * 32], lse[3 * 4], lse_ref[3 * 4];
     for (int i = 0; i < nq * NH * D; i++)
         q[i] = frand();
-    kern_kvq_seq s = {.q = q, .out = out, .lse = lse, .pages = pages, .n_pages = 4, .n_q = nq,
-                      .ctx_len = n_tok};
+    kern_kvq_seq s = {
+        .q = q, .out = out, .lse = lse, .pages = pages, .n_pages = 4, .n_q = nq, .ctx_len = n_tok};
     kern_kvq_attn_args a = {.g = g, .n_heads = NH, .seqs = &s, .n_seqs = 1};
     kern_pool *pool = kern_pool_create(2);
     assert_int_equal(kern_attention_decode_quant(pool, &a, err, sizeof(err)), 0);
