@@ -200,17 +200,26 @@ static void attend(rt_rank *rk, const rt_seq_batch *b, int l, const kern_attn_ar
     }
 }
 
-/* RoPE on n_heads heads of each of T rows. */
-static void rope(const rt_model *m, float *x, int T, int n_heads)
+/* RoPE on n_heads heads of each of T rows at positions pos. */
+static void rope(const rt_model *m, float *x, const int32_t *pos, int T, int n_heads)
 {
     const rt_hparams *hp = &m->hp;
     if (m->rope_inv_freq)
-        kern_rope_table_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, m->rope_inv_freq,
+        kern_rope_table_f32(x, pos, T, n_heads, hp->head_dim, hp->rope_dim, m->rope_inv_freq,
                             hp->rope_neox);
     else if (hp->rope_neox)
-        kern_rope_neox_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
+        kern_rope_neox_f32(x, pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
     else
-        kern_rope_f32(x, m->pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
+        kern_rope_f32(x, pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
+}
+
+/* Query rows of sequence b in the last layer. Only the last row of a sequence
+ * that wants logits is read after it; every other row needs its K and V alone
+ * (they go to the cache). A sequence with a compressed cache keeps every row:
+ * its packing scores probe rows in every layer. */
+static int last_layer_rows(const rt_seq_batch *b)
+{
+    return b->kvq ? b->n_tokens : b->logits ? 1 : 0;
 }
 
 void rt_forward_rank(rt_model *m, rt_rank *rk)
@@ -233,24 +242,51 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
 
     for (int l = 0; l < hp->n_layers; l++) {
         const rt_layer *L = &rk->layers[l];
+        const bool last = l == hp->n_layers - 1;
         kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
-        matmul(rk, s->q, qd, s->xb, dim, &L->wq, T, qd, dim);
         matmul(rk, s->k, kvd, s->xb, dim, &L->wk, T, kvd, dim);
         matmul(rk, s->v, kvd, s->xb, dim, &L->wv, T, kvd, dim);
+        /* The last layer carries only the rows read after it past K and V
+         * (a prompt chunk without logits: none), gathered in order. */
+        int Tq = T;
+        const float *xq = s->xb;
+        const int32_t *qpos = m->pos;
+        if (last) {
+            int row = 0;
+            Tq = 0;
+            for (int i = 0; i < n_seqs; i++) {
+                const int n = seqs[i].n_tokens, nq = last_layer_rows(&seqs[i]);
+                for (int t = n - nq; t < n; t++)
+                    s->rows[Tq++] = row + t;
+                row += n;
+            }
+            if (Tq < T) {
+                for (int r = 0; r < Tq; r++) {
+                    memcpy(s->proj + (size_t)r * dim, s->xb + (size_t)s->rows[r] * dim,
+                           sizeof(float) * (size_t)dim);
+                    s->pos[r] = m->pos[s->rows[r]];
+                }
+                xq = s->proj;
+                qpos = s->pos;
+            }
+        }
+        if (Tq > 0)
+            matmul(rk, s->q, qd, xq, dim, &L->wq, Tq, qd, dim);
         if (L->bq) {
-            for (int t = 0; t < T; t++) {
+            for (int t = 0; t < Tq; t++)
                 kern_add_f32(s->q + (size_t)t * qd, L->bq, (size_t)qd);
+            for (int t = 0; t < T; t++) {
                 kern_add_f32(s->k + (size_t)t * kvd, L->bk, (size_t)kvd);
                 kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
             }
         }
-        rope(m, s->q, T, rk->n_h);
-        rope(m, s->k, T, rk->n_kvh);
+        rope(m, s->q, qpos, Tq, rk->n_h);
+        rope(m, s->k, m->pos, T, rk->n_kvh);
 
-        int row = 0;
+        int row = 0, qrow = 0;
         for (int i = 0; i < n_seqs; i++) {
             const rt_seq_batch *b = &seqs[i];
-            const int n = b->n_tokens;
+            const int n = b->n_tokens, nq = last ? last_layer_rows(b) : n;
             const size_t layer_off = (size_t)l * (size_t)b->pool->n_blocks *
                                      (size_t)b->pool->block_size * (size_t)kv_full;
             float *kc = b->pool->k + layer_off + kv_off, *vc = b->pool->v + layer_off + kv_off;
@@ -261,12 +297,15 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 memcpy(vc + r * kv_full, s->v + (size_t)(row + t) * kvd,
                        sizeof(float) * (size_t)kvd);
             }
+            row += n;
+            if (nq == 0)
+                continue;
             kern_attn_args a = {
-                .q = s->q + (size_t)row * qd,
+                .q = s->q + (size_t)qrow * qd,
                 .k = kc,
                 .v = vc,
-                .out = s->att + (size_t)row * qd,
-                .n_q = n,
+                .out = s->att + (size_t)qrow * qd,
+                .n_q = nq,
                 .ctx_len = b->n_past + n,
                 .n_heads = rk->n_h,
                 .n_kv_heads = rk->n_kvh,
@@ -275,6 +314,7 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 .blocks = b->blocks,
                 .block_size = b->pool->block_size,
             };
+            qrow += nq;
             if (b->kvq) {
                 /* Once anything is compressed, the sequence's rows read its
                  * pages and fp tail; then the step's plan scores and packs. */
@@ -291,19 +331,28 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             } else {
                 attend(rk, b, l, &a, &rk->stats[i]);
             }
-            row += n;
         }
-        matmul(rk, s->proj, dim, s->att, qd, &L->wo, T, dim, qd);
-        allreduce(m, rk, s->proj, (size_t)T * (size_t)dim);
-        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+        if (Tq < T) {
+            /* The residual stream keeps the same rows as the queries. Every
+             * rank compacts alike, so the all-reduces below agree. */
+            for (int r = 0; r < Tq; r++)
+                if (s->rows[r] != r)
+                    memcpy(s->x + (size_t)r * dim, s->x + (size_t)s->rows[r] * dim,
+                           sizeof(float) * (size_t)dim);
+            if (Tq == 0)
+                break;
+        }
+        matmul(rk, s->proj, dim, s->att, qd, &L->wo, Tq, dim, qd);
+        allreduce(m, rk, s->proj, (size_t)Tq * (size_t)dim);
+        kern_add_f32(s->x, s->proj, (size_t)Tq * dim);
 
-        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, T, dim, hp->norm_eps);
-        matmul(rk, s->gate, ffn, s->xb, dim, &L->w_gate, T, ffn, dim);
-        matmul(rk, s->up, ffn, s->xb, dim, &L->w_up, T, ffn, dim);
-        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)T * ffn);
-        matmul(rk, s->proj, dim, s->gate, ffn, &L->w_down, T, dim, ffn);
-        allreduce(m, rk, s->proj, (size_t)T * (size_t)dim);
-        kern_add_f32(s->x, s->proj, (size_t)T * dim);
+        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, Tq, dim, hp->norm_eps);
+        matmul(rk, s->gate, ffn, s->xb, dim, &L->w_gate, Tq, ffn, dim);
+        matmul(rk, s->up, ffn, s->xb, dim, &L->w_up, Tq, ffn, dim);
+        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)Tq * ffn);
+        matmul(rk, s->proj, dim, s->gate, ffn, &L->w_down, Tq, dim, ffn);
+        allreduce(m, rk, s->proj, (size_t)Tq * (size_t)dim);
+        kern_add_f32(s->x, s->proj, (size_t)Tq * dim);
     }
 }
 
@@ -365,10 +414,11 @@ int rt_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t er
         return -1;
     merge_stats(m, seqs, n_seqs);
 
-    /* Logits only for the last token of the sequences that ask for them. */
+    /* Logits only for the last token of the sequences that ask for them; the
+     * residual stream holds the last layer's rows (last_layer_rows). */
     int n_out = 0, row = 0;
     for (int i = 0; i < n_seqs; i++) {
-        row += seqs[i].n_tokens;
+        row += last_layer_rows(&seqs[i]);
         if (seqs[i].logits)
             kern_rmsnorm_f32(m->last + (size_t)n_out++ * dim, r0->s.x + (size_t)(row - 1) * dim,
                              m->output_norm, 1, dim, hp->norm_eps);

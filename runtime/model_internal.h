@@ -33,14 +33,16 @@ typedef struct {
 /* One rank's scratch of a forward step, sized for max_batch_tokens at load;
  * widths are the rank's shard (qd = its heads x head_dim, and so on). */
 typedef struct {
-    float *x;     /* [T, dim] residual stream (every rank holds the same one) */
-    float *xb;    /* [T, dim] normed input */
-    float *q;     /* [T, qd] */
-    float *k, *v; /* [T, kvd] */
-    float *att;   /* [T, qd] attention output */
-    float *proj;  /* [T, dim] partial output projection, then its all-reduced sum */
-    float *gate;  /* [T, ffn] */
-    float *up;    /* [T, ffn] */
+    float *x;      /* [T, dim] residual stream (every rank holds the same one) */
+    float *xb;     /* [T, dim] normed input */
+    float *q;      /* [T, qd] */
+    float *k, *v;  /* [T, kvd] */
+    float *att;    /* [T, qd] attention output */
+    float *proj;   /* [T, dim] partial output projection, then its all-reduced sum */
+    float *gate;   /* [T, ffn] */
+    float *up;     /* [T, ffn] */
+    int32_t *rows; /* [T] rows the last layer computes past K and V (see forward.c) */
+    int32_t *pos;  /* [T] their positions */
 } rt_scratch;
 
 #define RT_TP_MAX_RANKS 8

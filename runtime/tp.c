@@ -186,9 +186,11 @@ static int alloc_rank(rt_model *m, rt_rank *rk, int threads, char *err, size_t e
     s->proj = calloc(T * dim, sizeof(float));
     s->gate = calloc(T * ffn, sizeof(float));
     s->up = calloc(T * ffn, sizeof(float));
+    s->rows = calloc(T, sizeof(int32_t));
+    s->pos = calloc(T, sizeof(int32_t));
     rk->stats = calloc(T, sizeof(rt_attn_stats));
     if (!s->x || !s->xb || !s->q || !s->k || !s->v || !s->att || !s->proj || !s->gate || !s->up ||
-        !rk->stats)
+        !s->rows || !s->pos || !rk->stats)
         return ERR("model: out of memory for the scratch of %zu batch tokens", T);
     rk->pool = kern_pool_create(threads);
     if (!rk->pool)
@@ -224,6 +226,8 @@ static void free_rank(rt_model *m, rt_rank *rk)
     free(s->proj);
     free(s->gate);
     free(s->up);
+    free(s->rows);
+    free(s->pos);
     free(rk->stats);
 }
 
