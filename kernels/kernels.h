@@ -567,11 +567,11 @@ double kern_sparse_density(const kern_sparse_stats *st);
 /* FlashAttention-style block-sparse causal attention: same shapes, positions and
  * GQA mapping as kern_attention_f32; query row r (position p = ctx_len - n_q + r,
  * query block p / B) of head h attends the keys j <= p whose block is set in its
- * row of m. Work is split into (kv head, query block) tasks; the query heads of a
- * group share each K/V tile and each computes only the blocks its own list
- * holds. Uses about 140 KB of stack per thread. Checks the arguments and the
- * mask (shape, diagonal present, nothing above it) and returns KERN_SPARSE_EINVAL
- * without writing out if they are wrong. */
+ * row of m. Work is split into (kv head, run of query blocks) tasks; the query
+ * heads of a group and up to 256 query rows share each K/V tile and each computes
+ * only the blocks its own list holds. Uses about 170 KB of stack per thread.
+ * Checks the arguments and the mask (shape, diagonal present, nothing above it)
+ * and returns KERN_SPARSE_EINVAL without writing out if they are wrong. */
 int kern_attention_block_sparse_f32(kern_pool *pool, const kern_attn_args *a,
                                     const kern_block_mask *m);
 

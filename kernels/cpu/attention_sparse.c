@@ -3,23 +3,27 @@
  * FlexPrefill and PowerAttention run), its masked double reference, the block
  * mask helpers, and the probe-row attention profiles FlexPrefill selects from.
  *
- * Layout of the fast kernel. A task is (query block, kv head, chunk of up to
- * HEADS_PER_TILE query heads of that kv head's group). It walks its query block
- * in sub-tiles of TILE_ROWS positions. For a sub-tile every head keeps its
+ * Layout of the fast kernel. A task is (kv head, chunk of up to HEADS_PER_TILE
+ * query heads of its group, group of consecutive query blocks); tasks run head
+ * by head so that the two threads read the same K/V. A task walks its query
+ * blocks in streams: one head's sub-tile of TILE_ROWS positions, with its
  * queries transposed (qt[d][row], pre-scaled by 1/sqrt(D)), its output
  * accumulator transposed (ot[d][row]) and a running max m and sum l per row, so
- * all softmax arithmetic is vectorized across rows. K and V are never copied:
- * the micro-kernels broadcast single K/V elements straight from the cache rows
- * (found through the page table), so paging costs one pointer per key and
- * skipped blocks cost nothing. The key blocks of a sub-tile are the union of
- * its heads' mask rows, visited in ascending order; each tile of up to TILE_KEYS
- * keys is computed only for the heads whose own row holds its block, and they
- * all read the same K/V cache lines.
+ * all softmax arithmetic is vectorized across rows. Up to MAX_STREAMS streams
+ * share each key tile: its K/V rows (found through the page table) are copied
+ * once into contiguous buffers, where the micro-kernels broadcast single
+ * elements from L1 (cache rows kv_stride apart would compete for a few L1
+ * sets). The key blocks of a group are the union of its streams' mask rows,
+ * visited in ascending order; each tile of up to TILE_KEYS keys is computed
+ * only for the streams whose own row holds its block, and only up to the
+ * stream's last position, so a diagonal tile costs its unmasked part.
  *
- * Numerics: scores, softmax and accumulators in fp32; for each (row, key) the
- * dot product runs over d in order and each output element accumulates keys in
- * order, whatever the tile composition, so a row's result does not depend on
- * which other rows share its sub-tile (decode equals prefill bit for bit).
+ * Numerics: scores, softmax and accumulators in fp32; the queries carry
+ * log2(e) / sqrt(D), so scores are in base 2 and the softmax takes 2^x (the
+ * same weights, a cheaper exponential). For each (row, key) the dot product
+ * runs over d in order and each output element accumulates keys in order,
+ * whatever the tile composition, so a row's result does not depend on which
+ * other rows share its streams (decode equals prefill bit for bit).
  *
  * Invariants: every mask row holds its diagonal block and nothing above it, and
  * the first key of the diagonal block is <= every row position of the block, so
@@ -31,7 +35,7 @@
 #include <math.h>
 #include <stdlib.h>
 #include <string.h>
-#if defined(__FMA__)
+#if defined(__AVX__)
 #include <immintrin.h>
 #endif
 #if !defined(__AVX__) && defined(__GNUC__) && !defined(__clang__)
@@ -40,9 +44,11 @@
 #pragma GCC diagnostic ignored "-Wpsabi"
 #endif
 
-#define TILE_ROWS 16     /* positions per sub-tile = rows per head = 2 vectors */
-#define TILE_KEYS 64     /* keys per tile */
-#define HEADS_PER_TILE 4 /* query heads sharing a sub-tile's K/V reads */
+#define TILE_ROWS 16             /* positions per sub-tile = rows per head = 2 vectors */
+#define TILE_KEYS 64             /* keys per tile */
+#define HEADS_PER_TILE 4         /* query heads sharing a sub-tile's K/V reads */
+#define MAX_STREAMS 16           /* (head, sub-tile) pairs sharing a loaded K/V tile */
+#define ARENA_FLOATS (41 * 1024) /* a task's streams and K/V tile: 164 KB of stack */
 #define HD_MAX KERN_ATTN_MAX_HEAD_DIM
 #define PROBE_MAX KERN_PROBE_MAX_ROWS
 
@@ -94,9 +100,14 @@ static inline v8 v8_select(v8i mask, v8 a, v8 b)
     return (v8)(((v8i)a & mask) | ((v8i)b & ~mask));
 }
 
+/* a > b ? a : b lane by lane, which is exactly what MAXPS computes. */
 static inline v8 v8_max(v8 a, v8 b)
 {
+#if defined(__AVX__)
+    return (v8)_mm256_max_ps((__m256)a, (__m256)b);
+#else
     return v8_select(a > b, a, b);
+#endif
 }
 
 static inline float v8_hsum(v8 x)
@@ -107,13 +118,40 @@ static inline float v8_hsum(v8 x)
     return s;
 }
 
+#if defined(__AVX__)
+/* r[i] becomes column i of the 8 x 8 matrix whose rows are r[0..8). */
+static inline void v8_transpose(v8 r[8])
+{
+    const __m256 t0 = _mm256_unpacklo_ps((__m256)r[0], (__m256)r[1]);
+    const __m256 t1 = _mm256_unpackhi_ps((__m256)r[0], (__m256)r[1]);
+    const __m256 t2 = _mm256_unpacklo_ps((__m256)r[2], (__m256)r[3]);
+    const __m256 t3 = _mm256_unpackhi_ps((__m256)r[2], (__m256)r[3]);
+    const __m256 t4 = _mm256_unpacklo_ps((__m256)r[4], (__m256)r[5]);
+    const __m256 t5 = _mm256_unpackhi_ps((__m256)r[4], (__m256)r[5]);
+    const __m256 t6 = _mm256_unpacklo_ps((__m256)r[6], (__m256)r[7]);
+    const __m256 t7 = _mm256_unpackhi_ps((__m256)r[6], (__m256)r[7]);
+    const __m256 u0 = _mm256_shuffle_ps(t0, t2, 0x44), u1 = _mm256_shuffle_ps(t0, t2, 0xEE);
+    const __m256 u2 = _mm256_shuffle_ps(t1, t3, 0x44), u3 = _mm256_shuffle_ps(t1, t3, 0xEE);
+    const __m256 u4 = _mm256_shuffle_ps(t4, t6, 0x44), u5 = _mm256_shuffle_ps(t4, t6, 0xEE);
+    const __m256 u6 = _mm256_shuffle_ps(t5, t7, 0x44), u7 = _mm256_shuffle_ps(t5, t7, 0xEE);
+    r[0] = (v8)_mm256_permute2f128_ps(u0, u4, 0x20);
+    r[1] = (v8)_mm256_permute2f128_ps(u1, u5, 0x20);
+    r[2] = (v8)_mm256_permute2f128_ps(u2, u6, 0x20);
+    r[3] = (v8)_mm256_permute2f128_ps(u3, u7, 0x20);
+    r[4] = (v8)_mm256_permute2f128_ps(u0, u4, 0x31);
+    r[5] = (v8)_mm256_permute2f128_ps(u1, u5, 0x31);
+    r[6] = (v8)_mm256_permute2f128_ps(u2, u6, 0x31);
+    r[7] = (v8)_mm256_permute2f128_ps(u3, u7, 0x31);
+}
+#endif
+
 /* exp(x) for x <= 0 (softmax arguments): Cody-Waite reduction to r in
  * [-ln2/2, ln2/2] and a degree-6 polynomial, about 2 ulp; 0 below -87.3 and for
  * -inf; exp(0) is exactly 1. */
 static inline v8 v8_exp(v8 x)
 {
     const v8i under = x < v8_set1(-87.3f);
-    x = v8_select(under, v8_set1(-87.3f), x);
+    x = v8_max(v8_set1(-87.3f), x);          /* -87.3f > x ? -87.3f : x, as under selects */
     const v8 shifter = v8_set1(12582912.0f); /* 1.5 * 2^23: rounds to nearest */
     const v8 n = (x * v8_set1(1.44269504f) + shifter) - shifter;
     v8 r = v8_fma(n, v8_set1(-0.693145752f), x);
@@ -129,12 +167,37 @@ static inline v8 v8_exp(v8 x)
     return (v8)((v8i)(p * (v8)e) & ~under);
 }
 
+/* 2^x for x <= 0, the kernel's softmax in base 2 (scores carry log2(e)):
+ * x = n + r with n = round(x) and r = x - n in [-1/2, 1/2] exactly (no
+ * reduction constant to round), 2^r by its degree-6 Taylor polynomial (error
+ * below 1.2e-7 relative, as v8_exp's), 2^n through the exponent bits; 0 below
+ * -126 and for -inf; 2^0 is exactly 1. Three multiply-adds fewer than v8_exp. */
+static inline v8 v8_exp2(v8 x)
+{
+    const v8i under = x < v8_set1(-126.0f);
+    x = v8_max(v8_set1(-126.0f), x);
+    const v8 shifter = v8_set1(12582912.0f); /* 1.5 * 2^23: rounds to nearest */
+    const v8 n = (x + shifter) - shifter;
+    const v8 r = x - n;
+    v8 p = v8_set1(1.540353039e-4f); /* ln(2)^k / k! */
+    p = v8_fma(p, r, v8_set1(1.333355815e-3f));
+    p = v8_fma(p, r, v8_set1(9.618129108e-3f));
+    p = v8_fma(p, r, v8_set1(5.550410866e-2f));
+    p = v8_fma(p, r, v8_set1(2.402265070e-1f));
+    p = v8_fma(p, r, v8_set1(6.931471806e-1f));
+    p = v8_fma(p, r, v8_set1(1.0f));
+    const v8i e = (__builtin_convertvector(n, v8i) + 127) << 23;
+    return (v8)((v8i)(p * (v8)e) & ~under);
+}
+
 /* ---- micro-kernels on 16-row tiles ---- */
 
-/* st[j][0..16) = sum_d kp[j][d] * qt[d][0..16) for j < nk. */
+/* st[j][0..16) = sum_d kp[j][d] * qt[d][0..16) for j < nk; mx[0] and mx[1]
+ * get the largest score of rows 0..7 and 8..15 (-inf when nk is 0). */
 static void qk_tile(float *restrict st, const float *restrict qt, const float *const *kp, int nk,
-                    int hd)
+                    int hd, v8 mx[2])
 {
+    v8 m0 = v8_set1(-INFINITY), m1 = m0;
     int j = 0;
     for (; j + 4 <= nk; j += 4) {
         const float *k0 = kp[j], *k1 = kp[j + 1], *k2 = kp[j + 2], *k3 = kp[j + 3];
@@ -163,6 +226,8 @@ static void qk_tile(float *restrict st, const float *restrict qt, const float *c
         v8_st(s + 40, b2);
         v8_st(s + 48, a3);
         v8_st(s + 56, b3);
+        m0 = v8_max(v8_max(m0, a0), v8_max(a1, v8_max(a2, a3)));
+        m1 = v8_max(v8_max(m1, b0), v8_max(b1, v8_max(b2, b3)));
     }
     for (; j < nk; j++) {
         const float *k0 = kp[j];
@@ -174,18 +239,68 @@ static void qk_tile(float *restrict st, const float *restrict qt, const float *c
         }
         v8_st(st + 16 * j, a0);
         v8_st(st + 16 * j + 8, b0);
+        m0 = v8_max(m0, a0);
+        m1 = v8_max(m1, b0);
+    }
+    mx[0] = m0;
+    mx[1] = m1;
+}
+
+/* Scores of key k0 + j where key > row position become -inf. */
+static void mask_tile(float *st, int nk, int k0, const v8i pos[2])
+{
+    const v8 ninf = v8_set1(-INFINITY);
+    for (int j = 0; j < nk; j++) {
+        const v8i key = v8i_set1(k0 + j);
+        for (int h = 0; h < 2; h++)
+            v8_st(st + 16 * j + 8 * h, v8_select(key > pos[h], ninf, v8_ld(st + 16 * j + 8 * h)));
     }
 }
 
-/* ot[d][0..16) += sum_j vp[j][d] * pt[j][0..16) for d < hd. */
-static void pv_tile(float *restrict ot, const float *restrict pt, const float *const *vp, int nk,
-                    int hd)
+/* The largest score of rows 0..7 and 8..15 of a tile. */
+static void max_tile(const float *st, int nk, v8 mx[2])
 {
+    for (int h = 0; h < 2; h++) {
+        v8 mt = v8_set1(-INFINITY);
+        for (int j = 0; j < nk; j++)
+            mt = v8_max(mt, v8_ld(st + 16 * j + 8 * h));
+        mx[h] = mt;
+    }
+}
+
+/* Online softmax step, given the tile's largest scores mx: turns st's scores
+ * into 2^(s - m_new), rescales l and returns in corr the factor the
+ * accumulator must be rescaled by. */
+static void softmax_tile(float *st, int nk, const v8 mx[2], v8 m[2], v8 l[2], v8 corr[2])
+{
+    for (int h = 0; h < 2; h++) {
+        const v8 m_new = v8_max(m[h], mx[h]);
+        const v8 m_use = v8_select(m_new == v8_set1(-INFINITY), v8_set1(0.0f), m_new);
+        corr[h] = v8_exp2(m[h] - m_use);
+        v8 sum = {0};
+        for (int j = 0; j < nk; j++) {
+            const v8 p = v8_exp2(v8_ld(st + 16 * j + 8 * h) - m_use);
+            v8_st(st + 16 * j + 8 * h, p);
+            sum += p;
+        }
+        l[h] = l[h] * corr[h] + sum;
+        m[h] = m_new;
+    }
+}
+
+/* ot[d][0..16) = ot[d][0..16) * corr + sum_j vp[j][d] * pt[j][0..16) for d < hd
+ * (corr[0] for rows 0..7, corr[1] for rows 8..15): the online softmax's
+ * rescale, rounded exactly as a separate pass would, folded into the load. */
+static void pv_tile(float *restrict ot, const float *restrict pt, const float *const *vp, int nk,
+                    int hd, const v8 corr[2])
+{
+    const v8 c0 = corr[0], c1 = corr[1];
     int d = 0;
     for (; d + 4 <= hd; d += 4) {
         float *o = ot + 16 * d;
-        v8 a0 = v8_ld(o), b0 = v8_ld(o + 8), a1 = v8_ld(o + 16), b1 = v8_ld(o + 24);
-        v8 a2 = v8_ld(o + 32), b2 = v8_ld(o + 40), a3 = v8_ld(o + 48), b3 = v8_ld(o + 56);
+        v8 a0 = v8_ld(o) * c0, b0 = v8_ld(o + 8) * c1, a1 = v8_ld(o + 16) * c0;
+        v8 b1 = v8_ld(o + 24) * c1, a2 = v8_ld(o + 32) * c0, b2 = v8_ld(o + 40) * c1;
+        v8 a3 = v8_ld(o + 48) * c0, b3 = v8_ld(o + 56) * c1;
         for (int j = 0; j < nk; j++) {
             const v8 p0 = v8_ld(pt + 16 * j), p1 = v8_ld(pt + 16 * j + 8);
             const float *v = vp[j] + d;
@@ -213,7 +328,7 @@ static void pv_tile(float *restrict ot, const float *restrict pt, const float *c
     }
     for (; d < hd; d++) {
         float *o = ot + 16 * d;
-        v8 a0 = v8_ld(o), b0 = v8_ld(o + 8);
+        v8 a0 = v8_ld(o) * c0, b0 = v8_ld(o + 8) * c1;
         for (int j = 0; j < nk; j++) {
             const v8 x = v8_set1(vp[j][d]);
             a0 = v8_fma(x, v8_ld(pt + 16 * j), a0);
@@ -221,40 +336,6 @@ static void pv_tile(float *restrict ot, const float *restrict pt, const float *c
         }
         v8_st(o, a0);
         v8_st(o + 8, b0);
-    }
-}
-
-/* Scores of key k0 + j where key > row position become -inf. */
-static void mask_tile(float *st, int nk, int k0, const v8i pos[2])
-{
-    const v8 ninf = v8_set1(-INFINITY);
-    for (int j = 0; j < nk; j++) {
-        const v8i key = v8i_set1(k0 + j);
-        for (int h = 0; h < 2; h++)
-            v8_st(st + 16 * j + 8 * h, v8_select(key > pos[h], ninf, v8_ld(st + 16 * j + 8 * h)));
-    }
-}
-
-/* Online softmax step: turns st's scores into exp(s - m_new), rescales l and ot. */
-static void softmax_tile(float *st, int nk, v8 m[2], v8 l[2], float *ot, int hd)
-{
-    for (int h = 0; h < 2; h++) {
-        v8 mt = v8_set1(-INFINITY);
-        for (int j = 0; j < nk; j++)
-            mt = v8_max(mt, v8_ld(st + 16 * j + 8 * h));
-        const v8 m_new = v8_max(m[h], mt);
-        const v8 m_use = v8_select(m_new == v8_set1(-INFINITY), v8_set1(0.0f), m_new);
-        const v8 corr = v8_exp(m[h] - m_use);
-        v8 sum = {0};
-        for (int j = 0; j < nk; j++) {
-            const v8 p = v8_exp(v8_ld(st + 16 * j + 8 * h) - m_use);
-            v8_st(st + 16 * j + 8 * h, p);
-            sum += p;
-        }
-        l[h] = l[h] * corr + sum;
-        m[h] = m_new;
-        for (int d = 0; d < hd; d++)
-            v8_st(ot + 16 * d + 8 * h, v8_ld(ot + 16 * d + 8 * h) * corr);
     }
 }
 
@@ -381,84 +462,178 @@ static int check_mask(const kern_block_mask *m, const kern_attn_args *a)
 
 /* ---- the block-sparse kernel ---- */
 
+_Static_assert(MAX_STREAMS >= HEADS_PER_TILE &&
+                   ARENA_FLOATS >= (size_t)HEADS_PER_TILE * 2 * TILE_ROWS * HD_MAX,
+               "the arena holds the state of every head of a task");
+
 typedef struct {
     const kern_attn_args *a;
     const kern_block_mask *m;
-    int group;       /* query heads per kv head */
-    int head_chunks; /* ceil(group / HEADS_PER_TILE) */
-    int per_qblock;  /* tasks per query block: n_kv_heads * head_chunks */
-    float scale;
+    int group;            /* query heads per kv head */
+    int head_chunks;      /* ceil(group / HEADS_PER_TILE) */
+    int blocks_per_group; /* query blocks per task */
+    int n_bgroups;        /* ceil(n_qblocks / blocks_per_group) */
+    float scale;          /* log2(e) / sqrt(head_dim): scores in base 2 */
 } bs_job;
 
-/* One sub-tile: positions p0 .. p0+np-1 (one query block) x heads h0 .. h0+nh-1. */
-__attribute__((noinline)) static void bs_subtile(const bs_job *j, int r, int p0, int np, int h0,
-                                                 int nh)
+/* A stream: one query head's sub-tile of TILE_ROWS positions p0 .. p0+np-1,
+ * with its queries (qt[d][row], pre-scaled), its accumulator (ot[d][row]) and
+ * its running max and sum per row. */
+typedef struct {
+    int h; /* query head */
+    int p0, np;
+    const uint64_t *row; /* the head's mask row of the query block */
+    float *qt, *ot;
+    v8 m[2], l[2];
+    v8i pos[2]; /* row positions; padding rows repeat the last */
+} bs_stream;
+
+/* Copies keys [k0, k0+nk) of kv head kvh into kbuf/vbuf rows of hd floats, or
+ * (kbuf NULL) points straight at the cache rows. */
+static void bs_load_tile(const kern_attn_args *a, int kvh, int k0, int nk, float *kbuf, float *vbuf,
+                         const float **kp, const float **vp)
+{
+    const int hd = a->head_dim;
+    const size_t kv_off = (size_t)kvh * hd;
+    for (int i = 0; i < nk; i++) {
+        const size_t row = kern_attn_row(a, k0 + i) * (size_t)a->kv_stride + kv_off;
+        const float *k = a->k + row, *v = a->v + row;
+        if (!kbuf) {
+            kp[i] = k;
+            vp[i] = v;
+            continue;
+        }
+        float *kd = kbuf + (size_t)i * hd, *vd = vbuf + (size_t)i * hd;
+        int d = 0;
+        if (hd % 8 == 0) /* then every packed row is 32-byte aligned */
+            for (; d < hd; d += 8) {
+                v8_st(kd + d, v8_ldu(k + d));
+                v8_st(vd + d, v8_ldu(v + d));
+            }
+        for (; d + 8 <= hd; d += 8) {
+            v8_stu(kd + d, v8_ldu(k + d));
+            v8_stu(vd + d, v8_ldu(v + d));
+        }
+        for (; d < hd; d++) {
+            kd[d] = k[d];
+            vd[d] = v[d];
+        }
+        kp[i] = kd;
+        vp[i] = vd;
+    }
+}
+
+/* Streams (all of kv head kvh) against the key blocks of the union of their
+ * mask rows. Each key tile is loaded once for all the
+ * streams; a stream computes only the keys up to its last position (the rest
+ * of a diagonal tile is masked for all its rows, and a fully masked tile
+ * would leave m, l and ot unchanged), so the result of a row does not depend on
+ * which streams share the call. kbuf/vbuf: room for TILE_KEYS keys, or NULL. */
+__attribute__((noinline)) static void bs_streams(const bs_job *j, int kvh, bs_stream *sm, int ns,
+                                                 float *kbuf, float *vbuf)
 {
     const kern_attn_args *a = j->a;
-    const kern_block_mask *m = j->m;
-    const int hd = a->head_dim, B = m->block_size, kvh = h0 / j->group;
-    const int q_first = a->ctx_len - a->n_q; /* position of query row 0 */
-    const int pmax = p0 + np - 1;
-    _Alignas(32) float qt[HEADS_PER_TILE][HD_MAX * TILE_ROWS];
-    _Alignas(32) float ot[HEADS_PER_TILE][HD_MAX * TILE_ROWS];
+    const int hd = a->head_dim, B = j->m->block_size;
     _Alignas(32) float st[TILE_KEYS * TILE_ROWS];
     const float *kp[TILE_KEYS], *vp[TILE_KEYS];
-    const uint64_t *rows[HEADS_PER_TILE];
-    v8 mrun[HEADS_PER_TILE][2], lrun[HEADS_PER_TILE][2];
-    int32_t row_pos[TILE_ROWS];
-    v8i pos[2];
-    for (int t = 0; t < TILE_ROWS; t++)
-        row_pos[t] = p0 + (t < np ? t : np - 1); /* padding rows repeat the last */
-    memcpy(pos, row_pos, sizeof pos);
-    for (int g = 0; g < nh; g++) {
-        const int h = h0 + g;
-        for (int t = 0; t < TILE_ROWS; t++) {
-            const float *q = a->q + ((size_t)(p0 + t - q_first) * a->n_heads + h) * hd;
-            for (int d = 0; d < hd; d++)
-                qt[g][TILE_ROWS * d + t] = t < np ? q[d] * j->scale : 0.0f;
-        }
-        memset(ot[g], 0, sizeof(float) * TILE_ROWS * (size_t)hd);
-        mrun[g][0] = mrun[g][1] = v8_set1(-INFINITY);
-        lrun[g][0] = lrun[g][1] = v8_set1(0.0f);
-        rows[g] = kern_block_mask_row(m, h / (a->n_heads / m->n_lists), r);
-    }
-    const size_t kv_off = (size_t)kvh * hd;
-    for (int w = 0; w <= r / 64; w++) {
+    int pmax = 0;
+    for (int s = 0; s < ns; s++)
+        pmax = sm[s].p0 + sm[s].np - 1 > pmax ? sm[s].p0 + sm[s].np - 1 : pmax;
+    const int rmax = pmax / B; /* the last query block; no row has a bit above it */
+    for (int w = 0; w <= rmax / 64; w++) {
         uint64_t any = 0;
-        for (int g = 0; g < nh; g++)
-            any |= rows[g][w];
+        for (int s = 0; s < ns; s++)
+            any |= sm[s].row[w];
         while (any) {
             const int c = 64 * w + __builtin_ctzll(any);
             any &= any - 1;
             const int kend = (c + 1) * B <= pmax + 1 ? (c + 1) * B : pmax + 1;
             for (int k0 = c * B; k0 < kend; k0 += TILE_KEYS) {
                 const int nk = kend - k0 < TILE_KEYS ? kend - k0 : TILE_KEYS;
-                for (int i = 0; i < nk; i++) {
-                    const size_t row = kern_attn_row(a, k0 + i) * (size_t)a->kv_stride + kv_off;
-                    kp[i] = a->k + row;
-                    vp[i] = a->v + row;
-                }
-                for (int g = 0; g < nh; g++) {
-                    if (!((rows[g][w] >> (c % 64)) & 1u))
+                bs_load_tile(a, kvh, k0, nk, kbuf, vbuf, kp, vp);
+                for (int s = 0; s < ns; s++) {
+                    bs_stream *x = &sm[s];
+                    const int last = x->p0 + x->np - 1;
+                    if (!((x->row[w] >> (c % 64)) & 1u) || k0 > last)
                         continue;
-                    qk_tile(st, qt[g], kp, nk, hd);
-                    if (k0 + nk - 1 > p0)
-                        mask_tile(st, nk, k0, pos);
-                    softmax_tile(st, nk, mrun[g], lrun[g], ot[g], hd);
-                    pv_tile(ot[g], st, vp, nk, hd);
+                    const int nks = last + 1 - k0 < nk ? last + 1 - k0 : nk;
+                    v8 mx[2], corr[2];
+                    qk_tile(st, x->qt, kp, nks, hd, mx);
+                    if (k0 + nks - 1 > x->p0) {
+                        mask_tile(st, nks, k0, x->pos);
+                        max_tile(st, nks, mx);
+                    }
+                    softmax_tile(st, nks, mx, x->m, x->l, corr);
+                    pv_tile(x->ot, st, vp, nks, hd, corr);
                 }
             }
         }
     }
-    for (int g = 0; g < nh; g++) {
-        float inv[TILE_ROWS];
-        for (int t = 0; t < TILE_ROWS; t++)
-            inv[t] = 1.0f / lrun[g][t / 8][t % 8];
-        for (int t = 0; t < np; t++) {
-            float *o = a->out + ((size_t)(p0 + t - q_first) * a->n_heads + h0 + g) * hd;
-            for (int d = 0; d < hd; d++)
-                o[d] = ot[g][TILE_ROWS * d + t] * inv[t];
+}
+
+static void bs_stream_init(const bs_job *j, bs_stream *x, int r, int h, int p0, int np)
+{
+    const kern_attn_args *a = j->a;
+    const int hd = a->head_dim, q_first = a->ctx_len - a->n_q;
+    int32_t row_pos[TILE_ROWS];
+    for (int t = 0; t < TILE_ROWS; t++)
+        row_pos[t] = p0 + (t < np ? t : np - 1);
+    memcpy(x->pos, row_pos, sizeof x->pos);
+    x->h = h;
+    x->p0 = p0;
+    x->np = np;
+    x->row = kern_block_mask_row(j->m, h / (a->n_heads / j->m->n_lists), r);
+    int d0 = 0;
+#if defined(__AVX__)
+    for (; d0 + 8 <= hd; d0 += 8)
+        for (int t0 = 0; t0 < TILE_ROWS; t0 += 8) {
+            v8 c[8];
+            for (int i = 0; i < 8; i++) {
+                const size_t row = (size_t)(p0 + t0 + i - q_first);
+                c[i] = t0 + i < np
+                           ? v8_ldu(a->q + (row * a->n_heads + h) * hd + d0) * v8_set1(j->scale)
+                           : v8_set1(0.0f);
+            }
+            v8_transpose(c);
+            for (int i = 0; i < 8; i++)
+                v8_st(x->qt + TILE_ROWS * (d0 + i) + t0, c[i]);
         }
+#endif
+    for (int t = 0; t < TILE_ROWS; t++) {
+        const float *q = a->q + ((size_t)(p0 + t - q_first) * a->n_heads + h) * hd;
+        for (int d = d0; d < hd; d++)
+            x->qt[TILE_ROWS * d + t] = t < np ? q[d] * j->scale : 0.0f;
+    }
+    memset(x->ot, 0, sizeof(float) * TILE_ROWS * (size_t)hd);
+    x->m[0] = x->m[1] = v8_set1(-INFINITY);
+    x->l[0] = x->l[1] = v8_set1(0.0f);
+}
+
+static void bs_stream_store(const bs_job *j, const bs_stream *x)
+{
+    const kern_attn_args *a = j->a;
+    const int hd = a->head_dim, q_first = a->ctx_len - a->n_q;
+    float inv[TILE_ROWS];
+    for (int t = 0; t < TILE_ROWS; t++)
+        inv[t] = 1.0f / x->l[t / 8][t % 8];
+    int d0 = 0;
+#if defined(__AVX__)
+    for (; d0 + 8 <= hd; d0 += 8)
+        for (int t0 = 0; t0 < x->np; t0 += 8) {
+            v8 c[8];
+            for (int i = 0; i < 8; i++)
+                c[i] = v8_ld(x->ot + TILE_ROWS * (d0 + i) + t0);
+            v8_transpose(c);
+            for (int i = 0; i < 8 && t0 + i < x->np; i++) {
+                float *o = a->out + ((size_t)(x->p0 + t0 + i - q_first) * a->n_heads + x->h) * hd;
+                v8_stu(o + d0, c[i] * v8_set1(inv[t0 + i]));
+            }
+        }
+#endif
+    for (int t = 0; t < x->np; t++) {
+        float *o = a->out + ((size_t)(x->p0 + t - q_first) * a->n_heads + x->h) * hd;
+        for (int d = d0; d < hd; d++)
+            o[d] = x->ot[TILE_ROWS * d + t] * inv[t];
     }
 }
 
@@ -472,7 +647,7 @@ static inline float f_fma(float a, float b, float c)
 #endif
 }
 
-/* A single query position (a decode step): the arithmetic of bs_subtile for one
+/* A single query position (a decode step): the arithmetic of bs_streams for one
  * row, element for element (the same fused multiply-adds in the same order,
  * the same exp), so its result equals that row of a prefill bit for bit. The
  * key tile is transposed so that vector lanes run over keys instead of over 16
@@ -537,9 +712,9 @@ __attribute__((noinline)) static void bs_row(const bs_job *j, int r, int p, int 
                         mt = sc[i] > mt ? sc[i] : mt;
                     const float m_new = mrun[g] > mt ? mrun[g] : mt;
                     const float m_use = m_new == -INFINITY ? 0.0f : m_new;
-                    const float corr = v8_exp(v8_set1(mrun[g] - m_use))[0];
+                    const float corr = v8_exp2(v8_set1(mrun[g] - m_use))[0];
                     for (int i = 0; i < nk8; i += 8)
-                        v8_st(sc + i, v8_exp(v8_ld(sc + i) - v8_set1(m_use)));
+                        v8_st(sc + i, v8_exp2(v8_ld(sc + i) - v8_set1(m_use)));
                     float sum = 0.0f;
                     for (int i = 0; i < nk; i++)
                         sum += sc[i];
@@ -568,28 +743,94 @@ __attribute__((noinline)) static void bs_row(const bs_job *j, int r, int p, int 
     }
 }
 
+/* Whether the arena holds a packed K/V tile besides the streams of a task (of
+ * at least HEADS_PER_TILE streams), and how many streams it holds. At head
+ * dim 64 that is 16 streams: 256 query rows share each K/V tile copy. */
+static int bs_packed(int hd)
+{
+    return (2 * TILE_KEYS + HEADS_PER_TILE * 2 * TILE_ROWS) * hd <= ARENA_FLOATS;
+}
+static int bs_max_streams(int hd)
+{
+    const int n = (ARENA_FLOATS - (bs_packed(hd) ? 2 * TILE_KEYS * hd : 0)) / (2 * TILE_ROWS * hd);
+    return n < MAX_STREAMS ? n : MAX_STREAMS;
+}
+
+/* Query block r's positions that go through streams: all but a last sub-tile
+ * of one position, a decode-shaped row (15 of its 16 lanes would be padding)
+ * that bs_row computes. */
+static void bs_block_rows(const bs_job *j, int r, int *lo, int *hi, int *tail)
+{
+    const kern_attn_args *a = j->a;
+    const int B = j->m->block_size, q_first = a->ctx_len - a->n_q;
+    *lo = r * B > q_first ? r * B : q_first;
+    *hi = (r + 1) * B < a->ctx_len ? (r + 1) * B : a->ctx_len;
+    *tail = (*hi - *lo) % TILE_ROWS == 1;
+    *hi -= *tail;
+}
+
+/* Query blocks [r0, r1), heads h0 .. h0+nh-1, in groups of streams that share
+ * each loaded key tile: the nh heads of up to max_streams / nh sub-tiles. The
+ * arena holds every stream's qt and ot and, when they fit, the packed K/V
+ * tile: contiguous rows stay in L1, where cache rows kv_stride apart would
+ * compete for a few of its sets, and each tile is read from the cache once
+ * per group rather than once per stream. */
+__attribute__((noinline)) static void bs_block(const bs_job *j, int r0, int r1, int h0, int nh)
+{
+    _Alignas(32) float arena[ARENA_FLOATS];
+    bs_stream sm[MAX_STREAMS];
+    const int hd = j->a->head_dim, kvh = h0 / j->group;
+    const size_t tile = (size_t)TILE_ROWS * (size_t)hd, kv_tile = (size_t)TILE_KEYS * (size_t)hd;
+    const int packed = bs_packed(hd), per_group = bs_max_streams(hd) / nh;
+    float *kbuf = packed ? arena : NULL, *vbuf = packed ? arena + kv_tile : NULL;
+    float *state = arena + (packed ? 2 * kv_tile : 0);
+    int ns = 0;
+    for (int r = r1 - 1; r >= r0; r--) {
+        int lo, hi, tail;
+        bs_block_rows(j, r, &lo, &hi, &tail);
+        for (int p0 = lo; p0 < hi; p0 += TILE_ROWS) {
+            const int np = hi - p0 < TILE_ROWS ? hi - p0 : TILE_ROWS;
+            for (int g = 0; g < nh; g++, ns++) {
+                sm[ns].qt = state + 2 * tile * (size_t)ns;
+                sm[ns].ot = sm[ns].qt + tile;
+                bs_stream_init(j, &sm[ns], r, h0 + g, p0, np);
+            }
+            if (ns == per_group * nh || (r == r0 && p0 + np >= hi)) {
+                bs_streams(j, kvh, sm, ns, kbuf, vbuf);
+                for (int s = 0; s < ns; s++)
+                    bs_stream_store(j, &sm[s]);
+                ns = 0;
+            }
+        }
+    }
+    if (ns) {
+        bs_streams(j, kvh, sm, ns, kbuf, vbuf);
+        for (int s = 0; s < ns; s++)
+            bs_stream_store(j, &sm[s]);
+    }
+}
+
+/* Task t: query heads h0 .. h0+nh-1 of one kv head (a chunk of its group) over
+ * the query blocks of one block group. Tasks run head by head so that the
+ * tasks in flight read the same K/V, and within a head the last block groups
+ * (the most expensive) first. */
 static void bs_task(void *ctx, int t, int n_tasks)
 {
     const bs_job *j = ctx;
-    const kern_attn_args *a = j->a;
-    const int B = j->m->block_size;
-    /* Last query blocks first: they are the most expensive. */
-    const int i = j->m->n_qblocks - 1 - t / j->per_qblock;
-    const int rest = t % j->per_qblock;
+    const int gi = t % j->n_bgroups, rest = t / j->n_bgroups;
     const int kvh = rest / j->head_chunks, hc = rest % j->head_chunks;
     const int h0 = kvh * j->group + hc * HEADS_PER_TILE;
     const int nh = j->group - hc * HEADS_PER_TILE < HEADS_PER_TILE ? j->group - hc * HEADS_PER_TILE
                                                                    : HEADS_PER_TILE;
-    const int r = j->m->q_block0 + i;
-    const int q_first = a->ctx_len - a->n_q;
-    const int lo = r * B > q_first ? r * B : q_first;
-    const int hi = (r + 1) * B < a->ctx_len ? (r + 1) * B : a->ctx_len;
-    for (int p0 = lo; p0 < hi; p0 += TILE_ROWS) {
-        const int np = hi - p0 < TILE_ROWS ? hi - p0 : TILE_ROWS;
-        if (np == 1)
-            bs_row(j, r, p0, h0, nh);
-        else
-            bs_subtile(j, r, p0, np, h0, nh);
+    const int q0 = j->m->q_block0, n = j->m->n_qblocks;
+    const int r1 = q0 + n - gi * j->blocks_per_group;
+    const int r0 = r1 - j->blocks_per_group > q0 ? r1 - j->blocks_per_group : q0;
+    bs_block(j, r0, r1, h0, nh);
+    for (int r = r0; r < r1; r++) {
+        int lo, hi, tail;
+        bs_block_rows(j, r, &lo, &hi, &tail);
+        if (tail)
+            bs_row(j, r, hi, h0, nh);
     }
 }
 
@@ -603,9 +844,13 @@ int kern_attention_block_sparse_f32(kern_pool *pool, const kern_attn_args *a,
         return rc;
     bs_job j = {.a = a, .m = m, .group = a->n_heads / a->n_kv_heads};
     j.head_chunks = (j.group + HEADS_PER_TILE - 1) / HEADS_PER_TILE;
-    j.per_qblock = a->n_kv_heads * j.head_chunks;
-    j.scale = 1.0f / sqrtf((float)a->head_dim);
-    kern_pool_run(pool, bs_task, &j, m->n_qblocks * j.per_qblock);
+    j.scale = (float)(1.4426950408889634 / sqrt((double)a->head_dim)); /* log2(e) / sqrt(D) */
+    /* Enough query blocks per task to fill a group of streams. */
+    const int nh = j.group < HEADS_PER_TILE ? j.group : HEADS_PER_TILE;
+    const int rows = bs_max_streams(a->head_dim) / nh * TILE_ROWS;
+    j.blocks_per_group = rows > m->block_size ? rows / m->block_size : 1;
+    j.n_bgroups = ceil_div(m->n_qblocks, j.blocks_per_group);
+    kern_pool_run(pool, bs_task, &j, a->n_kv_heads * j.head_chunks * j.n_bgroups);
     return KERN_SPARSE_OK;
 }
 
@@ -677,7 +922,8 @@ static void probe_scores(const probe_job *j, const float *qt, const float *const
     const int hd = j->a->head_dim, n = j->a->ctx_len;
     for (int g = 0; g < j->np16 / 16; g++) {
         float *s = st + (size_t)g * TILE_KEYS * 16;
-        qk_tile(s, qt + (size_t)g * hd * 16, kp, nk, hd);
+        v8 mx[2];
+        qk_tile(s, qt + (size_t)g * hd * 16, kp, nk, hd, mx);
         if (k0 + nk - 1 > n - j->n_probe) {
             int32_t p[16];
             v8i pos[2];

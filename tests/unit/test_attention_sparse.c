@@ -433,6 +433,81 @@ static void test_block_sparse_is_deterministic_across_thread_counts(void **state
     problem_free(&p);
 }
 
+/* Head dims off the vector width (rows packed unaligned) and above what the
+ * kernel packs (read in place), blocks smaller than a 16-row sub-tile (a task
+ * spans many blocks), chunks whose first block holds 16k + 1 rows, GQA. */
+static void test_block_sparse_odd_dims_small_blocks_and_chunks_match_masked_ref(void **state)
+{
+    (void)state;
+    rng_seed(17);
+    const shape shapes[] = {
+        {100, 100, 4, 2, 20, 0, 0},  {49, 211, 6, 3, 20, 16, 5}, {130, 300, 4, 1, 256, 0, 0},
+        {33, 97, 2, 2, 200, 16, 3},  {161, 161, 3, 1, 64, 0, 0}, {145, 400, 12, 12, 64, 32, 0},
+        {200, 333, 12, 4, 64, 0, 0},
+    };
+    const int bs[] = {8, 24, 64};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int ib = 0; ib < 3; ib++) {
+            problem p;
+            problem_init(&p, shapes[i]);
+            mask_buf mb;
+            mask_alloc(&mb, bs[ib], p.s.n_heads, p.s.ctx_len, p.s.n_q);
+            mask_random(&mb.m, ib == 2 ? 1.0 : 0.5);
+            const double e = sparse_vs_ref(&p, &mb.m, ib == 1 ? NULL : pool4);
+            if (!(e <= 1e-5))
+                fail_msg("shape %zu B=%d: rel err %g > 1e-5", i, bs[ib], e);
+            free(mb.bits);
+            problem_free(&p);
+        }
+}
+
+/* A row's output does not depend on how the prompt is chunked: the last n_q rows
+ * computed as a chunk (down to a single decode row) equal the same rows of the
+ * whole prompt bit for bit, whichever rows and blocks share a task with it. */
+static void test_block_sparse_rows_are_bit_identical_across_chunkings(void **state)
+{
+    (void)state;
+    rng_seed(18);
+    const shape shapes[] = {
+        {300, 300, 4, 2, 64, 0, 0}, {300, 300, 2, 1, 20, 16, 0}, {150, 150, 2, 2, 256, 0, 0}};
+    const int bs[] = {8, 64};
+    const int chunks[] = {1, 2, 17, 33, 64, 129};
+    for (size_t i = 0; i < sizeof shapes / sizeof shapes[0]; i++)
+        for (int ib = 0; ib < 2; ib++) {
+            problem p;
+            problem_init(&p, shapes[i]);
+            const int n = p.s.ctx_len, row = p.s.n_heads * p.s.head_dim;
+            mask_buf full;
+            mask_alloc(&full, bs[ib], p.s.n_heads, n, n);
+            mask_random(&full.m, 0.6);
+            assert_int_equal(kern_attention_block_sparse_f32(pool4, &p.a, &full.m), KERN_SPARSE_OK);
+            float *whole = alloc_floats(p.nq_floats);
+            memcpy(whole, p.out, sizeof(float) * p.nq_floats);
+            for (int ic = 0; ic < 6; ic++) {
+                const int nq = chunks[ic];
+                mask_buf mb;
+                mask_alloc(&mb, bs[ib], p.s.n_heads, n, nq);
+                for (int l = 0; l < p.s.n_heads; l++)
+                    memcpy(kern_block_mask_row(&mb.m, l, mb.m.q_block0),
+                           kern_block_mask_row(&full.m, l, mb.m.q_block0),
+                           sizeof(uint64_t) * (size_t)(mb.m.n_qblocks * mb.m.words));
+                kern_attn_args a = p.a;
+                a.q = p.q + (size_t)(n - nq) * row;
+                a.n_q = nq;
+                problem_reset_out(&p);
+                assert_int_equal(kern_attention_block_sparse_f32(ic % 2 ? pool4 : NULL, &a, &mb.m),
+                                 KERN_SPARSE_OK);
+                if (memcmp(p.out, whole + (size_t)(n - nq) * row, sizeof(float) * nq * row))
+                    fail_msg("shape %zu B=%d: the last %d rows differ from the whole prompt's", i,
+                             bs[ib], nq);
+                free(mb.bits);
+            }
+            free(whole);
+            free(full.bits);
+            problem_free(&p);
+        }
+}
+
 static void test_block_sparse_rejects_bad_masks_and_arguments(void **state)
 {
     (void)state;
@@ -1490,6 +1565,8 @@ int main(void)
         cmocka_unit_test(test_block_sparse_with_every_block_equals_dense_kernel),
         cmocka_unit_test(test_block_sparse_shared_group_and_head_lists_agree),
         cmocka_unit_test(test_block_sparse_is_deterministic_across_thread_counts),
+        cmocka_unit_test(test_block_sparse_odd_dims_small_blocks_and_chunks_match_masked_ref),
+        cmocka_unit_test(test_block_sparse_rows_are_bit_identical_across_chunkings),
         cmocka_unit_test(test_block_sparse_rejects_bad_masks_and_arguments),
         cmocka_unit_test(test_block_mask_density_is_share_of_causal_blocks),
         cmocka_unit_test(test_masked_ref_with_causal_mask_equals_dense_ref_and_empty_row_is_zero),
