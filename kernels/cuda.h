@@ -32,6 +32,7 @@
 #include <stddef.h>
 #include <stdint.h>
 
+#include "kernels/collective.h"
 #include "kernels/kernels.h"
 
 #ifdef __cplusplus
@@ -49,6 +50,7 @@ extern "C" {
 #define KERN_CUDA_E_CUBLAS -7  /* cuBLAS reported an error */
 #define KERN_CUDA_E_TIMEOUT -8 /* the device did not finish within the timeout */
 #define KERN_CUDA_E_STATE -9   /* not allowed now (e.g. a sync during graph capture) */
+#define KERN_CUDA_E_COMM -10   /* a collective (NCCL all-reduce) failed */
 
 /* A short name for a KERN_CUDA_E_* code. */
 const char *kern_cuda_strerror(int rc);
@@ -130,6 +132,22 @@ int kern_cuda_graph_begin(char *err, size_t errlen);
 kern_cuda_graph *kern_cuda_graph_end(char *err, size_t errlen);
 int kern_cuda_graph_launch(kern_cuda_graph *g);
 void kern_cuda_graph_destroy(kern_cuda_graph *g);
+
+/* ---- tensor parallelism ------------------------------------------------- */
+
+/* The communicator of n_ranks tensor-parallel ranks, rank r on devices[r]
+ * (distinct devices): NCCL (kern_comm_create_nccl). Made from one thread;
+ * afterwards rank r is driven by the thread whose context is on devices[r].
+ * NULL with a message on failure, and always in a build without NCCL. */
+kern_comm *kern_cuda_comm_create(const int *devices, int n_ranks, char *err, size_t errlen);
+
+/* buf[0..n) (device memory of the calling thread's device) becomes its sum
+ * over the ranks of c, enqueued on the thread's compute queue like an op, so
+ * a graph capture records it too. Every rank calls it in the same order with
+ * the same n. 0, or KERN_CUDA_E_COMM (also kept as the thread's error) with
+ * the collective's message in err. */
+int kern_cuda_allreduce_sum_f32(kern_comm *c, int rank, float *buf, size_t n, char *err,
+                                size_t errlen);
 
 /* ---- elementwise and normalization (twins of kernels.h) ------------------ */
 

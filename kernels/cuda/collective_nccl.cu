@@ -9,17 +9,56 @@
  * error, not a hung host thread. Destroying aborts the communicators, which is
  * safe whatever state they are in.
  *
- * Compiled to nothing unless the build defines SIEVE_HAVE_NCCL and links NCCL.
+ * The NCCL half is compiled only when the build defines SIEVE_HAVE_NCCL and
+ * links NCCL; the CUDA backend's entry points (kern_cuda_comm_create,
+ * kern_cuda_allreduce_sum_f32, kernels/cuda.h) always are, and fail with a
+ * message without it.
  */
-#ifdef SIEVE_HAVE_NCCL
-
 #include "kernels/collective.h"
 #include "kernels/cuda/common.cuh"
+
+#include <stdio.h>
+
+extern "C" kern_comm *kern_cuda_comm_create(const int *devices, int n_ranks, char *err,
+                                            size_t errlen)
+{
+    for (int i = 0; i < n_ranks; i++)
+        for (int j = 0; j < i; j++)
+            if (devices[i] == devices[j]) {
+                if (err && errlen)
+                    snprintf(err, errlen,
+                             "device %d is listed for ranks %d and %d (each rank needs a GPU of "
+                             "its own)",
+                             devices[i], j, i);
+                return NULL;
+            }
+    return kern_comm_create_nccl(devices, n_ranks, err, errlen);
+}
+
+extern "C" int kern_cuda_allreduce_sum_f32(kern_comm *c, int rank, float *buf, size_t n, char *err,
+                                           size_t errlen)
+{
+    kc_ctx *ctx;
+    int rc = kc_need_ctx(&ctx, "all-reduce");
+    if (rc)
+        return rc;
+    if (!c || kern_comm_get_kind(c) != KERN_COMM_NCCL)
+        return kc_fail(KERN_CUDA_E_ARG, "all-reduce: not an NCCL communicator");
+    char msg[256] = "";
+    rc = kern_comm_allreduce_sum_f32(c, rank, buf, n, msg, sizeof(msg));
+    if (rc == 0)
+        return 0;
+    if (err && errlen)
+        snprintf(err, errlen, "%s (%s)", msg, kern_comm_strerror(rc));
+    return kc_fail(KERN_CUDA_E_COMM, "all-reduce of %zu floats on rank %d: %s (%s)", n, rank, msg,
+                   kern_comm_strerror(rc));
+}
+
+#ifdef SIEVE_HAVE_NCCL
 
 #include <nccl.h>
 
 #include <new>
-#include <stdio.h>
 #include <time.h>
 
 struct kern_nccl {

@@ -114,6 +114,8 @@ extern "C" const char *kern_cuda_strerror(int rc)
         return "CUDA device timed out";
     case KERN_CUDA_E_STATE:
         return "not allowed in this state";
+    case KERN_CUDA_E_COMM:
+        return "collective failed";
     default:
         return "unknown error";
     }
