@@ -11,23 +11,26 @@
  * seq-len + gen tokens, and 32 decode steps.
  *
  * For each format the pool (exactly the budget) is filled the way the engine
- * fills it: a sequence is admitted while its whole prompt fits in fp blocks
- * and, once packed, every sequence held can still decode --gen tokens (the
- * growth is measured on a probe sequence of the format first); its prompt is written
- * as f32 rows, then (compressed formats) packed into pages of the format,
- * after which its fp blocks below the compressed positions are freed. To keep
- * the run short the prompt's KV is computed once (in blocks outside the
- * budget) and copied into each sequence's own blocks, as a prefix-cache hit
- * would be; each sequence then computes its last prompt token and packs its
- * own pages. (zip's saliency then comes from that last row only; this changes
- * which tokens are salient, not how many, nor the bytes or the speed.)
- * Then every admitted sequence decodes --gen tokens together, and the first
- * n_fp of them (fp's capacity) decode again at equal batch size.
+ * fills it, with the engine's block manager and compressed-page slab: a
+ * sequence is admitted while its prompt's peak fits (fp and zip write the
+ * whole prompt as f32 rows first; int8/int4 pack chunk by chunk and need only
+ * their pages) and, once packed, every sequence held can still decode --gen
+ * tokens (the growth is measured on a probe sequence of the format first).
+ * To keep the run short the prompt's KV is computed once (in blocks outside
+ * the budget): fp and zip sequences copy it into their own blocks, as a
+ * prefix-cache hit would be; int8/int4 sequences read it in place and pack
+ * it, which costs the budget exactly what their direct prefill would. Each
+ * sequence then computes its last prompt token and packs its own pages.
+ * (zip's saliency then comes from that last row only; this changes which
+ * tokens are salient, not how many, nor the bytes or the speed.) Then every
+ * admitted sequence decodes --gen tokens together, and the first n_fp of them
+ * (fp's capacity) decode again at equal batch size.
  *
  * Prints per format: pool bytes per token, sequences held, the ratio to fp
  * (f32 on the CPU) and to "f16-equivalent fp" (half the f32 bytes, what fp
  * costs on a GPU), and decode tok/s at fp's batch size and at capacity.
  */
+#include <stdbool.h>
 #include <stdio.h>
 #include <stdlib.h>
 #include <string.h>
@@ -35,102 +38,117 @@
 
 #include "runtime/model.h"
 #include "runtime/sampler.h"
+#include "scheduler/block_manager.h"
+#include "scheduler/kv_slab.h"
 #include "scheduler/scheduler.h"
 
 #define MAX_SEQS 512 /* one decode step holds at most max_batch_tokens (512) sequences */
 
 typedef struct {
-    int32_t *fp; /* fp table: one entry per block of positions, -1 once freed */
+    int32_t *fp; /* fp table: one entry per block of positions, -1 once released */
+    bool *own;   /* fp[i] was taken from the budget (else: the shared prompt blocks) */
     int n_fp;
-    int32_t *cb; /* blocks handed to the compressed cache */
-    int n_cb;
     int n_tokens;
     rt_kvq *kvq;
     int32_t next;
-    int peak; /* most blocks held at once (during a step, before freeing) */
+    double peak; /* most blocks' worth held at once (during a step, before releasing) */
 } seq;
 
 typedef struct {
-    int32_t *stack;
-    int n;
-} freelist;
+    sched_bm *bm; /* the budget's blocks */
+    sched_slab *slab;
+    rt_kv_pool *pool;
+    const rt_kv_policy *pol;
+    double block_bytes;
+} budget_t;
 
-static int take(freelist *f)
-{
-    return f->n > 0 ? f->stack[--f->n] : -1;
-}
-
-static void give(freelist *f, int32_t id)
-{
-    f->stack[f->n++] = id;
-}
-
-static void seq_free(seq *s, freelist *fl)
+static void seq_free(seq *s, budget_t *B)
 {
     for (int i = 0; i < s->n_fp; i++)
-        if (s->fp[i] >= 0)
-            give(fl, s->fp[i]);
-    for (int i = 0; i < s->n_cb; i++)
-        give(fl, s->cb[i]);
+        if (s->fp[i] >= 0 && s->own[i])
+            sched_bm_give(B->bm, s->fp[i]);
+    for (int c = 0; c < rt_kvq_n_classes(s->kvq); c++) {
+        const int32_t *ids;
+        const int n = rt_kvq_class_pages(s->kvq, c, &ids);
+        sched_slab_give(B->slab, ids, n);
+    }
     rt_kvq_destroy(s->kvq);
     free(s->fp);
-    free(s->cb);
+    free(s->own);
     memset(s, 0, sizeof(*s));
 }
 
-/* Blocks for a step of n tokens: fp slots and compressed pages. -1 when short. */
-static int reserve(seq *s, int n, int bs, freelist *fl, int cap_blocks)
+/* Slots for a step of n tokens: fp blocks when the step writes f32 rows,
+ * compressed pages from the slab. -1 when the budget is short. */
+static int reserve(seq *s, int n, int bs, budget_t *B)
 {
-    while (s->n_fp * bs < s->n_tokens + n) {
-        const int id = take(fl);
-        if (id < 0)
-            return -1;
-        s->fp[s->n_fp++] = id;
-    }
-    if (s->kvq) {
-        const int need = rt_kvq_blocks_needed(s->kvq, s->n_tokens, n);
-        for (int i = 0; i < need; i++) {
-            const int id = take(fl);
-            if (id < 0 || s->n_cb >= cap_blocks)
+    if (!s->kvq || rt_kvq_needs_fp(s->kvq, n))
+        while (s->n_fp * bs < s->n_tokens + n) {
+            const int32_t id = sched_bm_take(B->bm);
+            if (id < 0)
                 return -1;
-            s->cb[s->n_cb++] = id;
+            s->own[s->n_fp] = true;
+            s->fp[s->n_fp++] = id;
         }
-        if (need > 0 && rt_kvq_set_blocks(s->kvq, s->cb, s->n_cb) != 0)
+    if (s->kvq) {
+        int need[RT_KVQ_MAX_CLASSES];
+        if (rt_kvq_pages_needed(s->kvq, s->n_tokens, n, need) < 0)
             return -1;
+        for (int c = 0; c < RT_KVQ_MAX_CLASSES; c++) {
+            int fmt, n_sub;
+            int32_t ids[64];
+            if (need[c] > 0 && rt_kvq_class_geom(B->pool, B->pol, c, &fmt, &n_sub, NULL) != 0)
+                return -1;
+            for (int left = need[c]; left > 0;) {
+                const int k = left < 64 ? left : 64;
+                if (sched_slab_take(B->slab, fmt, n_sub, k, ids) != 0)
+                    return -1;
+                if (rt_kvq_add_pages(s->kvq, c, ids, k) != 0) {
+                    sched_slab_give(B->slab, ids, k);
+                    return -1;
+                }
+                left -= k;
+            }
+        }
     }
     return 0;
 }
 
-static void release_compressed(seq *s, int bs, freelist *fl)
+/* What the scheduler does after a step: the fp blocks below the compressed
+ * positions go back (all of them once everything is compressed). */
+static void release_compressed(seq *s, int bs, budget_t *B)
 {
     if (!s->kvq)
         return;
-    const int rel = rt_kvq_n_compressed(s->kvq) / bs;
-    for (int i = 0; i < rel && i < s->n_fp; i++)
+    const int nc = rt_kvq_n_compressed(s->kvq);
+    const int rel = nc >= s->n_fp * bs ? s->n_fp : nc / bs;
+    for (int i = 0; i < rel; i++)
         if (s->fp[i] >= 0) {
-            give(fl, s->fp[i]);
+            if (s->own[i])
+                sched_bm_give(B->bm, s->fp[i]);
             s->fp[i] = -1;
         }
 }
 
-static int blocks_held(const seq *s)
+/* Blocks' worth held from the budget: owned fp blocks and pages. */
+static double blocks_held(const seq *s, const budget_t *B)
 {
-    int n = s->n_cb;
+    double n = rt_kvq_bytes_held(s->kvq) / B->block_bytes;
     for (int i = 0; i < s->n_fp; i++)
-        n += s->fp[i] >= 0;
+        n += s->fp[i] >= 0 && s->own[i];
     return n;
 }
 
 /* One decode step of seqs[0..n): each feeds its next token. */
-static int decode_step(rt_model *m, rt_kv_pool *pool, seq *seqs, int n, freelist *fl, float *lg,
-                       rt_seq_batch *b, int cap_blocks)
+static int decode_step(rt_model *m, seq *seqs, int n, budget_t *B, float *lg, rt_seq_batch *b)
 {
+    rt_kv_pool *pool = B->pool;
     const int bs = rt_kv_pool_block_size(pool), nv = rt_model_hparams(m)->n_vocab;
     char err[256];
     for (int i = 0; i < n; i++) {
-        if (reserve(&seqs[i], 1, bs, fl, cap_blocks) != 0)
+        if (reserve(&seqs[i], 1, bs, B) != 0)
             return -1;
-        const int held = blocks_held(&seqs[i]);
+        const double held = blocks_held(&seqs[i], B);
         seqs[i].peak = held > seqs[i].peak ? held : seqs[i].peak;
         b[i] = (rt_seq_batch){.tokens = &seqs[i].next,
                               .n_tokens = 1,
@@ -148,7 +166,7 @@ static int decode_step(rt_model *m, rt_kv_pool *pool, seq *seqs, int n, freelist
     for (int i = 0; i < n; i++) {
         seqs[i].n_tokens++;
         seqs[i].next = rt_argmax(lg + (size_t)i * nv, nv);
-        release_compressed(&seqs[i], bs, fl);
+        release_compressed(&seqs[i], bs, B);
     }
     return 0;
 }
@@ -235,13 +253,12 @@ int main(int argc, char **argv)
     printf("prompt KV      %d tokens computed once in %.1f s\n", seq_len - 1, sched_now() - tp0);
 
     static seq seqs[MAX_SEQS];
-    freelist fl = {malloc(sizeof(int32_t) * (size_t)budget), 0};
     float *lg = malloc(sizeof(float) * (size_t)nv * MAX_SEQS);
     rt_seq_batch *batch = malloc(sizeof(rt_seq_batch) * MAX_SEQS);
     const rt_kv_format fmts[4] = {RT_KV_FP, RT_KV_INT8, RT_KV_INT4, RT_KV_ZIP};
     int n_fp_cap = 0;
     double fp_eq_tps = 0.0;
-    printf("\n%-6s %12s %13s %6s %9s %14s %16s %18s\n", "format", "bytes/token", "blocks/seq",
+    printf("\n%-6s %12s %15s %6s %9s %14s %16s %18s\n", "format", "bytes/token", "blocks/seq",
            "seqs", "x fp f32", "x fp f16-equiv", "decode tok/s @fp", "decode tok/s @cap");
     for (int fi = 0; fi < 4; fi++) {
         rt_kv_policy pol = {.format = fmts[fi]};
@@ -254,29 +271,52 @@ int main(int argc, char **argv)
             fprintf(stderr, "bench_kv: %s: %s\n", rt_kv_format_name(fmts[fi]), err);
             return 1;
         }
-        fl.n = 0;
-        for (int i = budget - 1; i >= 0; i--)
-            give(&fl, i);
-        /* A probe sequence of this format: the blocks it holds after its prompt
-         * (c0) and after decoding gen tokens (c1). */
-        int c0 = 0, c1 = 0;
+        /* The budget: blocks [0, budget) of the pool (the shared prompt sits
+         * after them), handed out by a block manager and the page slab. */
+        budget_t B = {.bm = sched_bm_create(budget, bs, false),
+                      .pool = pool,
+                      .pol = &pol,
+                      .block_bytes = (double)bs * (double)fp_tok};
+        B.slab = B.bm ? sched_slab_create(B.bm) : NULL;
+        if (!B.slab) {
+            fprintf(stderr, "bench_kv: no memory for the block manager\n");
+            return 1;
+        }
+        /* fp and zip write the whole prompt as f32 rows before packing it (the
+         * peak); int8/int4 pack chunk by chunk, so their prompt costs only
+         * its pages. */
+        const bool fp_prompt = rt_kv_policy_fp_prompt(&pol);
+        /* A probe sequence of this format: what it holds after its prompt
+         * (c0) and at most while decoding gen tokens (c1). */
+        double c0 = 0.0, c1 = 0.0, reserve_each = -1.0;
         int n = 0;
-        int reserve_each = -1;
         for (; n < MAX_SEQS; n++) {
-            /* Admission: the whole prompt must fit in fp blocks, and once it is
-             * packed every held sequence must still be able to decode gen
-             * tokens (reserve_each blocks each, measured on the first one). */
-            if (reserve_each >= 0 && (fl.n < prefix_blocks || fl.n < c0 + reserve_each * (n + 1)))
+            /* Admission: the prompt's peak must fit, and once it is packed
+             * every held sequence must still be able to decode gen tokens
+             * (reserve_each each, measured on the first one). */
+            const int free_blocks = sched_bm_free_count(B.bm);
+            if (reserve_each >= 0.0 && ((fp_prompt && free_blocks < prefix_blocks) ||
+                                        free_blocks < c0 + reserve_each * (n + 1)))
                 break;
             seq *s = &seqs[n];
             memset(s, 0, sizeof(*s));
             s->fp = malloc(sizeof(int32_t) * (size_t)(per_seq + 8));
-            s->cb = malloc(sizeof(int32_t) * (size_t)(per_seq + 8));
-            s->n_tokens = seq_len - 1;
-            if (reserve(s, 0, bs, &fl, per_seq + 8) != 0)
-                break;
-            for (int j = 0; j < s->n_fp; j++)
-                rt_kv_pool_copy_block(pool, prefix[j], s->fp[j]);
+            s->own = calloc((size_t)(per_seq + 8), sizeof(bool));
+            if (fp_prompt) {
+                s->n_tokens = 0;
+                if (reserve(s, seq_len - 1, bs, &B) != 0) {
+                    seq_free(s, &B);
+                    break;
+                }
+                for (int j = 0; j < s->n_fp; j++)
+                    rt_kv_pool_copy_block(pool, prefix[j], s->fp[j]);
+            } else {
+                /* The state a direct prefill reaches costs nothing in fp
+                 * blocks: the sequence reads the shared prompt blocks (outside
+                 * the budget) like prefix-cache hits and packs them. */
+                for (int j = 0; j < prefix_blocks; j++)
+                    s->fp[s->n_fp++] = prefix[j];
+            }
             s->n_tokens = seq_len - 1;
             if (fmts[fi] != RT_KV_FP) {
                 s->kvq = rt_kvq_create(m, pool, &pol, seq_len, seq_len - 1, 1234, err, sizeof(err));
@@ -287,27 +327,27 @@ int main(int argc, char **argv)
             }
             s->next = prompt[seq_len - 1];
             /* The last prompt token: its step packs the prompt's pages. */
-            if (decode_step(m, pool, s, 1, &fl, lg, batch, per_seq + 8) != 0) {
-                seq_free(s, &fl);
+            if (decode_step(m, s, 1, &B, lg, batch) != 0) {
+                seq_free(s, &B);
                 break;
             }
-            if (reserve_each < 0) {
+            if (reserve_each < 0.0) {
                 /* The first sequence measures what one sequence grows by while
                  * decoding gen tokens, then starts again from its prompt. */
-                c0 = blocks_held(s);
+                c0 = blocks_held(s, &B);
                 s->peak = c0;
                 for (int t = 0; t < gen; t++)
-                    if (decode_step(m, pool, s, 1, &fl, lg, batch, per_seq + 8) != 0)
+                    if (decode_step(m, s, 1, &B, lg, batch) != 0)
                         break;
-                c1 = s->peak; /* the tail block and new pages exist during a step */
-                reserve_each = c1 > c0 ? c1 - c0 : 0;
-                seq_free(s, &fl);
+                c1 = s->peak; /* new pages (and fp's tail block) exist during a step */
+                reserve_each = c1 > c0 ? c1 - c0 : 0.0;
+                seq_free(s, &B);
                 n--;
             }
         }
-        int held = 0;
+        double held = 0.0;
         for (int i = 0; i < n; i++)
-            held += blocks_held(&seqs[i]);
+            held += blocks_held(&seqs[i], &B);
         const double bpt = (double)held * bs * (double)fp_tok / ((double)n * seq_len);
         if (fi == 0)
             n_fp_cap = n;
@@ -316,23 +356,25 @@ int main(int argc, char **argv)
         double t0 = sched_now();
         int steps = 0;
         for (; steps < gen / 2; steps++)
-            if (decode_step(m, pool, seqs, eq, &fl, lg, batch, per_seq + 8) != 0)
+            if (decode_step(m, seqs, eq, &B, lg, batch) != 0)
                 break;
         const double tps_eq = (double)steps * eq / (sched_now() - t0);
         t0 = sched_now();
         int steps2 = 0;
         for (; steps2 < gen / 2; steps2++)
-            if (decode_step(m, pool, seqs, n, &fl, lg, batch, per_seq + 8) != 0)
+            if (decode_step(m, seqs, n, &B, lg, batch) != 0)
                 break;
         const double tps_cap = (double)steps2 * n / (sched_now() - t0);
         if (fi == 0)
             fp_eq_tps = tps_eq;
-        printf("%-6s %12.0f %6d -> %3d %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n",
+        printf("%-6s %12.0f %6.1f -> %6.1f %6d %9.2f %14.2f %9.1f (%.2fx) %18.1f%s\n",
                rt_kv_format_name(fmts[fi]), bpt, c0, c1, n, (double)n / n_fp_cap,
                (double)n / (2.0 * n_fp_cap), tps_eq, tps_eq / fp_eq_tps, tps_cap,
                steps < gen / 2 || steps2 < gen / 2 ? "  (ran out of blocks while decoding)" : "");
         for (int i = 0; i < n; i++)
-            seq_free(&seqs[i], &fl);
+            seq_free(&seqs[i], &B);
+        sched_slab_destroy(B.slab);
+        sched_bm_destroy(B.bm);
     }
     printf(
         "\nbytes/token: pool bytes held per prompt token after compression (all layers, K+V,"
@@ -340,7 +382,6 @@ int main(int argc, char **argv)
         " fp f16-equiv = twice fp's count\n");
     free(lg);
     free(batch);
-    free(fl.stack);
     free(prompt);
     rt_kv_pool_destroy(pool);
     rt_model_destroy(m);

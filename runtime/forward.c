@@ -78,12 +78,18 @@ static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *
             b->n_blocks = 1;
             b->n_past = b->kv->len;
         }
-        if (!b->pool || !b->blocks || b->n_tokens <= 0 || !b->tokens || b->n_past < 0) {
+        /* A compressed sequence without prefix hits may have no fp table. */
+        const bool no_table = !b->blocks && b->n_blocks == 0 && b->kvq;
+        if (!b->pool || (!b->blocks && !no_table) || b->n_tokens <= 0 || !b->tokens ||
+            b->n_past < 0) {
             snprintf(err, errlen, "forward: sequence %d has no tokens or no cache", i);
             return -1;
         }
         const long slots = (long)b->n_blocks * b->pool->block_size;
-        if ((long)b->n_past + b->n_tokens > slots) {
+        /* A compressed sequence's direct steps keep their rows out of fp
+         * blocks: its table covers only the positions still in them. */
+        const bool fp_rows = !b->kvq || rt_kvq_needs_fp(b->kvq, b->n_tokens);
+        if (fp_rows && (long)b->n_past + b->n_tokens > slots) {
             snprintf(err, errlen, "forward: sequence %d needs %d positions, its cache holds %ld", i,
                      b->n_past + b->n_tokens, slots);
             return -1;
@@ -95,10 +101,11 @@ static int check_batch(const rt_model *m, rt_seq_batch *seqs, int n_seqs, char *
                      i);
             return -1;
         }
-        /* Blocks wholly below the compressed positions may have been released. */
-        const int released = b->kvq ? rt_kvq_n_compressed(b->kvq) / b->pool->block_size : 0;
+        /* Blocks starting below the compressed positions may have been
+         * released (the rest of such a block is never read as fp). */
+        const int nc = b->kvq ? rt_kvq_n_compressed(b->kvq) : 0;
         for (int j = 0; j < b->n_blocks; j++)
-            if ((j >= released || b->blocks[j] != -1) &&
+            if (((long)j * b->pool->block_size >= nc || b->blocks[j] != -1) &&
                 (b->blocks[j] < 0 || b->blocks[j] >= b->pool->n_blocks)) {
                 snprintf(err, errlen, "forward: sequence %d: block %d is not in the pool", i,
                          b->blocks[j]);
@@ -290,7 +297,8 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             const size_t layer_off = (size_t)l * (size_t)b->pool->n_blocks *
                                      (size_t)b->pool->block_size * (size_t)kv_full;
             float *kc = b->pool->k + layer_off + kv_off, *vc = b->pool->v + layer_off + kv_off;
-            for (int t = 0; t < n; t++) {
+            const bool fp_rows = !b->kvq || rt_kvq_needs_fp(b->kvq, n);
+            for (int t = 0; fp_rows && t < n; t++) {
                 const size_t r = slot_row(b, b->n_past + t);
                 memcpy(kc + r * kv_full, s->k + (size_t)(row + t) * kvd,
                        sizeof(float) * (size_t)kvd);
@@ -316,16 +324,23 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             };
             qrow += nq;
             if (b->kvq) {
-                /* Once anything is compressed, the sequence's rows read its
-                 * pages and fp tail; then the step's plan scores and packs. */
+                /* The compressed cache attends over its pages (and any fp
+                 * rows), or hands back f32 rows for the exact or sparse
+                 * kernel; then it scores and packs what the step's plan says,
+                 * the new rows straight from the scratch. */
+                const float *kn = s->k + (size_t)(row - n) * kvd,
+                            *vn = s->v + (size_t)(row - n) * kvd;
                 char why[200];
-                int krc = 0;
-                if (rt_kvq_n_compressed(b->kvq) > 0)
-                    krc = rt_kvq_attend(b->kvq, rk->pool, l, &a, why, sizeof(why));
-                else
-                    attend(rk, b, l, &a, &rk->stats[i]);
+                kern_attn_args dense;
+                int krc = rt_kvq_attend(b->kvq, rk->pool, l, &a, kn, vn, &rk->kvq_ws, &dense, why,
+                                        sizeof(why));
+                if (krc == 1) {
+                    attend(rk, b, l, &dense, &rk->stats[i]);
+                    krc = 0;
+                }
                 if (krc == 0)
-                    krc = rt_kvq_after_attention(b->kvq, rk->pool, l, &a, why, sizeof(why));
+                    krc = rt_kvq_after_attention(b->kvq, rk->pool, l, &a, kn, vn, &rk->kvq_ws, why,
+                                                 sizeof(why));
                 if (krc != 0)
                     rank_fail(rk, "compressed KV", why);
             } else {

@@ -132,12 +132,17 @@ typedef struct {
 
 /* ---- compressed KV caches (runtime/kv_compress.c; spec sections 3 and 4) ----
  *
- * A sequence's KV is written as f32 rows into its pool blocks; with a
- * compressed format, its rt_kvq packs them into pages of that format after
- * the prompt's last chunk and at decode flushes, in further pool blocks the
- * scheduler hands in, and the fp blocks below rt_kvq_n_compressed() may then
- * be released. Compressed pages fill whole pool blocks with as many slots as
- * fit, so a byte budget holds more tokens of a smaller format. */
+ * With a compressed format, a sequence's K and V live in pages of that
+ * format cut out of pool blocks (a block holds n_sub pages of one format;
+ * the scheduler's slab hands them out, page id = block * RT_KVQ_SUB +
+ * index), so a byte budget holds more tokens of a smaller format, at page
+ * granularity. int8/int4 pack every step's rows straight into pages; zip
+ * keeps the prompt in fp blocks until its last chunk (saliency), then packs
+ * it, and packs decode tokens into an int8 tail until each flush. The fp
+ * blocks below rt_kvq_n_compressed() are no longer read. */
+#define RT_KVQ_SUB 16
+#define RT_KVQ_MAX_CLASSES 3
+
 typedef enum { RT_KV_FP = 0, RT_KV_INT8, RT_KV_INT4, RT_KV_ZIP, RT_KV_N_FORMATS } rt_kv_format;
 
 typedef struct {
@@ -157,12 +162,22 @@ const char *rt_kv_format_name(rt_kv_format f);
 int rt_kvq_check(const rt_model *m, const rt_kv_pool *pool, const rt_kv_policy *p, char *err,
                  size_t errlen);
 /* Tokens one pool block holds in class cls (0: salient or uniform, 1: zip's
- * regular tokens); the pool's block size for fp. */
+ * regular tokens, 2: zip's int8 tail); the pool's block size for fp. */
 int rt_kvq_block_tokens(const rt_kv_pool *pool, const rt_kv_policy *p, int cls);
 /* Mean pool bytes per token (all layers, K and V) of compressed tokens. */
 double rt_kvq_bytes_per_token(const rt_kv_pool *pool, const rt_kv_policy *p);
 /* The decode flush size in tokens. */
 int rt_kvq_flush_tokens(const rt_kv_pool *pool, const rt_kv_policy *p);
+/* Page classes of a policy (0 for fp, 1 for int8/int4, 3 for zip). */
+int rt_kvq_n_classes_of(const rt_kv_policy *p);
+/* Class c's page format (an id below 16, for the slab), pages per pool block
+ * and tokens per page. 0, or -1 when c is not a class of p. */
+int rt_kvq_class_geom(const rt_kv_pool *pool, const rt_kv_policy *p, int c, int *fmt, int *n_sub,
+                      int *slots);
+/* Whether the prompt of a request with this policy is written to fp blocks
+ * (fp, zip) or packed chunk by chunk (int8, int4: no fp blocks beyond its
+ * prefix-cache hits). */
+bool rt_kv_policy_fp_prompt(const rt_kv_policy *p);
 
 /* A sequence's compressed cache for a prompt (with any recomputed generated
  * tokens) of prompt_len tokens whose first n_cached already sit in fp blocks
@@ -172,12 +187,19 @@ int rt_kvq_flush_tokens(const rt_kv_pool *pool, const rt_kv_policy *p);
 rt_kvq *rt_kvq_create(const rt_model *m, rt_kv_pool *pool, const rt_kv_policy *p, int prompt_len,
                       int n_cached, uint64_t seed, char *err, size_t errlen);
 void rt_kvq_destroy(rt_kvq *q);
-/* Before a step that appends n_new tokens at n_past: pool blocks to hand in
- * beyond those already given (-1 when n_past is not the cache's length). */
-int rt_kvq_blocks_needed(const rt_kvq *q, int n_past, int n_new);
-/* Every block handed in so far, in order (the earlier ones must not move). */
-int rt_kvq_set_blocks(rt_kvq *q, const int32_t *ids, int n);
-int rt_kvq_blocks_held(const rt_kvq *q);
+/* Before a step that appends n_new tokens at n_past: the pages each class
+ * needs beyond those it holds (need[c]); returns their sum, or -1 when n_past
+ * is not the cache's length. */
+int rt_kvq_pages_needed(const rt_kvq *q, int n_past, int n_new, int need[RT_KVQ_MAX_CLASSES]);
+/* Hands class c n more pages (from the slab, of rt_kvq_class_geom's format). */
+int rt_kvq_add_pages(rt_kvq *q, int c, const int32_t *ids, int n);
+/* The pages class c holds (to give back when the sequence ends). */
+int rt_kvq_class_pages(const rt_kvq *q, int c, const int32_t **ids);
+int rt_kvq_n_classes(const rt_kvq *q);
+/* Pool bytes of the pages held. */
+double rt_kvq_bytes_held(const rt_kvq *q);
+/* Whether the next step (n_new tokens) writes its rows to fp blocks. */
+bool rt_kvq_needs_fp(const rt_kvq *q, int n_new);
 /* Positions [0, n) live in compressed pages: the fp blocks wholly below n are
  * no longer read. */
 int rt_kvq_n_compressed(const rt_kvq *q);

@@ -45,6 +45,15 @@ typedef struct {
     int32_t *pos;  /* [T] their positions */
 } rt_scratch;
 
+/* A rank's scratch for compressed sequences: gathered f32 rows and an
+ * identity block table (grown on demand, freed with the rank). */
+typedef struct {
+    float *buf;
+    size_t cap;
+    int32_t *ids;
+    int ids_cap;
+} rt_kvq_ws;
+
 #define RT_TP_MAX_RANKS 8
 
 /* One tensor-parallel rank: query heads [h0, h0 + n_h), kv heads
@@ -67,6 +76,7 @@ typedef struct {
     size_t mask_words;
     rt_scratch s;
     rt_attn_stats *stats; /* [max_batch_tokens]: this step's counts, per sequence */
+    rt_kvq_ws kvq_ws;     /* compressed sequences' gather workspace */
     int rc;               /* 0, or -1 when this step failed on this rank (err says why) */
     char err[256];
 } rt_rank;
@@ -128,10 +138,16 @@ struct rt_kv {
  * what the step's plan says. */
 int rt_kvq_begin_step(rt_kvq *q, int n_past, int n_new, char *err, size_t errlen);
 void rt_kvq_end_step(rt_kvq *q, bool ok);
-int rt_kvq_attend(rt_kvq *q, kern_pool *pool, int layer, const kern_attn_args *a, char *err,
-                  size_t errlen);
+void rt_kvq_ws_free(rt_kvq_ws *ws);
+/* kn, vn: the step's new K and V rows (a->n_q rows of kv_dim). Returns 0 when
+ * the attention is done, 1 when the caller runs its own (exact or sparse)
+ * attention over *dense instead (f32 rows: fp blocks, or gathered into ws),
+ * -1 with err. */
+int rt_kvq_attend(rt_kvq *q, kern_pool *pool, int layer, const kern_attn_args *a, const float *kn,
+                  const float *vn, rt_kvq_ws *ws, kern_attn_args *dense, char *err, size_t errlen);
 int rt_kvq_after_attention(rt_kvq *q, kern_pool *pool, int layer, const kern_attn_args *a,
-                           char *err, size_t errlen);
+                           const float *kn, const float *vn, rt_kvq_ws *ws, char *err,
+                           size_t errlen);
 
 /* Fills m from a Hugging Face directory (model_hf.c). 0, or -1 with err. */
 int rt_model_load_hf(rt_model *m, const char *dir, char *err, size_t errlen);

@@ -229,6 +229,7 @@ static void free_rank(rt_model *m, rt_rank *rk)
     free(s->rows);
     free(s->pos);
     free(rk->stats);
+    rt_kvq_ws_free(&rk->kvq_ws);
 }
 
 /* ---- the rank threads ---- */

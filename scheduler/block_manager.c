@@ -510,6 +510,59 @@ static int allocate(sched_bm *bm, sched_block_table *bt, const int32_t *tokens, 
     return 0;
 }
 
+int sched_bm_prefix_hits(sched_bm *bm, const int32_t *tokens, int n_tokens, int *in_lru)
+{
+    if (in_lru)
+        *in_lru = 0;
+    if (bm == NULL || tokens == NULL || n_tokens < 1)
+        return 0;
+    prefix_match m = prefix_walk(bm, tokens, n_tokens, NULL, NULL);
+    if (in_lru)
+        *in_lru = m.in_lru;
+    return m.hits;
+}
+
+int sched_bm_allocate_prefix(sched_bm *bm, sched_block_table *bt, const int32_t *tokens,
+                             int n_tokens)
+{
+    if (bm == NULL || bt == NULL || tokens == NULL || n_tokens < 1 || !table_is_empty(bt))
+        return -1;
+    const int max_hits = (n_tokens - 1) / bm->block_size;
+    int32_t *ids = malloc((size_t)(max_hits > 0 ? max_hits : 1) * sizeof(*ids));
+    uint64_t *hashes = malloc((size_t)(max_hits > 0 ? max_hits : 1) * sizeof(*hashes));
+    if (ids == NULL || hashes == NULL) {
+        free(ids);
+        free(hashes);
+        return -1;
+    }
+    prefix_match m = prefix_walk(bm, tokens, n_tokens, ids, hashes);
+    for (int k = 0; k < m.hits; k++)
+        acquire_block(bm, ids[k]);
+    bt->blocks = ids;
+    bt->hashes = hashes;
+    bt->n_blocks = m.hits;
+    bt->cap = max_hits > 0 ? max_hits : 1;
+    bt->n_tokens = bt->n_cached = m.hits * bm->block_size;
+    bt->n_hashed = m.hits;
+    bm->query_tokens += (uint64_t)n_tokens;
+    bm->hit_tokens += (uint64_t)bt->n_cached;
+    return 0;
+}
+
+int32_t sched_bm_take(sched_bm *bm)
+{
+    if (bm == NULL)
+        return -1;
+    const int32_t id = take_block(bm);
+    return id == BM_NONE ? -1 : id;
+}
+
+void sched_bm_give(sched_bm *bm, int32_t id)
+{
+    if (bm != NULL)
+        drop_block(bm, id);
+}
+
 int sched_bm_append(sched_bm *bm, sched_block_table *bt, int n, sched_bm_copy *cow)
 {
     if (cow != NULL)

@@ -147,6 +147,24 @@ void sched_bm_release(sched_bm *bm, sched_block_table *bt);
  * bad arguments. */
 int sched_bm_release_leading(sched_bm *bm, sched_block_table *bt, int n);
 
+/* Fills an empty bt with the prefix-cache hits of tokens alone (full blocks,
+ * never the last token): n_tokens = n_cached = the tokens hit, possibly 0. For
+ * a sequence whose later KV lives elsewhere (a compressed cache packs its new
+ * rows straight into pages). Counts in the prefix statistics. 0, or -1 on bad
+ * arguments or no memory. */
+int sched_bm_allocate_prefix(sched_bm *bm, sched_block_table *bt, const int32_t *tokens,
+                             int n_tokens);
+
+/* Hits allocate_prefix would find now, in blocks, and how many of them are
+ * cached (unreferenced), so taking them lowers the free count. */
+int sched_bm_prefix_hits(sched_bm *bm, const int32_t *tokens, int n_tokens, int *in_lru);
+
+/* One private block with refcount 1 outside any table (the compressed-page
+ * slab cuts it up), or -1 when none is free. */
+int32_t sched_bm_take(sched_bm *bm);
+/* Gives back a block from sched_bm_take. */
+void sched_bm_give(sched_bm *bm, int32_t id);
+
 /* Prompt tokens queried and hit (reused) by allocate_prompt since creation. */
 void sched_bm_prefix_stats(const sched_bm *bm, uint64_t *query_tokens, uint64_t *hit_tokens);
 

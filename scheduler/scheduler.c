@@ -31,6 +31,9 @@
 #include <unistd.h>
 
 #include "scheduler/block_manager.h"
+#include "scheduler/kv_slab.h"
+
+_Static_assert(SCHED_SLAB_SUB == RT_KVQ_SUB, "page ids: one encoding");
 
 struct sched_request {
     atomic_int refs;
@@ -67,8 +70,7 @@ struct sched_request {
     bool started; /* sampler and logits exist */
     bool running;
     sched_block_table bt;
-    rt_kvq *kvq;           /* compressed KV state, or NULL (fp) */
-    sched_block_table cbt; /* the pool blocks holding its compressed pages */
+    rt_kvq *kvq; /* compressed KV state, or NULL (fp) */
     rt_sampler sampler;
     float *logits;
     double t_last_token;
@@ -85,6 +87,7 @@ struct sched_engine {
     rt_kv_pool *pool;
     bool own_pool;
     sched_bm *bm;
+    sched_slab *slab; /* pool blocks cut into compressed pages */
     int watermark_blocks;
     pthread_t thread;
     bool has_thread;
@@ -398,7 +401,11 @@ static void running_remove(sched_engine *e, sched_request *r)
 static void drop_kv(sched_engine *e, sched_request *r)
 {
     sched_bm_release(e->bm, &r->bt);
-    sched_bm_release(e->bm, &r->cbt);
+    for (int c = 0; c < rt_kvq_n_classes(r->kvq); c++) {
+        const int32_t *ids;
+        const int n = rt_kvq_class_pages(r->kvq, c, &ids);
+        sched_slab_give(e->slab, ids, n);
+    }
     rt_kvq_destroy(r->kvq);
     r->kvq = NULL;
 }
@@ -573,6 +580,20 @@ static bool sibling_must_wait(const sched_engine *e, const sched_request *r)
            r->n_preempted == 0;
 }
 
+/* Blocks an int8/int4 request needs at admission: its prefix hits that are
+ * only cached now, and fresh blocks for the pages of the rest of its prompt. */
+static int pages_blocks_needed(sched_engine *e, const sched_request *r, bool private_kv)
+{
+    int fmt, n_sub, slots;
+    if (rt_kvq_class_geom(e->pool, &r->p.kv, 0, &fmt, &n_sub, &slots) != 0)
+        return -1;
+    int in_lru = 0;
+    const int hits = private_kv ? 0 : sched_bm_prefix_hits(e->bm, r->seq, r->n_seq, &in_lru);
+    const int tokens = r->n_seq - hits * sched_bm_block_size(e->bm);
+    const int blocks = sched_slab_blocks_needed(e->slab, fmt, n_sub, (tokens + slots - 1) / slots);
+    return blocks < 0 ? -1 : blocks + in_lru;
+}
+
 static void admit(sched_engine *e)
 {
     for (sched_request **pp = &e->waiting; *pp && e->n_running < e->opts.max_running_seqs;) {
@@ -584,7 +605,12 @@ static void admit(sched_engine *e)
         /* KV computed under a sparse policy differs from dense KV: such a
          * sequence neither reuses nor publishes prefix-cache blocks. */
         const bool private_kv = r->p.policy.prefill != RT_PREFILL_DENSE;
-        const int need = sched_bm_blocks_needed(e->bm, private_kv ? NULL : r->seq, r->n_seq);
+        /* int8/int4 sequences pack every chunk into pages: they take fp
+         * blocks only for prefix-cache hits, and their prompt's pages. */
+        const bool direct = r->p.kv.format != RT_KV_FP && !rt_kv_policy_fp_prompt(&r->p.kv);
+        const int need = direct
+                             ? pages_blocks_needed(e, r, private_kv)
+                             : sched_bm_blocks_needed(e->bm, private_kv ? NULL : r->seq, r->n_seq);
         /* New work keeps a small reserve so running sequences can still grow;
          * a preempted sequence may use it, or it might never come back. */
         const int reserve = r->n_preempted || e->n_running == 0 ? 0 : e->watermark_blocks;
@@ -601,8 +627,9 @@ static void admit(sched_engine *e)
             rt_sampler_set_prompt(&r->sampler, r->p.prompt, r->p.n_prompt);
             r->started = true;
         }
-        if ((private_kv ? sched_bm_allocate_private(e->bm, &r->bt, r->n_seq)
-                        : sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq)) != 0)
+        if (direct ? (!private_kv && sched_bm_allocate_prefix(e->bm, &r->bt, r->seq, r->n_seq) != 0)
+                   : (private_kv ? sched_bm_allocate_private(e->bm, &r->bt, r->n_seq)
+                                 : sched_bm_allocate_prompt(e->bm, &r->bt, r->seq, r->n_seq)) != 0)
             break;
         r->n_computed = r->bt.n_cached;
         if (r->p.kv.format != RT_KV_FP && e->model) {
@@ -633,26 +660,42 @@ static void admit(sched_engine *e)
 /* Reserves the slots for n more tokens of r, preempting the sequences that run
  * after it (youngest / lowest priority first) while blocks are short. Returns
  * false when r itself had to be preempted. */
-/* The pool blocks r's compressed cache needs for a step of n tokens, taken
- * into r->cbt and handed to it. false when blocks are short (nothing taken). */
+/* The pages r's compressed cache needs for a step of n tokens, taken from
+ * the slab and handed to it. false when blocks are short (pages already
+ * taken for other classes stay with r: it will need them). */
 static bool reserve_pages(sched_engine *e, sched_request *r, int n)
 {
     if (!r->kvq)
         return true;
-    const int need = rt_kvq_blocks_needed(r->kvq, r->n_computed, n);
-    if (need < 0)
+    int need[RT_KVQ_MAX_CLASSES];
+    const int total = rt_kvq_pages_needed(r->kvq, r->n_computed, n, need);
+    if (total < 0)
         return false;
-    if (need == 0)
-        return true;
-    const int slots = need * sched_bm_block_size(e->bm);
-    const int rc = r->cbt.n_blocks == 0 ? sched_bm_allocate_private(e->bm, &r->cbt, slots)
-                                        : sched_bm_append(e->bm, &r->cbt, slots, NULL);
-    return rc == 0 && rt_kvq_set_blocks(r->kvq, r->cbt.blocks, r->cbt.n_blocks) == 0;
+    for (int c = 0; c < RT_KVQ_MAX_CLASSES && total > 0; c++) {
+        if (need[c] == 0)
+            continue;
+        int fmt, n_sub;
+        int32_t ids[64];
+        if (rt_kvq_class_geom(e->pool, &r->p.kv, c, &fmt, &n_sub, NULL) != 0)
+            return false;
+        for (int left = need[c]; left > 0;) {
+            const int k = left < 64 ? left : 64;
+            if (sched_slab_take(e->slab, fmt, n_sub, k, ids) != 0)
+                return false;
+            if (rt_kvq_add_pages(r->kvq, c, ids, k) != 0) {
+                sched_slab_give(e->slab, ids, k);
+                return false;
+            }
+            left -= k;
+        }
+    }
+    return true;
 }
 
 static bool reserve_slots(sched_engine *e, sched_request *r, int n)
 {
-    int need = r->n_computed + n - r->bt.n_tokens;
+    const bool fp_rows = !r->kvq || rt_kvq_needs_fp(r->kvq, n);
+    int need = fp_rows ? r->n_computed + n - r->bt.n_tokens : 0;
     for (;;) {
         sched_bm_copy cow = {-1, -1};
         if (need <= 0 || sched_bm_append(e->bm, &r->bt, need, &cow) == 0) {
@@ -744,15 +787,13 @@ static void publish_stats(sched_engine *e, bool stepped, double dt, int batch_to
     e->stats.kv_blocks_used = sched_bm_used_count(e->bm);
     e->stats.kv_blocks_cached = sched_bm_cached_count(e->bm);
     memset(e->stats.kv_blocks_by_format, 0, sizeof(e->stats.kv_blocks_by_format));
-    int compressed = 0;
+    const double block_bytes = (double)e->stats.kv_block_bytes;
     for (int i = 0; i < e->n_running; i++) {
         const rt_kvq *kq = e->running[i]->kvq;
-        if (kq) {
-            e->stats.kv_blocks_by_format[rt_kvq_format(kq)] += rt_kvq_blocks_held(kq);
-            compressed += rt_kvq_blocks_held(kq);
-        }
+        if (kq && block_bytes > 0)
+            e->stats.kv_blocks_by_format[rt_kvq_format(kq)] += rt_kvq_bytes_held(kq) / block_bytes;
     }
-    e->stats.kv_blocks_by_format[RT_KV_FP] = e->stats.kv_blocks_used - compressed;
+    e->stats.kv_blocks_by_format[RT_KV_FP] = e->stats.kv_blocks_used - sched_slab_blocks(e->slab);
     pthread_mutex_unlock(&e->mu);
 }
 
@@ -798,10 +839,15 @@ int sched_engine_step(sched_engine *e)
         prompt_tokens += (uint64_t)((to < np ? to : np) - (from < np ? from : np));
         r->n_computed = to;
         const int compressed = rt_kvq_n_compressed(r->kvq);
-        if (r->bt.n_blocks == 0 || r->bt.blocks[0] >= 0) /* nothing released yet */
+        /* Only a table that covers every computed token publishes its full
+         * blocks (an int8/int4 table holds just its prefix hits). */
+        if ((r->bt.n_blocks == 0 || r->bt.blocks[0] >= 0) && r->bt.n_tokens >= r->n_computed)
             sched_bm_commit(e->bm, &r->bt, r->seq, r->n_computed);
         if (compressed > 0)
-            sched_bm_release_leading(e->bm, &r->bt, compressed / sched_bm_block_size(e->bm));
+            sched_bm_release_leading(e->bm, &r->bt,
+                                     compressed >= r->bt.n_tokens
+                                         ? r->bt.n_blocks
+                                         : compressed / sched_bm_block_size(e->bm));
     }
     for (int i = 0; i < nb; i++) {
         sched_request *r = e->batch_req[i];
@@ -946,6 +992,7 @@ sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char 
     }
     const int n_blocks = rt_kv_pool_blocks(e->pool);
     e->bm = sched_bm_create(n_blocks, rt_kv_pool_block_size(e->pool), opts->prefix_caching);
+    e->slab = e->bm ? sched_slab_create(e->bm) : NULL;
     e->watermark_blocks = n_blocks / 100;
     e->stats.kv_blocks_total = n_blocks;
     e->stats.kv_block_size = rt_kv_pool_block_size(e->pool);
@@ -956,7 +1003,7 @@ sched_engine *sched_engine_create(rt_model *model, const sched_opts *opts, char 
     e->batch_req = calloc((size_t)max_batch, sizeof(*e->batch_req));
     pthread_mutex_init(&e->mu, NULL);
     pthread_cond_init(&e->cv, NULL);
-    bool ok = e->bm && e->running && e->batch && e->batch_req;
+    bool ok = e->bm && e->slab && e->running && e->batch && e->batch_req;
     if (ok && !opts->manual) {
         ok = pthread_create(&e->thread, NULL, engine_main, e) == 0;
         e->has_thread = ok;
@@ -985,6 +1032,7 @@ void sched_engine_destroy(sched_engine *e)
     take_inbox(e, false);
     if (e->bm)
         drop_cancelled(e, true);
+    sched_slab_destroy(e->slab);
     sched_bm_destroy(e->bm);
     if (e->own_pool)
         rt_kv_pool_destroy(e->pool);

@@ -179,7 +179,7 @@ typedef struct {
     size_t kv_bytes_per_token;
     /* Blocks in use by format (rt_kv_format; fp includes prompts not yet
      * compressed) and the bytes of one block (all layers, K and V). */
-    int kv_blocks_by_format[RT_KV_N_FORMATS];
+    double kv_blocks_by_format[RT_KV_N_FORMATS]; /* blocks' worth (pages are fractions) */
     size_t kv_block_bytes;
     sched_hist ttft, tpot, e2e, step_time, batch_tokens;
     /* Per prefill policy (rt_prefill_policy): finished sequences, and the

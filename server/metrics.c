@@ -104,10 +104,9 @@ char *srv_metrics_text(const sched_stats *st, const char *model_name, size_t *le
            "KV pool bytes held by sequences, by cache format (fp includes prompts not yet "
            "compressed).");
     for (int f = 0; f < RT_KV_N_FORMATS; f++)
-        sb_printf(&b, "sieve_kv_bytes_used{format=\"%s\"} %llu\n",
-                  rt_kv_format_name((rt_kv_format)f),
-                  (unsigned long long)st->kv_blocks_by_format[f] *
-                      (unsigned long long)st->kv_block_bytes);
+        sb_printf(
+            &b, "sieve_kv_bytes_used{format=\"%s\"} %llu\n", rt_kv_format_name((rt_kv_format)f),
+            (unsigned long long)(st->kv_blocks_by_format[f] * (double)st->kv_block_bytes + 0.5));
     metric(&b, "sieve_prefix_cache_queries_total", "counter",
            "Prompt tokens looked up in the prefix cache.");
     sb_printf(&b, "sieve_prefix_cache_queries_total %llu\n",

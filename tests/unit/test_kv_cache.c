@@ -101,10 +101,14 @@ static void run(fixture *f, const rt_kv_policy *pol, const int32_t *prompt, int 
     rt_model *m = f->model;
     const int nv = f->n_vocab;
     float *logits = malloc(sizeof(float) * (size_t)nv);
-    int32_t fp[FP_BLOCKS], cb[POOL_BLOCKS];
+    int32_t fp[FP_BLOCKS];
     for (int j = 0; j < FP_BLOCKS; j++)
         fp[j] = j;
-    int n_cb = 0, next = FP_BLOCKS;
+    /* Pages as the scheduler's slab cuts them: each class fills its own
+     * blocks from block FP_BLOCKS on, n_sub pages per block. */
+    int next = FP_BLOCKS, cur_blk[RT_KVQ_MAX_CLASSES], cur_used[RT_KVQ_MAX_CLASSES];
+    for (int c = 0; c < RT_KVQ_MAX_CLASSES; c++)
+        cur_blk[c] = -1, cur_used[c] = 0;
     char err[256];
     rt_kvq *q = NULL;
     if (pol->format != RT_KV_FP) {
@@ -130,13 +134,22 @@ static void run(fixture *f, const rt_kv_policy *pol, const int32_t *prompt, int 
             n = 1;
         }
         if (q) {
-            const int need = rt_kvq_blocks_needed(q, n_past, n);
-            assert_true(need >= 0);
-            for (int i = 0; i < need; i++) {
-                assert_true(next < POOL_BLOCKS - 1);
-                cb[n_cb++] = next++;
+            int need[RT_KVQ_MAX_CLASSES];
+            assert_true(rt_kvq_pages_needed(q, n_past, n, need) >= 0);
+            for (int c = 0; c < RT_KVQ_MAX_CLASSES; c++) {
+                int n_sub = 0;
+                if (need[c] > 0)
+                    assert_int_equal(rt_kvq_class_geom(f->pool, pol, c, NULL, &n_sub, NULL), 0);
+                for (int i = 0; i < need[c]; i++) {
+                    if (cur_blk[c] < 0 || cur_used[c] == n_sub) {
+                        assert_true(next < POOL_BLOCKS);
+                        cur_blk[c] = next++;
+                        cur_used[c] = 0;
+                    }
+                    const int32_t id = cur_blk[c] * RT_KVQ_SUB + cur_used[c]++;
+                    assert_int_equal(rt_kvq_add_pages(q, c, &id, 1), 0);
+                }
             }
-            assert_int_equal(rt_kvq_set_blocks(q, cb, n_cb), 0);
         }
         const bool want = n_past + n >= np;
         rt_seq_batch b = {.tokens = toks,
@@ -230,8 +243,8 @@ static void test_compressed_formats_follow_fp_greedy(void **state)
         rt_kv_format fmt;
         double min_agree, max_dlogit;
     } cases[] = {
-        {RT_KV_INT8, 0.95, 0.05},
-        {RT_KV_INT4, 0.85, 0.5},
+        {RT_KV_INT8, 0.95, 0.1},
+        {RT_KV_INT4, 0.70, 1.5},
         {RT_KV_ZIP, 0.85, 0.5},
     };
     for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
@@ -303,9 +316,10 @@ static void test_zip_chunked_prefill_equals_one_chunk(void **state)
     free(lb);
 }
 
-/* Each format's page fills a pool block: the slot count is the largest that
- * fits, and smaller formats hold more tokens per block. */
-static void test_pages_fill_pool_blocks(void **state)
+/* Each format's pages cut a pool block into n_sub pages of about 16 tokens:
+ * n_sub aligned K pages and V pages fit the block's regions, one more slot
+ * per page would not, and smaller formats hold more tokens per block. */
+static void test_pages_cut_pool_blocks(void **state)
 {
     fixture *f = *state;
     const rt_hparams *hp = rt_model_hparams(f->model);
@@ -318,20 +332,30 @@ static void test_pages_fill_pool_blocks(void **state)
     } cases[] = {{RT_KV_INT8, 0, KERN_KVQ_Q8},
                  {RT_KV_INT4, 0, KERN_KVQ_Q4},
                  {RT_KV_ZIP, 0, KERN_KVQ_ZIP4},
-                 {RT_KV_ZIP, 1, KERN_KVQ_ZIP2}};
+                 {RT_KV_ZIP, 1, KERN_KVQ_ZIP2},
+                 {RT_KV_ZIP, 2, KERN_KVQ_Q8}};
     int prev = BS;
-    for (size_t i = 0; i < 4; i++) {
+    for (size_t i = 0; i < sizeof(cases) / sizeof(cases[0]); i++) {
         const rt_kv_policy p = policy(cases[i].fmt);
-        const int slots = rt_kvq_block_tokens(f->pool, &p, cases[i].cls);
+        int fmt, n_sub, slots;
+        assert_int_equal(rt_kvq_class_geom(f->pool, &p, cases[i].cls, &fmt, &n_sub, &slots), 0);
+        assert_int_equal(fmt, (int)cases[i].kf);
+        assert_true(n_sub >= 1 && n_sub <= RT_KVQ_SUB);
+        assert_true(n_sub == 1 || slots >= 16);
+        assert_int_equal(rt_kvq_block_tokens(f->pool, &p, cases[i].cls), n_sub * slots);
         kern_kvq_geom g = g0;
         g.block_size = slots;
-        assert_true(kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) <= region);
-        assert_true(kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) <= region);
+        const size_t kb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 63) / 64 * 64;
+        const size_t vb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 63) / 64 * 64;
+        assert_true(kb * (size_t)n_sub <= region && vb * (size_t)n_sub <= region);
         g.block_size = slots + 1;
-        assert_true(kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) > region ||
-                    kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) > region);
-        assert_true(slots > prev);
-        prev = slots;
+        const size_t kb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 63) / 64 * 64;
+        const size_t vb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 63) / 64 * 64;
+        assert_true(kb1 * (size_t)n_sub > region || vb1 * (size_t)n_sub > region);
+        if (cases[i].cls < 2) {
+            assert_true(n_sub * slots > prev);
+            prev = n_sub * slots;
+        }
     }
     const rt_kv_policy fp = policy(RT_KV_FP), i8 = policy(RT_KV_INT8), i4 = policy(RT_KV_INT4),
                        zp = policy(RT_KV_ZIP);
@@ -359,7 +383,14 @@ static void test_policy_errors_are_clear(void **state)
     assert_null(rt_kvq_create(f->model, f->pool, &p, 10, 10, 1, err, sizeof(err)));
     rt_kvq *q = rt_kvq_create(f->model, f->pool, &p, 10, 0, 1, err, sizeof(err));
     assert_non_null(q);
-    assert_int_equal(rt_kvq_blocks_needed(q, 5, 1), -1); /* not the cache's length */
+    int need[RT_KVQ_MAX_CLASSES];
+    assert_int_equal(rt_kvq_pages_needed(q, 5, 1, need), -1); /* not the cache's length */
+    const int total = rt_kvq_pages_needed(q, 0, 10, need);
+    assert_int_equal(total, need[0]);
+    assert_true(need[0] >= 1);
+    const int32_t bad = (POOL_BLOCKS + 1) * RT_KVQ_SUB; /* past the pool */
+    assert_int_equal(rt_kvq_add_pages(q, 0, &bad, 1), -1);
+    assert_int_equal(rt_kvq_add_pages(q, 1, NULL, 0), -1); /* int8 has one class */
     rt_kvq_destroy(q);
 }
 
@@ -454,7 +485,7 @@ int main(void)
         cmocka_unit_test_setup_teardown(test_long_sequence_flushes_and_frees_fp_blocks, setup,
                                         teardown),
         cmocka_unit_test_setup_teardown(test_zip_chunked_prefill_equals_one_chunk, setup, teardown),
-        cmocka_unit_test_setup_teardown(test_pages_fill_pool_blocks, setup, teardown),
+        cmocka_unit_test_setup_teardown(test_pages_cut_pool_blocks, setup, teardown),
         cmocka_unit_test_setup_teardown(test_policy_errors_are_clear, setup, teardown),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
