@@ -7,7 +7,7 @@
  * Memory. Compressed pages are cut out of pool blocks: a block given to one
  * page format holds n_sub pages of `slots` tokens each (page_geom: about 16
  * tokens per page; the K pages in the block's K region, the V pages in its V
- * region, each page 64-byte aligned). The scheduler's slab
+ * region, each page 16-byte aligned). The scheduler's slab
  * (scheduler/kv_slab.c) hands pages of any block to any sequence, so the pool
  * budget in bytes decides how many tokens of each format exist, at the
  * granularity of one page. Page ids are block * RT_KVQ_SUB + index. Pages are
@@ -156,9 +156,9 @@ static void class_formats(const rt_kv_policy *p, kern_kvq_fmt *hi, kern_kvq_fmt 
     }
 }
 
-static size_t round64(size_t n)
+static size_t round16(size_t n)
 {
-    return (n + 63) & ~(size_t)63;
+    return (n + 15) & ~(size_t)15;
 }
 
 /* About 16 tokens per page: as many pages per block as whole 16-token pages
@@ -177,8 +177,8 @@ static page_geom geom_of(kern_kvq_fmt fmt, const rt_kv_pool *pool)
     for (; n_sub >= 1; n_sub--)
         for (int slots = whole / n_sub; slots >= 1; slots--) {
             const kern_kvq_geom g = {pool->n_kv_heads, hd, slots};
-            const size_t kb = round64(kern_kvq_page_bytes(fmt, KERN_KVQ_K, &g));
-            const size_t vb = round64(kern_kvq_page_bytes(fmt, KERN_KVQ_V, &g));
+            const size_t kb = round16(kern_kvq_page_bytes(fmt, KERN_KVQ_K, &g));
+            const size_t vb = round16(kern_kvq_page_bytes(fmt, KERN_KVQ_V, &g));
             if (kb && vb && kb * (size_t)n_sub <= region && vb * (size_t)n_sub <= region)
                 return (page_geom){n_sub, slots, kb, vb};
         }

@@ -86,6 +86,25 @@ class KvCacheTest(unittest.TestCase):
         self.assertGreater(mean["int8"], 0.6)
         self.assertGreater(mean["zip"], 0.3)
 
+    def test_int8_reuses_fp_prefix_blocks_and_combines_with_sparse_prefill(self):
+        # An int8 request takes the prefix-cache hits of an earlier fp request (shared fp
+        # blocks, packed into its own pages by its first step) and holds nothing else in fp
+        # blocks; with a sparse prefill policy it has no fp table at all. Both answer, the
+        # hit is counted, and every block comes back.
+        prompt = " ".join(c["completion_text"] for c in GOLDEN[:3])  # ~150 tokens, chunked
+        before = metric(self.srv, "sieve_prefix_cache_hits_total")
+        fp = self.complete("fp", prompt, n=24)["choices"][0]["text"]
+        q = self.complete("int8", prompt, n=24)["choices"][0]["text"]
+        self.assertGreater(metric(self.srv, "sieve_prefix_cache_hits_total"), before)
+        self.assertTrue(q.strip())
+        k = 0
+        while k < min(len(q), len(fp)) and q[k] == fp[k]:
+            k += 1
+        self.assertGreater(k, 0, (fp, q))
+        r = self.complete("int4", prompt, n=24, prefill="flex")
+        self.assertEqual(r["usage"]["completion_tokens"], 24)
+        self.assertTrue(wait_idle(self.srv))
+
     def test_concurrent_requests_answer_as_when_alone(self):
         # Attention reads each sequence's own pages; the batch only stacks the projections,
         # which are batch-invariant, so a compressed request's greedy text does not depend on

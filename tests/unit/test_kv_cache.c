@@ -345,12 +345,12 @@ static void test_pages_cut_pool_blocks(void **state)
         assert_int_equal(rt_kvq_block_tokens(f->pool, &p, cases[i].cls), n_sub * slots);
         kern_kvq_geom g = g0;
         g.block_size = slots;
-        const size_t kb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 63) / 64 * 64;
-        const size_t vb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 63) / 64 * 64;
+        const size_t kb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 15) / 16 * 16;
+        const size_t vb = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 15) / 16 * 16;
         assert_true(kb * (size_t)n_sub <= region && vb * (size_t)n_sub <= region);
         g.block_size = slots + 1;
-        const size_t kb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 63) / 64 * 64;
-        const size_t vb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 63) / 64 * 64;
+        const size_t kb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_K, &g) + 15) / 16 * 16;
+        const size_t vb1 = (kern_kvq_page_bytes(cases[i].kf, KERN_KVQ_V, &g) + 15) / 16 * 16;
         assert_true(kb1 * (size_t)n_sub > region || vb1 * (size_t)n_sub > region);
         if (cases[i].cls < 2) {
             assert_true(n_sub * slots > prev);
