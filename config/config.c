@@ -103,9 +103,18 @@ static const key_def keys[] = {
     INT(tensor_parallel_size, "--tensor-parallel-size", 1, 8, "N",
         "ranks splitting attention heads and FFN columns",
         "Tensor-parallel ranks: attention heads and FFN columns are split over this many "
-        "threads (CPU) with a deterministic all-reduce; it must divide the model's head and "
-        "KV head counts. The CUDA backend runs one GPU (1); a larger value keeps \"auto\" on "
-        "the CPU. Default 1."),
+        "ranks, with an all-reduce after the attention output and FFN down projections; it "
+        "must divide the model's head and KV head counts. On the CPU the ranks are threads "
+        "(a deterministic shared-memory all-reduce); on CUDA each rank is one GPU of "
+        "'devices' (the first this many listed, or present for \"auto\") with an NCCL "
+        "all-reduce, so it needs that many GPUs: with fewer, \"auto\" runs on the CPU and "
+        "\"cuda\" fails start-up. Default 1."),
+    BOOL(cuda_graphs, "--cuda-graphs", "replay CUDA decode steps as graphs",
+         "On the CUDA backend, capture each decode step shape (sequences padded to a power of "
+         "two, block tables to a power-of-two length) once as a CUDA graph and replay it "
+         "whenever that shape repeats, which saves the launch overhead of every kernel; "
+         "other steps run eagerly. false runs every step eagerly (e.g. to compare). No effect "
+         "on the CPU. Default true."),
     INT64(max_body_bytes, "--max-body-bytes", 1024, (int64_t)1 << 32, "BYTES",
           "request body limit, 413 above it",
           "Largest accepted request body in bytes; a larger body gets HTTP 413."),
@@ -223,6 +232,7 @@ void cfg_defaults(cfg_config *c)
     snprintf(c->device, sizeof(c->device), "auto");
     snprintf(c->devices, sizeof(c->devices), "auto");
     c->tensor_parallel_size = 1;
+    c->cuda_graphs = true;
     c->max_body_bytes = 8 << 20;
     c->context_length = 0;
     c->max_running_seqs = 16;

@@ -38,6 +38,7 @@ typedef struct {
     char device[16];          /* "auto", "cpu" or "cuda": the backend of the forward pass */
     char devices[256];        /* "auto", or GPU indices "0,1" ("" = none: the CPU) */
     int tensor_parallel_size; /* ranks splitting attention heads and FFN columns */
+    bool cuda_graphs;         /* CUDA: replay decode steps as captured graphs */
     int64_t max_body_bytes;   /* request body limit (413 above it) */
     int context_length;       /* 0 = the model's own context length */
     int max_running_seqs;     /* sequences decoded together */

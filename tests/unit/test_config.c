@@ -792,7 +792,7 @@ static void test_config_check_config_prints_effective_values(void **state)
     assert_int_equal(json_integer_value(json_object_get(j, "max_running_seqs")), 16);
     assert_true(json_is_true(json_object_get(j, "prefix_caching")));
     /* Every key is there, and the key itself is not. */
-    assert_int_equal(json_object_size(j), 30);
+    assert_int_equal(json_object_size(j), 31);
     assert_null(strstr(out, "secret-key-1"));
     assert_string_equal(json_string_value(json_object_get(j, "api_keys")), "<1 redacted>");
     /* The redacted value never loads back as keys. */
@@ -848,7 +848,7 @@ static void test_config_schema_and_help_list_every_key(void **state)
     json_error_t jerr;
     json_t *a = json_loads(s, 0, &jerr);
     assert_non_null(a);
-    assert_int_equal(json_array_size(a), 30);
+    assert_int_equal(json_array_size(a), 31);
     size_t i;
     json_t *k;
     json_array_foreach(a, i, k)
