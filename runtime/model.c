@@ -351,11 +351,21 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
     /* Each rank gets an equal share of the compute threads (at least one). */
     const int rank_threads = threads / tp > 1 ? threads / tp : 1;
     kern_set_blas_threads(rank_threads);
-    if (rt_tp_init(m, tp, rank_threads, err, errlen) != 0)
+    /* On CUDA the ranks are the backend's (forward_cuda.c): the host keeps one. */
+    const bool cuda = opts && opts->backend == RT_BACKEND_CUDA;
+    if (rt_tp_init(m, cuda ? 1 : tp, rank_threads, err, errlen) != 0)
         goto fail;
-    if (opts && opts->backend == RT_BACKEND_CUDA &&
-        rt_cuda_attach(m, opts->device, opts->device_f32_weights, err, errlen) != 0)
-        goto fail;
+    if (cuda) {
+        int devs[RT_TP_MAX_RANKS];
+        for (int r = 0; r < tp; r++)
+            devs[r] = opts->devices ? opts->devices[r] : opts->device + r;
+        const rt_cuda_opts co = {.devices = devs,
+                                 .n_ranks = tp,
+                                 .f32_weights = opts->device_f32_weights,
+                                 .graphs = !opts->cuda_graphs_off};
+        if (rt_cuda_attach(m, &co, err, errlen) != 0)
+            goto fail;
+    }
     *out = m;
     return 0;
 fail:
@@ -417,6 +427,14 @@ int rt_model_max_batch_tokens(const rt_model *m)
 rt_backend rt_model_backend(const rt_model *m)
 {
     return m->cuda ? RT_BACKEND_CUDA : RT_BACKEND_CPU;
+}
+
+void rt_model_graph_stats(const rt_model *m, rt_graph_stats *out)
+{
+    if (m->cuda)
+        rt_cuda_graph_stats(m->cuda, out);
+    else
+        memset(out, 0, sizeof(*out));
 }
 
 size_t rt_kv_bytes_per_token(const rt_model *m)

@@ -49,15 +49,23 @@ typedef struct {
      * head counts; rt_model_load refuses a split the weights cannot take. */
     int tp;
     /* The backend (runtime/backend.h; 0 is the CPU). RT_BACKEND_CUDA runs on
-     * CUDA device `device` (tp must be 1): the weights are uploaded once at
-     * load (f16, or bf16 for a tensor f16 cannot hold; F16/BF16 as they are;
-     * quantized types dequantized), rt_kv_pool_create allocates pools on the
-     * device, and rt_forward runs there, copying in only token ids,
-     * positions and block tables, and out only the requested logits. */
+     * CUDA device `device`, or with tp > 1 on tp devices, one rank each (the
+     * heads and FFN columns split as on the CPU, an NCCL all-reduce after the
+     * attention output and FFN down projections): the weights are uploaded
+     * once at load (f16, or bf16 for a tensor f16 cannot hold; F16/BF16 as
+     * they are; quantized types dequantized), rt_kv_pool_create allocates
+     * pools on the device(s), and rt_forward runs there, copying in only
+     * token ids, positions and block tables, and out only the requested
+     * logits. */
     rt_backend backend;
     int device;
+    /* CUDA with tp > 1: the device of each rank (tp distinct indices); NULL:
+     * device, device + 1, ... */
+    const int *devices;
     /* CUDA: keep F32 weight matrices in f32 on the device (tests). */
     bool device_f32_weights;
+    /* CUDA: run decode steps eagerly instead of replaying captured graphs. */
+    bool cuda_graphs_off;
 } rt_model_opts;
 
 typedef struct rt_model rt_model;
@@ -75,6 +83,14 @@ const char *rt_model_chat_template(const rt_model *m, size_t *len);
 int rt_model_max_batch_tokens(const rt_model *m);
 /* The backend the model runs on. */
 rt_backend rt_model_backend(const rt_model *m);
+
+/* CUDA decode graphs so far (all zero on the CPU): shapes captured, steps
+ * replayed from a graph, and graph-shaped decode steps run eagerly (graph
+ * slots full, a failed capture or launch). */
+typedef struct {
+    long captured, replayed, eager;
+} rt_graph_stats;
+void rt_model_graph_stats(const rt_model *m, rt_graph_stats *out);
 
 /* A paged KV pool: n_blocks blocks of block_size positions for every layer,
  * allocated once. Which block holds which positions of which sequence is the

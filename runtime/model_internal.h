@@ -123,6 +123,9 @@ struct rt_kv_pool {
     rt_cuda *cuda;
     float *k; /* [n_layers][n_blocks * block_size][kv_dim] */
     float *v;
+    /* On CUDA: rank r's keys and values on its GPU, [n_layers][n_blocks *
+     * block_size][its kv heads x head_dim] (k and v are rank 0's). */
+    float *rank_k[RT_TP_MAX_RANKS], *rank_v[RT_TP_MAX_RANKS];
 };
 
 struct rt_kv {
@@ -169,19 +172,28 @@ int rt_tp_run_step(rt_model *m, char *err, size_t errlen);
  * the rank still takes part in every collective so no other rank waits. */
 void rt_forward_rank(rt_model *m, rt_rank *rk);
 
-/* The CUDA backend (forward_cuda.c). rt_cuda_attach starts the model's
- * device thread on `device`, uploads the weights and allocates the step's
- * device buffers; 0, or -1 with err ("built without CUDA" in a build without
+/* The CUDA backend (forward_cuda.c). rt_cuda_attach starts one host thread
+ * per rank, rank r on devices[r], uploads each rank's share of the weights,
+ * allocates the step's device buffers and, with several ranks, the NCCL
+ * communicator; 0, or -1 with err ("built without CUDA" in a build without
  * it). rt_cuda_detach undoes it (NULL-safe). Pools: rt_cuda_kv_alloc puts
- * p->k and p->v on the device (lowering p->n_blocks to what fits), 0 or -1;
- * rt_cuda_kv_free and rt_cuda_kv_copy_block are the device versions of
- * freeing and copy-on-write. rt_cuda_forward is rt_forward after its
- * argument checks. */
-int rt_cuda_attach(rt_model *m, int device, bool f32_weights, char *err, size_t errlen);
+ * each rank's share of p's keys and values on its device (lowering
+ * p->n_blocks to what fits on all), 0 or -1; rt_cuda_kv_free and
+ * rt_cuda_kv_copy_block are the device versions of freeing and
+ * copy-on-write. rt_cuda_forward is rt_forward after its argument checks. */
+typedef struct {
+    const int *devices; /* [n_ranks], distinct */
+    int n_ranks;        /* tensor-parallel ranks, 1..RT_TP_MAX_RANKS */
+    bool f32_weights;   /* keep F32 matrices in f32 */
+    bool graphs;        /* decode steps as CUDA graphs */
+} rt_cuda_opts;
+
+int rt_cuda_attach(rt_model *m, const rt_cuda_opts *o, char *err, size_t errlen);
 void rt_cuda_detach(rt_model *m);
 int rt_cuda_kv_alloc(rt_cuda *c, rt_kv_pool *p);
 void rt_cuda_kv_free(rt_kv_pool *p);
 void rt_cuda_kv_copy_block(rt_kv_pool *p, int src, int dst);
 int rt_cuda_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size_t errlen);
+void rt_cuda_graph_stats(const rt_cuda *c, rt_graph_stats *out);
 
 #endif

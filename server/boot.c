@@ -52,7 +52,9 @@ int srv_boot_model(const cfg_config *cfg, rt_model **model_out, sched_engine **e
                         .progress_ctx = &last,
                         .tp = cfg->tensor_parallel_size,
                         .backend = bc.backend,
-                        .device = bc.device};
+                        .device = bc.device,
+                        .devices = bc.n_devices > 0 ? bc.devices : NULL,
+                        .cuda_graphs_off = !cfg->cuda_graphs};
     rt_model *model = NULL;
     const double t0 = sched_now();
     char inner[768];

@@ -18,14 +18,21 @@
  * copy-on-write included, matches the CPU step for step; a sequence whose
  * cache is not on the device fails that step with a message and the next
  * step runs (and, on the emulated device of cuda_emulator.c, an injected
- * device error fails only its step). SIEVE_CUDA_FORWARD_MODELS (GGUF paths
+ * device error fails only its step, with tp 1 and 2, eager or replayed from a
+ * decode graph). Decode steps replayed from CUDA graphs give the logits of
+ * eager steps, across batch sizes and block-table lengths that change
+ * between steps. With two GPUs or more (the emulator has four): tensor
+ * parallelism over 2 and 4 GPUs gives tp 1's greedy tokens, and the golden
+ * ones, on every golden prompt, its logits within 1e-4 of tp 1's, and the
+ * paged mixed batches above also hold under tp 2; a split that does not
+ * divide the heads is refused. SIEVE_CUDA_FORWARD_MODELS (GGUF paths
  * separated by ':', e.g. the qwen2, scaled-RoPE and Q4_K models
  * tests/gpu/run.sh stages) adds a CPU-vs-GPU logits comparison per model.
  *
  * Built twice: test_cuda_forward against the real backend (it skips without
- * a GPU), and in builds without CUDA test_cuda_forward_emulated against
- * tests/unit/cuda_emulator.c, which runs the CUDA backend's host side on the
- * CPU twins, so its logic is checked on every machine.
+ * a GPU), and test_cuda_forward_emulated against tests/unit/cuda_emulator.c,
+ * which runs the CUDA backend's host side on the CPU twins, so its logic
+ * (ranks, collectives, graphs) is checked on every machine.
  */
 #include <setjmp.h>
 #include <stdarg.h>
@@ -46,22 +53,50 @@
 #define F16_LOGIT_TOL 2e-2
 /* f32 weights: cuBLAS in full f32, reductions in another order. */
 #define F32_LOGIT_TOL 1e-4
+/* A decode graph against eager steps: the same ops, but over rows padded to a
+ * power of two, which may change how a product blocks its rows (f32 rounding
+ * only; a graph that replays stale inputs is off by whole units). */
+#define GRAPH_LOGIT_TOL 1e-6
+
+#ifdef SIEVE_CUDA_EMULATED
+void kern_cuda_emulator_fail_after(int n); /* cuda_emulator.c */
+#endif
 
 static bool have_gpu;
+static int n_gpus;
 
-static rt_model *load(const char *path, rt_backend backend, bool f32_weights, int max_batch)
+/* Loads path with tp ranks (on devices 0..tp-1) and decode graphs on or off. */
+static rt_model *load_tp(const char *path, rt_backend backend, bool f32_weights, int max_batch,
+                         int tp, bool graphs)
 {
     rt_model_opts o = {.n_threads = 2,
                        .max_batch_tokens = max_batch,
+                       .tp = tp,
                        .backend = backend,
                        .device = 0,
-                       .device_f32_weights = f32_weights};
+                       .device_f32_weights = f32_weights,
+                       .cuda_graphs_off = !graphs};
     rt_model *m = NULL;
     char err[512];
     if (rt_model_load(&m, path, &o, err, sizeof(err)) != 0)
-        fail_msg("load %s on %s: %s", path, rt_backend_name(backend), err);
+        fail_msg("load %s on %s (tp %d): %s", path, rt_backend_name(backend), tp, err);
     assert_int_equal(rt_model_backend(m), backend);
     return m;
+}
+
+static rt_model *load(const char *path, rt_backend backend, bool f32_weights, int max_batch)
+{
+    return load_tp(path, backend, f32_weights, max_batch, 1, true);
+}
+
+/* Skips (true) unless n GPUs are there for tensor parallelism. */
+static bool skip_without_gpus(int n)
+{
+    if (have_gpu && n_gpus >= n)
+        return false;
+    print_message("SKIP: tensor parallelism %d on CUDA needs %d GPUs (%d here)\n", n, n, n_gpus);
+    skip();
+    return true;
 }
 
 static bool skip_without_gpu(void)
@@ -131,7 +166,24 @@ static void test_backend_select_follows_the_rules(void **state)
 
     rt_device_request tp2 = {.pref = RT_DEVICE_AUTO, .n_devices = -1, .tp = 2};
     assert_int_equal(rt_backend_select(&tp2, &ch, err, sizeof(err)), 0);
-    assert_int_equal(ch.backend, RT_BACKEND_CPU);
+    if (have_gpu && n_gpus >= 2) { /* one GPU per rank: the first two */
+        assert_int_equal(ch.backend, RT_BACKEND_CUDA);
+        assert_int_equal(ch.n_devices, 2);
+        assert_int_equal(ch.devices[0], 0);
+        assert_int_equal(ch.devices[1], 1);
+        print_message("auto, tp 2: %s\n", ch.why);
+        const int listed[3] = {1, 1, 0}; /* a repeat is skipped */
+        rt_device_request two = {
+            .pref = RT_DEVICE_CUDA, .devices = listed, .n_devices = 3, .tp = 2};
+        assert_int_equal(rt_backend_select(&two, &ch, err, sizeof(err)), 0);
+        assert_int_equal(ch.devices[0], 1);
+        assert_int_equal(ch.devices[1], 0);
+        assert_int_equal(ch.device, 1);
+    } else {
+        assert_int_equal(ch.backend, RT_BACKEND_CPU);
+        if (have_gpu)
+            assert_non_null(strstr(ch.why, "tensor_parallel_size 2 needs 2 GPUs"));
+    }
 
     rt_device_request autod = {.pref = RT_DEVICE_AUTO, .n_devices = -1, .tp = 1};
     rt_device_request cuda = {.pref = RT_DEVICE_CUDA, .n_devices = -1, .tp = 1};
@@ -146,9 +198,14 @@ static void test_backend_select_follows_the_rules(void **state)
             .pref = RT_DEVICE_CUDA, .devices = absent, .n_devices = 1, .tp = 1};
         assert_int_equal(rt_backend_select(&bad, &ch, err, sizeof(err)), -1);
         assert_non_null(strstr(err, "device 63 is not present"));
-        cuda.tp = 2;
-        assert_int_equal(rt_backend_select(&cuda, &ch, err, sizeof(err)), -1);
-        assert_non_null(strstr(err, "tensor_parallel_size 2"));
+        if (n_gpus < 8) {
+            cuda.tp = n_gpus + 1; /* more ranks than GPUs */
+            assert_int_equal(rt_backend_select(&cuda, &ch, err, sizeof(err)), -1);
+            char want[64];
+            snprintf(want, sizeof(want), "tensor_parallel_size %d needs %d GPUs", cuda.tp, cuda.tp);
+            assert_non_null(strstr(err, want));
+            print_message("refused: %s\n", err);
+        }
         return;
     }
     const char *reason =
@@ -323,14 +380,12 @@ static double step_both(rt_model *gpu, rt_model *cpu, rt_seq_batch *bg, rt_seq_b
     return worst;
 }
 
-static void test_cuda_pool_batches_match_the_cpu(void **state)
+/* Mixed paged batches on the GPU (tp ranks) step for step against the CPU. */
+static void pool_batches(int tp)
 {
-    (void)state;
-    if (skip_without_gpu())
-        return;
     const char *path = tu_shared_path("models/stories260K.gguf");
     rt_model *cpu = load(path, RT_BACKEND_CPU, false, 128);
-    rt_model *gpu = load(path, RT_BACKEND_CUDA, true, 128);
+    rt_model *gpu = load_tp(path, RT_BACKEND_CUDA, true, 128, tp, true);
     enum { NS = 4, NB = 40, BS = 4, PER = 10 };
     rt_kv_pool *pg = rt_kv_pool_create(gpu, NB, BS), *pc = rt_kv_pool_create(cpu, NB, BS);
     assert_non_null(pg);
@@ -391,7 +446,8 @@ static void test_cuda_pool_batches_match_the_cpu(void **state)
     bc.pool = pc;
     bc.logits = lc;
     worst = fmax(worst, step_both(gpu, cpu, &bg, &bc, 1));
-    print_message("pool batches: worst logit error %.3g (tolerance %.3g)\n", worst, F32_LOGIT_TOL);
+    print_message("pool batches, tp %d: worst logit error %.3g (tolerance %.3g)\n", tp, worst,
+                  F32_LOGIT_TOL);
     assert_true(worst <= F32_LOGIT_TOL);
     free(lg);
     free(lc);
@@ -399,6 +455,272 @@ static void test_cuda_pool_batches_match_the_cpu(void **state)
     rt_kv_pool_destroy(pc);
     rt_model_destroy(gpu);
     rt_model_destroy(cpu);
+}
+
+static void test_cuda_pool_batches_match_the_cpu(void **state)
+{
+    (void)state;
+    if (!skip_without_gpu())
+        pool_batches(1);
+}
+
+static void test_cuda_tp2_pool_batches_match_the_cpu(void **state)
+{
+    (void)state;
+    if (!skip_without_gpus(2))
+        pool_batches(2);
+}
+
+/* ---- tensor parallelism ---- */
+
+/* Teacher-forced on prompt + continuation: the worst |logit - ref logit| of
+ * m against ref along it. */
+static double tp_logit_gap(rt_model *m, rt_model *ref, const int32_t *prompt, int np,
+                           const int32_t *cont, int nc)
+{
+    const int V = rt_model_hparams(ref)->n_vocab;
+    float *a = malloc(sizeof(float) * (size_t)V), *b = malloc(sizeof(float) * (size_t)V);
+    rt_kv *ka = rt_kv_create(m, np + nc + 1), *kb = rt_kv_create(ref, np + nc + 1);
+    char err[512];
+    double worst = 0.0;
+    for (int t = -1; t < nc; t++) {
+        const int32_t *tok = t < 0 ? prompt : &cont[t];
+        const int n = t < 0 ? np : 1;
+        rt_seq_batch ba = {.kv = ka, .tokens = tok, .n_tokens = n, .logits = a};
+        rt_seq_batch bb = {.kv = kb, .tokens = tok, .n_tokens = n, .logits = b};
+        if (rt_forward(m, &ba, 1, err, sizeof(err)) != 0 ||
+            rt_forward(ref, &bb, 1, err, sizeof(err)) != 0)
+            fail_msg("step %d: %s", t, err);
+        for (int i = 0; i < V; i++)
+            worst = fmax(worst, fabs((double)a[i] - (double)b[i]));
+    }
+    rt_kv_destroy(ka);
+    rt_kv_destroy(kb);
+    free(a);
+    free(b);
+    return worst;
+}
+
+/* tp 2 (and 4 with four GPUs) on CUDA: the greedy tokens of tp 1 and the
+ * golden ones on every golden prompt, logits within 1e-4 of tp 1's. */
+static void test_cuda_tp_greedy_matches_tp1_and_golden(void **state)
+{
+    (void)state;
+    if (skip_without_gpus(2))
+        return;
+    char path[4096]; /* tu_shared_path's buffer is reused by tu_load_json */
+    snprintf(path, sizeof(path), "%s", tu_shared_path("models/stories260K.gguf"));
+    rt_model *one = load(path, RT_BACKEND_CUDA, true, 512);
+    json_t *golden = tu_load_json("golden/stories260K-greedy.json");
+    assert_non_null(golden);
+    for (int tp = 2; tp <= 4 && tp <= n_gpus; tp *= 2) {
+        rt_model *m = load_tp(path, RT_BACKEND_CUDA, true, 512, tp, true);
+        double worst = 0.0;
+        size_t i;
+        json_t *c;
+        json_array_foreach(json_object_get(golden, "cases"), i, c)
+        {
+            int32_t prompt[256], want[64], ref[N_GEN], got[N_GEN];
+            const int np = json_ids(json_object_get(c, "prompt_token_ids"), prompt, 256);
+            const int nc = json_ids(json_object_get(c, "completion_token_ids"), want, 64);
+            generate(one, prompt, np, ref, N_GEN);
+            generate(m, prompt, np, got, N_GEN);
+            for (int t = 0; t < N_GEN; t++)
+                if (got[t] != ref[t] || got[t] != want[t])
+                    fail_msg("tp %d, prompt %zu: token %d is %d, tp 1 has %d, golden %d", tp, i, t,
+                             got[t], ref[t], want[t]);
+            worst = fmax(worst, tp_logit_gap(m, one, prompt, np, want, nc));
+        }
+        rt_graph_stats gs;
+        rt_model_graph_stats(m, &gs);
+        print_message("tp %d on CUDA: %zu golden prompts x %d tokens equal to tp 1 and golden; "
+                      "max |logit - tp 1 logit| %.2e; decode graphs %ld captured, %ld replays\n",
+                      tp, json_array_size(json_object_get(golden, "cases")), N_GEN, worst,
+                      gs.captured, gs.replayed);
+        assert_true(worst <= 1e-4);
+        assert_true(gs.replayed > 0);
+        rt_model_destroy(m);
+    }
+    json_decref(golden);
+    rt_model_destroy(one);
+}
+
+static void test_cuda_tp_refuses_a_split_of_part_heads(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    rt_model_opts o = {.n_threads = 1, .max_batch_tokens = 64, .tp = 3, .backend = RT_BACKEND_CUDA};
+    rt_model *m = NULL;
+    char err[512] = "";
+    assert_int_equal(
+        rt_model_load(&m, tu_shared_path("models/stories260K.gguf"), &o, err, sizeof(err)), -1);
+    assert_null(m);
+    assert_non_null(strstr(err, "tp 3 does not divide the 8 attention heads"));
+    print_message("refused: %s\n", err);
+}
+
+/* ---- decode graphs ---- */
+
+enum { GS = 6, G_BS = 4, G_PER = 8 };
+
+/* One decode step of the sequences in `which` (a bit mask) on m, logits to lg. */
+static void decode_step(rt_model *m, rt_kv_pool *p, int32_t (*blocks)[G_PER], int32_t *toks,
+                        int *past, unsigned which, float *lg, bool advance)
+{
+    const int V = rt_model_hparams(m)->n_vocab;
+    rt_seq_batch b[GS];
+    int n = 0;
+    for (int s = 0; s < GS; s++) {
+        if (!(which & (1u << s)))
+            continue;
+        b[n] = (rt_seq_batch){.tokens = &toks[s],
+                              .n_tokens = 1,
+                              .logits = lg + (size_t)n * V,
+                              .pool = p,
+                              .blocks = blocks[s],
+                              .n_blocks = past[s] / G_BS + 1,
+                              .n_past = past[s]};
+        n++;
+    }
+    char err[512];
+    if (rt_forward(m, b, n, err, sizeof(err)) != 0)
+        fail_msg("decode step: %s", err);
+    if (!advance)
+        return;
+    for (int s = 0, j = 0; s < GS; s++)
+        if (which & (1u << s)) {
+            toks[s] = (int32_t)rt_argmax(lg + (size_t)j++ * V, V);
+            past[s]++;
+        }
+}
+
+/* Decode steps replayed from graphs give the logits of eager steps: batch
+ * sizes that come and go (padded to 1, 2, 4, 8 rows) and block tables that
+ * grow past a power of two, over a paged pool; sequences prefilled first. */
+static void graphs_match_eager(int tp)
+{
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *g = load_tp(path, RT_BACKEND_CUDA, true, 64, tp, true);
+    rt_model *e = load_tp(path, RT_BACKEND_CUDA, true, 64, tp, false);
+    rt_kv_pool *pg = rt_kv_pool_create(g, GS * G_PER, G_BS);
+    rt_kv_pool *pe = rt_kv_pool_create(e, GS * G_PER, G_BS);
+    assert_non_null(pg);
+    assert_non_null(pe);
+    const int V = rt_model_hparams(g)->n_vocab;
+    int32_t blocks[GS][G_PER], tg[GS], te[GS], prompt[GS][8];
+    int past_g[GS], past_e[GS];
+    for (int s = 0; s < GS; s++)
+        for (int j = 0; j < G_PER; j++)
+            blocks[s][j] = (int32_t)(GS * G_PER - 1 - (s + GS * j)); /* scattered, descending */
+    float *lg = malloc(sizeof(float) * GS * (size_t)V),
+          *le = malloc(sizeof(float) * GS * (size_t)V);
+    char err[512];
+    for (int s = 0; s < GS; s++) { /* prompts of 2..7 tokens, one prefill each */
+        const int np = 2 + s;
+        for (int t = 0; t < np; t++)
+            prompt[s][t] = (int32_t)(1 + (s * 53 + t * 29) % (V - 1));
+        rt_seq_batch b = {.tokens = prompt[s],
+                          .n_tokens = np,
+                          .logits = lg,
+                          .pool = pg,
+                          .blocks = blocks[s],
+                          .n_blocks = G_PER,
+                          .n_past = 0};
+        assert_int_equal(rt_forward(g, &b, 1, err, sizeof(err)), 0);
+        b.pool = pe;
+        b.logits = le;
+        assert_int_equal(rt_forward(e, &b, 1, err, sizeof(err)), 0);
+        tg[s] = te[s] = (int32_t)rt_argmax(lg, V);
+        past_g[s] = past_e[s] = np;
+    }
+    /* Masks of 6, 3, 5, 1, 2 and 4 sequences, round and round. */
+    static const unsigned masks[] = {0x3f, 0x15, 0x2f, 0x08, 0x21, 0x1e};
+    double worst = 0.0;
+    int steps = 0;
+    for (int k = 0; k < 24; k++) {
+        const unsigned which = masks[k % 6];
+        bool room = true;
+        for (int s = 0; s < GS; s++)
+            room &= !(which & (1u << s)) || past_g[s] + 1 <= G_PER * G_BS;
+        if (!room)
+            break;
+        decode_step(g, pg, blocks, tg, past_g, which, lg, true);
+        decode_step(e, pe, blocks, te, past_e, which, le, true);
+        for (int i = 0; i < __builtin_popcount(which); i++)
+            worst = fmax(worst, logit_error(lg + (size_t)i * V, le + (size_t)i * V, V));
+        for (int s = 0; s < GS; s++)
+            assert_int_equal(tg[s], te[s]);
+        steps++;
+    }
+    rt_graph_stats gs, es;
+    rt_model_graph_stats(g, &gs);
+    rt_model_graph_stats(e, &es);
+    print_message("tp %d: %d decode steps, graphs %ld captured, %ld replays, %ld eager; worst "
+                  "graph-vs-eager logit error %.2e (tolerance %.0e)\n",
+                  tp, steps, gs.captured, gs.replayed, gs.eager, worst, GRAPH_LOGIT_TOL);
+    assert_true(worst <= GRAPH_LOGIT_TOL);
+    assert_true(gs.captured >= 4); /* 8, 4, 1, 2 rows at least */
+    assert_true(gs.replayed >= steps - gs.captured - gs.eager);
+    assert_true(gs.replayed > gs.captured);
+    assert_int_equal(es.captured + es.replayed + es.eager, 0);
+
+#ifdef SIEVE_CUDA_EMULATED
+    /* A device error inside a replayed graph fails that step only: nothing
+     * advances, and the same step then runs and still matches eager. */
+    int at = 0;
+    for (int after = 1; after < 400; after += 37) {
+        kern_cuda_emulator_fail_after(after);
+        const unsigned which = masks[at++ % 6];
+        rt_seq_batch b[GS];
+        int n = 0;
+        for (int s = 0; s < GS; s++) {
+            if (!(which & (1u << s)))
+                continue;
+            b[n] = (rt_seq_batch){.tokens = &tg[s],
+                                  .n_tokens = 1,
+                                  .logits = lg + (size_t)n * V,
+                                  .pool = pg,
+                                  .blocks = blocks[s],
+                                  .n_blocks = past_g[s] / G_BS + 1,
+                                  .n_past = past_g[s]};
+            n++;
+        }
+        const int rc = rt_forward(g, b, n, err, sizeof(err));
+        kern_cuda_emulator_fail_after(0);
+        if (rc == 0)
+            continue; /* the failure fell after the step */
+        assert_non_null(strstr(err, "emulated"));
+        decode_step(g, pg, blocks, tg, past_g, which, lg, false);
+        decode_step(e, pe, blocks, te, past_e, which, le, false);
+        for (int i = 0; i < n; i++)
+            if (logit_error(lg + (size_t)i * V, le + (size_t)i * V, V) > GRAPH_LOGIT_TOL)
+                fail_msg("tp %d: after a failure at op %d (%s), sequence %d of the step repeated "
+                         "is off by %.3g",
+                         tp, after, err, i, logit_error(lg + (size_t)i * V, le + (size_t)i * V, V));
+    }
+    print_message("tp %d: last failure injected into a replay: %s\n", tp, err);
+#endif
+    free(lg);
+    free(le);
+    rt_kv_pool_destroy(pg);
+    rt_kv_pool_destroy(pe);
+    rt_model_destroy(g);
+    rt_model_destroy(e);
+}
+
+static void test_cuda_decode_graphs_match_eager(void **state)
+{
+    (void)state;
+    if (!skip_without_gpu())
+        graphs_match_eager(1);
+}
+
+static void test_cuda_tp2_decode_graphs_match_eager(void **state)
+{
+    (void)state;
+    if (!skip_without_gpus(2))
+        graphs_match_eager(2);
 }
 
 static void test_cuda_step_error_fails_the_step_only(void **state)
@@ -433,13 +755,10 @@ static void test_cuda_step_error_fails_the_step_only(void **state)
     rt_model_destroy(cpu);
 }
 
-#ifdef SIEVE_CUDA_EMULATED
-void kern_cuda_emulator_fail_after(int n); /* cuda_emulator.c */
-#endif
-
 /* A device error in the middle of a step fails that step with the error's
  * message; the next step runs and matches the CPU (emulated GPU only: a real
- * device error cannot be caused on purpose). */
+ * device error cannot be caused on purpose). With tp 2 the failing op is on
+ * either rank, and the other rank must not wait for it. */
 static void test_cuda_device_error_fails_one_step(void **state)
 {
     (void)state;
@@ -449,30 +768,33 @@ static void test_cuda_device_error_fails_one_step(void **state)
 #else
     const char *path = tu_shared_path("models/stories260K.gguf");
     rt_model *cpu = load(path, RT_BACKEND_CPU, false, 64);
-    rt_model *gpu = load(path, RT_BACKEND_CUDA, true, 64);
     const int V = rt_model_hparams(cpu)->n_vocab;
     float *lg = malloc(sizeof(float) * (size_t)V), *lc = malloc(sizeof(float) * (size_t)V);
     const int32_t tok[4] = {1, 403, 407, 411};
     char err[512] = "";
-    for (int after = 1; after < 60; after += 7) {
-        rt_kv *kg = rt_kv_create(gpu, 8), *kc = rt_kv_create(cpu, 8);
-        rt_seq_batch bg = {.kv = kg, .tokens = tok, .n_tokens = 4, .logits = lg};
-        rt_seq_batch bc = {.kv = kc, .tokens = tok, .n_tokens = 4, .logits = lc};
-        kern_cuda_emulator_fail_after(after);
-        assert_int_equal(rt_forward(gpu, &bg, 1, err, sizeof(err)), -1);
-        assert_non_null(strstr(err, "forward (cuda)"));
-        assert_non_null(strstr(err, "emulated"));
-        assert_int_equal(rt_kv_len(kg), 0); /* the failed step appended nothing */
-        assert_int_equal(rt_forward(gpu, &bg, 1, err, sizeof(err)), 0);
-        assert_int_equal(rt_forward(cpu, &bc, 1, err, sizeof(err)), 0);
-        assert_true(logit_error(lg, lc, V) <= F32_LOGIT_TOL);
-        rt_kv_destroy(kg);
-        rt_kv_destroy(kc);
+    for (int tp = 1; tp <= 2 && tp <= n_gpus; tp++) {
+        rt_model *gpu = load_tp(path, RT_BACKEND_CUDA, true, 64, tp, true);
+        for (int after = 1; after < 60 * tp; after += 7) {
+            rt_kv *kg = rt_kv_create(gpu, 8), *kc = rt_kv_create(cpu, 8);
+            rt_seq_batch bg = {.kv = kg, .tokens = tok, .n_tokens = 4, .logits = lg};
+            rt_seq_batch bc = {.kv = kc, .tokens = tok, .n_tokens = 4, .logits = lc};
+            kern_cuda_emulator_fail_after(after);
+            assert_int_equal(rt_forward(gpu, &bg, 1, err, sizeof(err)), -1);
+            assert_non_null(strstr(err, "forward (cuda)"));
+            assert_non_null(strstr(err, "emulated"));
+            assert_int_equal(rt_kv_len(kg), 0); /* the failed step appended nothing */
+            if (rt_forward(gpu, &bg, 1, err, sizeof(err)) != 0)
+                fail_msg("tp %d: the step after the failure: %s", tp, err);
+            assert_int_equal(rt_forward(cpu, &bc, 1, err, sizeof(err)), 0);
+            assert_true(logit_error(lg, lc, V) <= F32_LOGIT_TOL);
+            rt_kv_destroy(kg);
+            rt_kv_destroy(kc);
+        }
+        print_message("tp %d: last injected failure: %s\n", tp, err[0] ? err : "(none)");
+        rt_model_destroy(gpu);
     }
-    print_message("last injected failure: %s\n", err[0] ? err : "(none)");
     free(lg);
     free(lc);
-    rt_model_destroy(gpu);
     rt_model_destroy(cpu);
 #endif
 }
@@ -520,13 +842,19 @@ static void test_cuda_extra_models_follow_the_cpu(void **state)
 
 int main(void)
 {
-    have_gpu = rt_backend_cuda_built() && rt_backend_cuda_device_count() > 0;
+    n_gpus = rt_backend_cuda_built() ? rt_backend_cuda_device_count() : 0;
+    have_gpu = n_gpus > 0;
     const struct CMUnitTest tests[] = {
         cmocka_unit_test(test_backend_select_follows_the_rules),
         cmocka_unit_test(test_cuda_load_without_a_gpu_fails_with_a_message),
         cmocka_unit_test(test_cuda_greedy_matches_golden_with_f32_weights),
         cmocka_unit_test(test_cuda_f16_logits_follow_the_cpu),
         cmocka_unit_test(test_cuda_pool_batches_match_the_cpu),
+        cmocka_unit_test(test_cuda_tp2_pool_batches_match_the_cpu),
+        cmocka_unit_test(test_cuda_tp_greedy_matches_tp1_and_golden),
+        cmocka_unit_test(test_cuda_tp_refuses_a_split_of_part_heads),
+        cmocka_unit_test(test_cuda_decode_graphs_match_eager),
+        cmocka_unit_test(test_cuda_tp2_decode_graphs_match_eager),
         cmocka_unit_test(test_cuda_step_error_fails_the_step_only),
         cmocka_unit_test(test_cuda_device_error_fails_one_step),
         cmocka_unit_test(test_cuda_extra_models_follow_the_cpu),
