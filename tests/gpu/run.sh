@@ -3,8 +3,12 @@
 # sm_90). It builds the CUDA kernels for the GPU into build-gpu/, prints nvidia-smi, runs
 # every CUDA kernel against its CPU twin (test_cuda_twins) and the threads all-reduce
 # (test_collective), the whole forward pass on the GPU (test_cuda_forward: the golden greedy
-# tokens, logits against the CPU forward pass, mixed paged batches, and the staged qwen2,
-# scaled-RoPE and Q4_K models), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
+# tokens, logits against the CPU forward pass, mixed paged batches, decode steps replayed
+# from CUDA graphs against eager ones, and the staged qwen2, scaled-RoPE and Q4_K models;
+# with two GPUs or more also tensor parallelism over NCCL against tp 1 and the golden
+# tokens, which one GPU cannot run: it says so and skips), decode tok/s with CUDA graphs
+# and without (bench_decode_cuda: batch 1, 16 and 64 on stories260K and a staged model,
+# and tp 2 with two GPUs), then the kernel micro-benchmarks against the CPU twins (bench_cuda:
 # elementwise ops, cuBLAS/half-weight products, a Llama-3-8B bf16 decode weight stream
 # against the HBM roofline, paged attention decode and causal prefill), the KV-compression
 # and sparse-prefill benchmarks (bench_cuda --only kvq,sparse: decode attention over int8,
@@ -12,7 +16,7 @@
 # at 8K and 32K with a 10% selection against dense), and PyTorch's
 # scaled_dot_product_attention on the same attention shapes for reference. Expected wall
 # time: 4 to 6 minutes (build 1-2, tests about 1, benchmarks 2-3); every step has its own
-# time limit and the whole stays under 8 minutes.
+# time limit and the whole stays under 8 minutes (bench_decode_cuda adds about 15 s).
 #
 #   tests/gpu/run.sh                 on the device machine, from the repository root
 #   tests/gpu/run.sh --stage-deps    on a development machine, before the device call
@@ -125,7 +129,7 @@ cmake_build() {
     cmake -S . -B build-gpu -DCMAKE_BUILD_TYPE=Release -DSIEVE_CUDA=ON \
         -DCMAKE_CUDA_ARCHITECTURES="$ARCH" >build-gpu/configure.log 2>&1 || return 1
     cmake --build build-gpu -j"$JOBS" --target test_cuda_twins test_collective test_cuda_forward \
-        bench_cuda || return 2
+        bench_cuda bench_decode_cuda || return 2
     BIN=build-gpu
 }
 
@@ -165,7 +169,8 @@ direct_build() {
         gcc "${cflags[@]}" -c "$f" -o "$B/obj/$(basename "$f" .c).o" &
         pids+=($!)
     done
-    # The runtime (the forward pass on either backend) for test_cuda_forward only.
+    # The runtime (the forward pass on either backend) for test_cuda_forward and
+    # bench_decode_cuda only.
     for f in runtime/*.c; do
         gcc "${cflags[@]}" -c "$f" -o "$B/rt/$(basename "$f" .c).o" &
         pids+=($!)
@@ -182,8 +187,10 @@ direct_build() {
         gcc "${cflags[@]}" "$t" "$B"/obj/*.o "${libs[@]}" -lstdc++ -lpthread -lm \
             -o "$B/$(basename "$t" .c)" || return 2
     done
-    gcc "${cflags[@]}" tests/unit/test_cuda_forward.c "$B"/rt/*.o "$B"/obj/*.o "${libs[@]}" \
-        -lstdc++ -lpthread -lm -o "$B/test_cuda_forward" || return 2
+    for t in tests/unit/test_cuda_forward.c bench/bench_decode_cuda.c; do
+        gcc "${cflags[@]}" "$t" "$B"/rt/*.o "$B"/obj/*.o "${libs[@]}" -lstdc++ -lpthread -lm \
+            -o "$B/$(basename "$t" .c)" || return 2
+    done
     BIN="$B"
 }
 
@@ -226,6 +233,22 @@ done
 echo "shared: $SIEVE_SHARED_DIR; extra models: ${MODELS:-none}"
 SIEVE_CUDA_FORWARD_MODELS="$MODELS" timeout 180 "$BIN/test_cuda_forward" ||
     fail "test_cuda_forward (status $?)"
+
+GPUS="$(nvidia-smi -L 2>/dev/null | grep -c '^GPU')"
+step "bench_decode_cuda: decode tok/s with CUDA graphs and eagerly ($GPUS GPU(s))"
+timeout 60 "$BIN/bench_decode_cuda" --batch 1,16,64 --steps 200 ||
+    echo "bench_decode_cuda stopped (status $?)"
+if [ -f "$DEPS/models/llama3-rope-f16.gguf" ]; then
+    timeout 45 "$BIN/bench_decode_cuda" --model "$DEPS/models/llama3-rope-f16.gguf" \
+        --batch 1,64 --steps 150 || echo "bench_decode_cuda stopped (status $?)"
+fi
+if [ "${GPUS:-0}" -ge 2 ]; then
+    timeout 45 "$BIN/bench_decode_cuda" --tp 2 --batch 1,64 --steps 150 ||
+        echo "bench_decode_cuda --tp 2 stopped (status $?)"
+else
+    echo "tensor parallelism (tp > 1) needs several GPUs, one per rank; this machine has" \
+        "${GPUS:-0}: its CUDA tests (in test_cuda_forward) and benchmark are skipped"
+fi
 
 step "bench_cuda: GPU kernels against the CPU twins"
 QUICK=()
