@@ -70,6 +70,26 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
 void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
                          const float *w, int ldw, int M, int N, int K);
 
+/* One output of kern_matvec_group_f32: y (row stride ldy) = x W^T with W of
+ * N rows ldw floats apart. */
+typedef struct {
+    float *y;
+    int ldy;
+    const float *w;
+    int ldw;
+    int N;
+} kern_mv_out;
+
+#define KERN_MATVEC_GROUP_MAX 4
+
+/* Up to KERN_MATVEC_GROUP_MAX products of the same x (M rows of K, a decode
+ * batch: M <= 32) in one pass of the pool, e.g. the Q, K and V projections:
+ * one dispatch instead of three, and the threads stream the matrices back to
+ * back. Each output equals kern_matmul_f32_ldw's. Returns 0, or -1 (nothing
+ * done) when M is too large for the row kernel or n_outs is out of range. */
+int kern_matvec_group_f32(kern_pool *pool, const float *x, int ldx, int M, int K,
+                          const kern_mv_out *outs, int n_outs);
+
 /* Threads OpenBLAS may use inside kern_matmul_f32 (process-wide setting). */
 void kern_set_blas_threads(int n);
 

@@ -44,6 +44,28 @@ static void matmul(rt_rank *rk, float *y, int ldy, const float *x, int ldx, cons
         rank_fail(rk, "matmul", kern_quant_strerror(rc));
 }
 
+/* ys[i] = x W_i^T for n weights sharing x: one pass of the pool when they are
+ * all F32 and x is a decode batch (fewer dispatches, the matrices streamed
+ * back to back), else one product after another. */
+static void matmul_group(rt_rank *rk, const float *x, int ldx, int M, int K, int n,
+                         float *const ys[], const int ldys[], const rt_weight *const ws[],
+                         const int Ns[])
+{
+    bool f32 = n <= KERN_MATVEC_GROUP_MAX;
+    for (int i = 0; i < n && f32; i++)
+        f32 = ws[i]->type == KERN_TYPE_F32;
+    if (f32) {
+        kern_mv_out o[KERN_MATVEC_GROUP_MAX];
+        for (int i = 0; i < n; i++)
+            o[i] = (kern_mv_out){ys[i], ldys[i], ws[i]->data,
+                                 (int)(ws[i]->row_bytes / sizeof(float)), Ns[i]};
+        if (kern_matvec_group_f32(rk->pool, x, ldx, M, K, o, n) == 0)
+            return;
+    }
+    for (int i = 0; i < n; i++)
+        matmul(rk, ys[i], ldys[i], x, ldx, ws[i], M, Ns[i], K);
+}
+
 /* buf[0..n) = its sum over the ranks (nothing with one rank). */
 static void allreduce(rt_model *m, rt_rank *rk, float *buf, size_t n)
 {
@@ -251,8 +273,6 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
         const rt_layer *L = &rk->layers[l];
         const bool last = l == hp->n_layers - 1;
         kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
-        matmul(rk, s->k, kvd, s->xb, dim, &L->wk, T, kvd, dim);
-        matmul(rk, s->v, kvd, s->xb, dim, &L->wv, T, kvd, dim);
         /* The last layer carries only the rows read after it past K and V
          * (a prompt chunk without logits: none), gathered in order. */
         int Tq = T;
@@ -277,8 +297,18 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 qpos = s->pos;
             }
         }
-        if (Tq > 0)
-            matmul(rk, s->q, qd, xq, dim, &L->wq, Tq, qd, dim);
+        {
+            float *const ys[3] = {s->k, s->v, s->q};
+            const int ldys[3] = {kvd, kvd, qd}, Ns[3] = {kvd, kvd, qd};
+            const rt_weight *const ws[3] = {&L->wk, &L->wv, &L->wq};
+            if (Tq == T) {
+                matmul_group(rk, s->xb, dim, T, dim, 3, ys, ldys, ws, Ns);
+            } else {
+                matmul_group(rk, s->xb, dim, T, dim, 2, ys, ldys, ws, Ns);
+                if (Tq > 0)
+                    matmul(rk, s->q, qd, xq, dim, &L->wq, Tq, qd, dim);
+            }
+        }
         if (L->bq) {
             for (int t = 0; t < Tq; t++)
                 kern_add_f32(s->q + (size_t)t * qd, L->bq, (size_t)qd);
@@ -362,8 +392,12 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
         kern_add_f32(s->x, s->proj, (size_t)Tq * dim);
 
         kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, Tq, dim, hp->norm_eps);
-        matmul(rk, s->gate, ffn, s->xb, dim, &L->w_gate, Tq, ffn, dim);
-        matmul(rk, s->up, ffn, s->xb, dim, &L->w_up, Tq, ffn, dim);
+        {
+            float *const ys[2] = {s->gate, s->up};
+            const int ld[2] = {ffn, ffn};
+            const rt_weight *const ws[2] = {&L->w_gate, &L->w_up};
+            matmul_group(rk, s->xb, dim, Tq, dim, 2, ys, ld, ws, ld);
+        }
         kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)Tq * ffn);
         matmul(rk, s->proj, dim, s->gate, ffn, &L->w_down, Tq, dim, ffn);
         allreduce(m, rk, s->proj, (size_t)Tq * (size_t)dim);

@@ -95,13 +95,8 @@ static inline void dot4x2(float *y0, float *y1, const float *x0, const float *x1
 }
 #endif
 
-static void matvec_task(void *ctx, int t, int n_tasks)
+static void matvec_rows(const matvec_job *j, int r0, int r1)
 {
-    const matvec_job *j = ctx;
-    int r0 = t * j->rows_per_task;
-    int r1 = r0 + j->rows_per_task;
-    if (r1 > j->N)
-        r1 = j->N;
 #ifdef KERN_HAVE_AVX2
     if (j->K % 8 == 0) {
         int r = r0;
@@ -133,6 +128,36 @@ static void matvec_task(void *ctx, int t, int n_tasks)
         for (int m = 0; m < j->M; m++)
             j->y[(size_t)m * j->ldy + r] = dot_f32(j->x + (size_t)m * j->ldx, wr, j->K);
     }
+}
+
+static void matvec_task(void *ctx, int t, int n_tasks)
+{
+    (void)n_tasks;
+    const matvec_job *j = ctx;
+    const int r0 = t * j->rows_per_task;
+    const int r1 = r0 + j->rows_per_task < j->N ? r0 + j->rows_per_task : j->N;
+    matvec_rows(j, r0, r1);
+}
+
+/* Several products sharing x in one pass of the pool: task t takes a slice
+ * of rows of one output, the outputs' slices numbered one after another. */
+typedef struct {
+    matvec_job jobs[KERN_MATVEC_GROUP_MAX];
+    int first_task[KERN_MATVEC_GROUP_MAX + 1];
+    int n;
+} matvec_group;
+
+static void matvec_group_task(void *ctx, int t, int n_tasks)
+{
+    (void)n_tasks;
+    const matvec_group *g = ctx;
+    int i = 0;
+    while (i + 1 < g->n && t >= g->first_task[i + 1])
+        i++;
+    const matvec_job *j = &g->jobs[i];
+    const int r0 = (t - g->first_task[i]) * j->rows_per_task;
+    const int r1 = r0 + j->rows_per_task < j->N ? r0 + j->rows_per_task : j->N;
+    matvec_rows(j, r0, r1);
 }
 
 /* Up to this many rows of x, the row-streaming kernel beats a GEMM call:
@@ -170,6 +195,36 @@ void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int
     }
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, M, N, K, 1.0f, x, ldx, w, ldw, 0.0f, y,
                 ldy);
+}
+
+int kern_matvec_group_f32(kern_pool *pool, const float *x, int ldx, int M, int K,
+                          const kern_mv_out *outs, int n_outs)
+{
+    if (M <= 0 || K <= 0 || n_outs <= 0)
+        return 0;
+    if (M > SMALL_M || n_outs > KERN_MATVEC_GROUP_MAX || !outs)
+        return -1;
+    matvec_group g = {.n = n_outs};
+    long rows = 0;
+    for (int i = 0; i < n_outs; i++)
+        rows += outs[i].N > 0 ? outs[i].N : 0;
+    /* The same slice size for every output: a few tasks per thread over all
+     * the rows together, in whole groups of eight rows. */
+    const int threads = kern_pool_size(pool);
+    int per = (int)((rows + threads * 4 - 1) / (threads * 4));
+    per = per < ROWS_PER_TASK_MIN ? ROWS_PER_TASK_MIN : per;
+    per = (per + 7) / 8 * 8;
+    int tasks = 0;
+    for (int i = 0; i < n_outs; i++) {
+        const kern_mv_out *o = &outs[i];
+        const int N = o->N > 0 ? o->N : 0;
+        g.jobs[i] = (matvec_job){o->y, x, o->w, M, N, K, ldx, o->ldy, o->ldw, per};
+        g.first_task[i] = tasks;
+        tasks += (N + per - 1) / per;
+    }
+    g.first_task[n_outs] = tasks;
+    kern_pool_run(pool, matvec_group_task, &g, tasks);
+    return 0;
 }
 
 void kern_set_blas_threads(int n)
