@@ -694,6 +694,43 @@ int kern_flexprefill_attention_f32(kern_pool *pool, const kern_attn_args *a,
                                    const kern_flex_params *p, kern_flex_ws *ws,
                                    kern_flex_result *res);
 
+/* Step 0 alone: KERN_FLEX_SPARSE when a chunk of a's shape gets a selection,
+ * else the dense path it takes (p already checked). */
+kern_flex_path kern_flexprefill_path(const kern_attn_args *a, const kern_flex_params *p);
+
+/* The selection in two parts, so that a device can run the part that reads Q
+ * and K and the host the rest. The estimate of a chunk (a, a grid of B, nb =
+ * ceil(ctx_len / B) blocks, query blocks q_block0 = (ctx_len - n_q) / B ..
+ * nb - 1, n_qblocks of them) is all the selection reads:
+ *   vertical, slash  [n_heads][ctx_len]: the profiles of the last B query rows
+ *                    (kern_attention_probe_profiles_f32 with n_probe = B)
+ *   kbar             [n_kv_heads][nb][head_dim]: block means of K (a partial
+ *                    last block over its real positions)
+ *   qbar             [n_heads][head_dim]: mean of the last B query rows
+ *   qtil             [n_heads][n_qblocks][head_dim]: mean of each query block's
+ *                    rows inside the chunk
+ * (query means scaled by 1/sqrt(head_dim)). kern_flex_estimate_f32 computes it
+ * (n_q >= B; scratch of kern_probe_scratch_floats(n_heads, head_dim, B)); a
+ * device computes it with its twin and copies it into the buffers that
+ * kern_flex_ws_estimate names; kern_flexprefill_select_estimated then selects
+ * from those buffers as kern_flexprefill_select does, reading nothing through
+ * a's pointers (they may be device memory). */
+typedef struct {
+    float *vertical, *slash, *kbar, *qbar, *qtil;
+} kern_flex_estimate;
+typedef struct {
+    size_t vertical, slash, kbar, qbar, qtil; /* floats of each array */
+} kern_flex_estimate_len;
+kern_flex_estimate_len kern_flex_estimate_lengths(const kern_attn_args *a, int block_size);
+int kern_flex_estimate_f32(kern_pool *pool, const kern_attn_args *a, int block_size,
+                           const kern_flex_estimate *est, float *scratch);
+/* ws's estimate buffers for a's shape; KERN_SPARSE_ENOSPC if ws is too small. */
+int kern_flex_ws_estimate(kern_flex_ws *ws, const kern_attn_args *a, int block_size,
+                          kern_flex_estimate *est);
+int kern_flexprefill_select_estimated(kern_pool *pool, const kern_attn_args *a,
+                                      const kern_flex_params *p, kern_flex_ws *ws,
+                                      kern_block_mask *mask, kern_flex_result *res);
+
 /* -- PowerAttention (research/sparse-kv-spec.md section 2) --
  * Query block r attends key block c <= r iff r - c < W (local window, diagonal
  * included), r - c is a power of two, or c == 0 (sink); per token causal. Static:

@@ -2,12 +2,16 @@
  * flexprefill.c - FlexPrefill block selection (research/sparse-kv-spec.md 1.2-1.5)
  * and the prefill that runs it.
  *
- * Per layer: probe profiles of the last B query rows (two passes, O(heads x N),
- * kern_attention_probe_profiles_f32), block means of K, then one task per query
- * head: budgets from the cumulative mass gamma, the Jensen-Shannon test against
- * tau, vertical and slash blocks, and for query-aware heads the pooled-score
- * blocks; the selection is written as bitset rows of a kern_block_mask that
- * lives in the workspace, and the block-sparse kernel runs it.
+ * Per layer, in two parts. The estimate (kern_flex_estimate_f32) reads Q and
+ * K: probe profiles of the last B query rows (two passes, O(heads x N),
+ * kern_attention_probe_profiles_f32), block means of K, and the scaled means
+ * of the probe rows and of each query block. The selection reads only the
+ * estimate, so a device can compute it with its twin and copy it to the host
+ * (kern_flexprefill_select_estimated): one task per query head, budgets from
+ * the cumulative mass gamma, the Jensen-Shannon test against tau, vertical and
+ * slash blocks, and for query-aware heads the pooled-score blocks; the
+ * selection is written as bitset rows of a kern_block_mask that lives in the
+ * workspace, and the block-sparse kernel runs it.
  *
  * Choices where the spec leaves room or the reference code has quirks:
  * - Step 3 divides the mass count by B, where FP-code divides by a literal 128
@@ -43,6 +47,8 @@ struct kern_flex_ws {
     float *vertical, *slash; /* n_heads * max_ctx: probe profiles */
     float *probe;            /* probe-row scratch for kern_attention_probe_profiles_f32 */
     float *kbar;             /* n_kv_heads * max_nb * head_dim: block means of K */
+    float *qbar;             /* n_heads * head_dim: scaled mean of the probe rows */
+    float *qtil;             /* n_heads * max_nb * head_dim: scaled query block means */
     float *vb, *sb;          /* n_heads * max_nb: pooled vertical and slash mass */
     uint64_t *bits;          /* n_heads * max_nb * max_words: the selection */
     size_t n_bits;
@@ -58,11 +64,19 @@ typedef struct {
     const kern_attn_args *a;
     const kern_flex_params *p;
     kern_flex_ws *ws;
+    kern_flex_estimate est; /* what the selection reads (in ws) */
     kern_block_mask *mask;
     int B, nb, minB, maxB;
-    float scale;
     atomic_int n_query_aware;
 } flex_job;
+
+/* The estimate's tasks: shape and destination. */
+typedef struct {
+    const kern_attn_args *a;
+    const kern_flex_estimate *est;
+    int B, nb, q_block0, n_qblocks;
+    float scale;
+} estimate_job;
 
 static int ceil_div(long a, long b)
 {
@@ -139,13 +153,12 @@ static size_t align64(size_t n)
 }
 
 /* Per-task scratch: softmax of pooled scores (nb), the selected column and
- * diagonal sets (words each), block means of the queries (nb * head_dim) and
- * the query-aware score triangle (nb (nb + 1) / 2). */
-static size_t slot_size(int nb, int head_dim)
+ * diagonal sets (words each) and the query-aware score triangle
+ * (nb (nb + 1) / 2). */
+static size_t slot_size(int nb)
 {
     const size_t words = (size_t)(nb + 63) / 64;
     return align64(sizeof(float) * (size_t)nb) + 2 * align64(sizeof(uint64_t) * words) +
-           align64(sizeof(float) * (size_t)nb * (size_t)head_dim) +
            align64(sizeof(float) * ((size_t)nb * ((size_t)nb + 1) / 2));
 }
 
@@ -171,26 +184,29 @@ kern_flex_ws *kern_flex_ws_create(int max_ctx, int n_heads, int n_kv_heads, int 
     const size_t probe = kern_probe_scratch_floats(n_heads, head_dim, KERN_FLEX_MAX_BLOCK);
     const size_t kbar = (size_t)n_kv_heads * (size_t)ws->max_nb * (size_t)head_dim;
     const size_t pooled = (size_t)n_heads * (size_t)ws->max_nb;
+    const size_t qbar = (size_t)n_heads * (size_t)head_dim, qtil = pooled * (size_t)head_dim;
     ws->n_bits = (size_t)n_heads * (size_t)ws->max_nb * (size_t)ws->max_words;
-    ws->slot_bytes = slot_size(ws->max_nb, head_dim);
+    ws->slot_bytes = slot_size(ws->max_nb);
     ws->vertical = malloc(sizeof(float) * prof);
     ws->slash = malloc(sizeof(float) * prof);
     ws->probe = malloc(sizeof(float) * probe);
     ws->kbar = malloc(sizeof(float) * kbar);
+    ws->qbar = malloc(sizeof(float) * qbar);
+    ws->qtil = malloc(sizeof(float) * qtil);
     ws->vb = malloc(sizeof(float) * pooled);
     ws->sb = malloc(sizeof(float) * pooled);
     ws->bits = malloc(sizeof(uint64_t) * ws->n_bits);
     ws->slots = aligned_alloc(64, ws->slot_bytes * (size_t)n_threads);
     ws->busy = calloc((size_t)n_threads, sizeof(atomic_int));
     ws->heads = calloc((size_t)n_heads, sizeof(kern_flex_head));
-    if (!ws->heads || !ws->vertical || !ws->slash || !ws->probe || !ws->kbar || !ws->vb ||
-        !ws->sb || !ws->bits || !ws->slots || !ws->busy) {
+    if (!ws->heads || !ws->vertical || !ws->slash || !ws->probe || !ws->kbar || !ws->qbar ||
+        !ws->qtil || !ws->vb || !ws->sb || !ws->bits || !ws->slots || !ws->busy) {
         kern_flex_ws_destroy(ws);
         return NULL;
     }
     for (int i = 0; i < n_threads; i++)
         atomic_init(&ws->busy[i], 0);
-    ws->bytes = sizeof(*ws) + sizeof(float) * (2 * prof + probe + kbar + 2 * pooled) +
+    ws->bytes = sizeof(*ws) + sizeof(float) * (2 * prof + probe + kbar + qbar + qtil + 2 * pooled) +
                 sizeof(uint64_t) * ws->n_bits + ws->slot_bytes * (size_t)n_threads +
                 sizeof(atomic_int) * (size_t)n_threads + sizeof(kern_flex_head) * (size_t)n_heads;
     return ws;
@@ -204,6 +220,8 @@ void kern_flex_ws_destroy(kern_flex_ws *ws)
     free(ws->slash);
     free(ws->probe);
     free(ws->kbar);
+    free(ws->qbar);
+    free(ws->qtil);
     free(ws->vb);
     free(ws->sb);
     free(ws->bits);
@@ -337,11 +355,11 @@ static void top_k_mark(const float *x, int n, int k, uint64_t *sel)
 /* K block means per kv head; a partial last block over its real tokens. */
 static void kbar_task(void *ctx, int kvh, int n_tasks)
 {
-    const flex_job *j = ctx;
+    const estimate_job *j = ctx;
     const kern_attn_args *a = j->a;
     const int hd = a->head_dim, n = a->ctx_len;
     for (int c = 0; c < j->nb; c++) {
-        float *kb = j->ws->kbar + ((size_t)kvh * j->nb + c) * hd;
+        float *kb = j->est->kbar + ((size_t)kvh * j->nb + c) * hd;
         memset(kb, 0, sizeof(float) * (size_t)hd);
         const int j0 = c * j->B, j1 = imin(j0 + j->B, n);
         for (int t = j0; t < j1; t++) {
@@ -366,7 +384,7 @@ static float dot(const float *x, const float *y, int n)
 }
 
 /* Mean of query rows [r0, r1) of head h, scaled by 1/sqrt(D). */
-static void query_mean(const flex_job *j, int h, int r0, int r1, float *out)
+static void query_mean(const estimate_job *j, int h, int r0, int r1, float *out)
 {
     const kern_attn_args *a = j->a;
     const int hd = a->head_dim;
@@ -380,6 +398,22 @@ static void query_mean(const flex_job *j, int h, int r0, int r1, float *out)
     const float f = j->scale / (float)(r1 - r0);
     for (int d = 0; d < hd; d++)
         out[d] *= f;
+}
+
+/* Head h's query means: the probe rows (the last B of the chunk) and every
+ * query block's rows inside the chunk. */
+static void qmean_task(void *ctx, int h, int n_tasks)
+{
+    const estimate_job *j = ctx;
+    const kern_attn_args *a = j->a;
+    const int hd = a->head_dim, q_first = a->ctx_len - a->n_q;
+    query_mean(j, h, a->n_q - j->B, a->n_q, j->est->qbar + (size_t)h * hd);
+    for (int i = 0; i < j->n_qblocks; i++) {
+        const int r = j->q_block0 + i;
+        const int p0 = imax(r * j->B, q_first), p1 = imin((r + 1) * j->B, a->ctx_len);
+        query_mean(j, h, p0 - q_first, p1 - q_first,
+                   j->est->qtil + ((size_t)h * j->n_qblocks + i) * hd);
+    }
 }
 
 double kern_flex_js_distance(const float *p, const float *q, int n)
@@ -401,11 +435,10 @@ static int head_is_query_aware(const flex_job *j, int h, float *vb, float *ahat,
 {
     const kern_attn_args *a = j->a;
     const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads);
-    float qbar[KERN_ATTN_MAX_HEAD_DIM];
-    query_mean(j, h, a->n_q - j->B, a->n_q, qbar);
+    const float *qbar = j->est.qbar + (size_t)h * hd;
     float mx = -INFINITY;
     for (int c = 0; c < j->nb; c++) {
-        ahat[c] = dot(qbar, j->ws->kbar + ((size_t)kvh * j->nb + c) * hd, hd);
+        ahat[c] = dot(qbar, j->est.kbar + ((size_t)kvh * j->nb + c) * hd, hd);
         mx = fmaxf(mx, ahat[c]);
     }
     double sum = 0.0, vsum = 0.0;
@@ -424,21 +457,18 @@ static int head_is_query_aware(const flex_job *j, int h, float *vb, float *ahat,
 }
 
 /* Step 7: adds the blocks of the pooled-score triangle kept within gamma * rows. */
-static void add_query_aware_blocks(const flex_job *j, int h, float *qtil, float *tri)
+static void add_query_aware_blocks(const flex_job *j, int h, float *tri)
 {
     const kern_attn_args *a = j->a;
     const kern_block_mask *m = j->mask;
     const int hd = a->head_dim, kvh = h / (a->n_heads / a->n_kv_heads);
-    const int q_first = a->ctx_len - a->n_q;
     long n = 0;
     for (int i = 0; i < m->n_qblocks; i++) {
         const int r = m->q_block0 + i;
-        const int p0 = imax(r * j->B, q_first), p1 = imin((r + 1) * j->B, a->ctx_len);
-        float *qt = qtil + (size_t)i * hd;
-        query_mean(j, h, p0 - q_first, p1 - q_first, qt);
+        const float *qt = j->est.qtil + ((size_t)h * m->n_qblocks + i) * hd;
         float *row = tri + n, mx = -INFINITY;
         for (int c = 0; c <= r; c++) {
-            row[c] = dot(qt, j->ws->kbar + ((size_t)kvh * j->nb + c) * hd, hd);
+            row[c] = dot(qt, j->est.kbar + ((size_t)kvh * j->nb + c) * hd, hd);
             mx = fmaxf(mx, row[c]);
         }
         double sum = 0.0;
@@ -499,11 +529,9 @@ static void head_task(void *ctx, int h, int n_tasks)
     float *ahat = (float *)(void *)base;
     uint64_t *vsel = (uint64_t *)(void *)(base + align64(sizeof(float) * (size_t)nb));
     uint64_t *ssel = vsel + align64(sizeof(uint64_t) * words) / sizeof(uint64_t);
-    float *qtil = (float *)(void *)((unsigned char *)ssel + align64(sizeof(uint64_t) * words));
-    float *tri =
-        qtil + align64(sizeof(float) * (size_t)nb * (size_t)j->a->head_dim) / sizeof(float);
+    float *tri = (float *)(void *)((unsigned char *)ssel + align64(sizeof(uint64_t) * words));
 
-    const float *v = ws->vertical + (size_t)h * n, *s = ws->slash + (size_t)h * n;
+    const float *v = j->est.vertical + (size_t)h * n, *s = j->est.slash + (size_t)h * n;
     float *vb = ws->vb + (size_t)h * ws->max_nb, *sb = ws->sb + (size_t)h * ws->max_nb;
     /* Step 4: block pooling, columns by position and diagonals by distance. */
     for (int c = 0; c < nb; c++) {
@@ -539,7 +567,7 @@ static void head_task(void *ctx, int h, int n_tasks)
     ws->heads[h] = (kern_flex_head){nvb, nsb, query_aware, d_js};
     /* Step 7. */
     if (query_aware)
-        add_query_aware_blocks(j, h, qtil, tri);
+        add_query_aware_blocks(j, h, tri);
     slot_release(ws, slot);
 }
 
@@ -583,15 +611,80 @@ static void dense_result(kern_flex_result *res, kern_flex_path path, const kern_
     res->density = 1.0;
 }
 
-int kern_flexprefill_select(kern_pool *pool, const kern_attn_args *a, const kern_flex_params *p,
-                            kern_flex_ws *ws, kern_block_mask *mask, kern_flex_result *res)
+kern_flex_path kern_flexprefill_path(const kern_attn_args *a, const kern_flex_params *p)
+{
+    const int B = p->block_size;
+    const int minB = p->min_budget > 0 ? ceil_div(p->min_budget, B) : 1;
+    if (a->n_q == 1)
+        return KERN_FLEX_DENSE_DECODE;
+    if (a->ctx_len <= 2 * B || (long)a->ctx_len <= (long)minB * B)
+        return KERN_FLEX_DENSE_SHORT;
+    if (a->n_q < a->ctx_len && a->n_q <= 2 * B)
+        return KERN_FLEX_DENSE_SHORT_CHUNK;
+    return KERN_FLEX_SPARSE;
+}
+
+kern_flex_estimate_len kern_flex_estimate_lengths(const kern_attn_args *a, int block_size)
+{
+    const size_t nb = (size_t)ceil_div(a->ctx_len, block_size);
+    const size_t nqb = nb - (size_t)((a->ctx_len - a->n_q) / block_size);
+    const size_t hd = (size_t)a->head_dim, nh = (size_t)a->n_heads;
+    return (kern_flex_estimate_len){.vertical = nh * (size_t)a->ctx_len,
+                                    .slash = nh * (size_t)a->ctx_len,
+                                    .kbar = (size_t)a->n_kv_heads * nb * hd,
+                                    .qbar = nh * hd,
+                                    .qtil = nh * nqb * hd};
+}
+
+/* Whether a selection of a's shape on a grid of B fits ws. */
+static int fits(const kern_flex_ws *ws, const kern_attn_args *a, int B)
+{
+    return a->ctx_len <= ws->max_ctx && B >= ws->min_block && a->n_heads <= ws->n_heads &&
+           a->n_kv_heads <= ws->n_kv_heads && a->head_dim <= ws->head_dim;
+}
+
+int kern_flex_ws_estimate(kern_flex_ws *ws, const kern_attn_args *a, int block_size,
+                          kern_flex_estimate *est)
+{
+    if (!ws || !est || check_args(a) != KERN_SPARSE_OK || block_size < KERN_FLEX_MIN_BLOCK ||
+        block_size > KERN_FLEX_MAX_BLOCK)
+        return KERN_SPARSE_EINVAL;
+    if (!fits(ws, a, block_size))
+        return KERN_SPARSE_ENOSPC;
+    *est = (kern_flex_estimate){ws->vertical, ws->slash, ws->kbar, ws->qbar, ws->qtil};
+    return KERN_SPARSE_OK;
+}
+
+int kern_flex_estimate_f32(kern_pool *pool, const kern_attn_args *a, int block_size,
+                           const kern_flex_estimate *est, float *scratch)
+{
+    if (check_args(a) != KERN_SPARSE_OK || !est || !scratch || block_size < KERN_FLEX_MIN_BLOCK ||
+        block_size > KERN_FLEX_MAX_BLOCK || a->n_q < block_size)
+        return KERN_SPARSE_EINVAL;
+    estimate_job j = {.a = a, .est = est, .B = block_size};
+    j.nb = ceil_div(a->ctx_len, j.B);
+    j.q_block0 = (a->ctx_len - a->n_q) / j.B;
+    j.n_qblocks = j.nb - j.q_block0;
+    j.scale = 1.0f / sqrtf((float)a->head_dim);
+    const int rc =
+        kern_attention_probe_profiles_f32(pool, a, j.B, est->vertical, est->slash, scratch);
+    if (rc != KERN_SPARSE_OK)
+        return rc;
+    kern_pool_run(pool, kbar_task, &j, a->n_kv_heads);
+    kern_pool_run(pool, qmean_task, &j, a->n_heads);
+    return KERN_SPARSE_OK;
+}
+
+/* Steps 0-7; the estimate is computed here from a (compute) or is already in
+ * ws (copied there by the caller). */
+static int select_blocks(kern_pool *pool, const kern_attn_args *a, const kern_flex_params *p,
+                         kern_flex_ws *ws, kern_block_mask *mask, kern_flex_result *res,
+                         int compute)
 {
     if (check_args(a) != KERN_SPARSE_OK || !ws || !mask || !res ||
         kern_flex_params_check(p, NULL, 0) != KERN_SPARSE_OK)
         return KERN_SPARSE_EINVAL;
-    if (a->ctx_len > ws->max_ctx || p->block_size < ws->min_block || a->n_heads > ws->n_heads ||
-        a->n_kv_heads > ws->n_kv_heads || a->head_dim > ws->head_dim ||
-        kern_pool_size(pool) > ws->n_threads)
+    if (!fits(ws, a, p->block_size) || kern_pool_size(pool) > ws->n_threads)
         return KERN_SPARSE_ENOSPC;
     memset(res, 0, sizeof(*res));
     ws->n_heads_done = 0;
@@ -599,19 +692,11 @@ int kern_flexprefill_select(kern_pool *pool, const kern_attn_args *a, const kern
     j.nb = ceil_div(a->ctx_len, j.B);
     j.minB = p->min_budget > 0 ? ceil_div(p->min_budget, j.B) : 1;
     j.maxB = p->max_budget > 0 ? imin(ceil_div(p->max_budget, j.B), j.nb) : j.nb;
-    j.scale = 1.0f / sqrtf((float)a->head_dim);
     atomic_init(&j.n_query_aware, 0);
     /* Step 0: dense dispatch. */
-    if (a->n_q == 1) {
-        dense_result(res, KERN_FLEX_DENSE_DECODE, a, j.B);
-        return KERN_SPARSE_OK;
-    }
-    if (a->ctx_len <= 2 * j.B || (long)a->ctx_len <= (long)j.minB * j.B) {
-        dense_result(res, KERN_FLEX_DENSE_SHORT, a, j.B);
-        return KERN_SPARSE_OK;
-    }
-    if (a->n_q < a->ctx_len && a->n_q <= 2 * j.B) {
-        dense_result(res, KERN_FLEX_DENSE_SHORT_CHUNK, a, j.B);
+    const kern_flex_path path = kern_flexprefill_path(a, p);
+    if (path != KERN_FLEX_SPARSE) {
+        dense_result(res, path, a, j.B);
         return KERN_SPARSE_OK;
     }
     res->path = KERN_FLEX_SPARSE;
@@ -622,10 +707,9 @@ int kern_flexprefill_select(kern_pool *pool, const kern_attn_args *a, const kern
     if (p->gamma >= 1.0f) {
         kern_block_mask_fill_causal(mask);
     } else {
-        rc = kern_attention_probe_profiles_f32(pool, a, j.B, ws->vertical, ws->slash, ws->probe);
-        if (rc != KERN_SPARSE_OK)
+        kern_flex_ws_estimate(ws, a, j.B, &j.est);
+        if (compute && (rc = kern_flex_estimate_f32(pool, a, j.B, &j.est, ws->probe)) != 0)
             return rc;
-        kern_pool_run(pool, kbar_task, &j, a->n_kv_heads);
         kern_pool_run(pool, head_task, &j, a->n_heads);
         ws->n_heads_done = a->n_heads;
         if (p->gqa_union)
@@ -635,6 +719,19 @@ int kern_flexprefill_select(kern_pool *pool, const kern_attn_args *a, const kern
     kern_block_mask_stats(mask, a->n_heads, &res->blocks);
     res->density = kern_sparse_density(&res->blocks);
     return KERN_SPARSE_OK;
+}
+
+int kern_flexprefill_select(kern_pool *pool, const kern_attn_args *a, const kern_flex_params *p,
+                            kern_flex_ws *ws, kern_block_mask *mask, kern_flex_result *res)
+{
+    return select_blocks(pool, a, p, ws, mask, res, 1);
+}
+
+int kern_flexprefill_select_estimated(kern_pool *pool, const kern_attn_args *a,
+                                      const kern_flex_params *p, kern_flex_ws *ws,
+                                      kern_block_mask *mask, kern_flex_result *res)
+{
+    return select_blocks(pool, a, p, ws, mask, res, 0);
 }
 
 int kern_flexprefill_attention_f32(kern_pool *pool, const kern_attn_args *a,
