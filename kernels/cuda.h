@@ -303,6 +303,17 @@ int kern_cuda_attention_decode_quant(const kern_kvq_attn_args *a);
  * that selects no block gets zeros, where the CPU op refuses such a mask. */
 int kern_cuda_attention_block_sparse_f32(const kern_attn_args *a, const kern_block_mask *m);
 
+/* Twin of kern_flex_estimate_f32 (kernels/cuda/flexprefill.cu): FlexPrefill's
+ * estimate of a chunk on the device, *a as kern_cuda_attention_f32 takes it
+ * (v and out unused), *est on the host with its arrays on the device, laid out
+ * as kernels.h describes. The block means equal the CPU's bit for bit; the
+ * probe profiles are summed in another (fixed) order, equal within f32
+ * rounding. Uses kern_cuda_flex_estimate_workspace(a, block_size) bytes of the
+ * op workspace (KERN_CUDA_E_NOMEM, saying how much, when less is reserved). */
+int kern_cuda_flex_estimate_f32(const kern_attn_args *a, int block_size,
+                                const kern_flex_estimate *est);
+size_t kern_cuda_flex_estimate_workspace(const kern_attn_args *a, int block_size);
+
 #ifdef __cplusplus
 }
 #endif

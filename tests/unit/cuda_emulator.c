@@ -742,3 +742,69 @@ int kern_cuda_attention_varlen_f32(const kern_cuda_attn_varlen *a)
 {
     return submit("attention_varlen", run_attention_varlen, a, sizeof(*a));
 }
+
+typedef struct {
+    kern_attn_args a;
+    kern_block_mask m; /* bits: "device" memory, read when the op runs */
+} sparse_args;
+
+static int run_block_sparse(const void *p)
+{
+    const sparse_args *x = p;
+    if (kern_attention_block_sparse_f32(NULL, &x->a, &x->m) != KERN_SPARSE_OK)
+        return fail(KERN_CUDA_E_ARG, "attention_block_sparse: the CPU twin refused the mask");
+    return 0;
+}
+
+int kern_cuda_attention_block_sparse_f32(const kern_attn_args *a, const kern_block_mask *m)
+{
+    const int B = m->block_size;
+    const int nb = B > 0 ? (a->ctx_len + B - 1) / B : 0;
+    if (B < 1 || m->n_lists < 1 || a->n_heads % m->n_lists != 0 || m->ctx_len != a->ctx_len ||
+        m->n_q != a->n_q || m->q_block0 != (a->ctx_len - a->n_q) / B ||
+        m->n_qblocks != nb - m->q_block0 || m->words != (nb + 63) / 64)
+        return fail(KERN_CUDA_E_ARG, "attention_block_sparse: mask shape");
+    const sparse_args x = {*a, *m};
+    return submit("attention_block_sparse", run_block_sparse, &x, sizeof(x));
+}
+
+/* The estimate's workspace as kernels/cuda/flexprefill.cu sizes it (tiles of
+ * 128 keys), so a caller that reserves too little fails here too. */
+size_t kern_cuda_flex_estimate_workspace(const kern_attn_args *a, int block_size)
+{
+    if (!a || a->ctx_len < 1 || a->n_heads < 1 || block_size < 1)
+        return 0;
+    const size_t nt = (size_t)(a->ctx_len + 127) / 128, nh = (size_t)a->n_heads;
+    const size_t np = (size_t)block_size;
+    const size_t part = nh * nt * np * 2 * sizeof(float), sl = nh * nt * (128 + np - 1) * 4;
+    return ((nh * np * sizeof(float) + 255) & ~(size_t)255) + (part > sl ? part : sl);
+}
+
+typedef struct {
+    kern_attn_args a;
+    int block_size;
+    kern_flex_estimate est;
+} estimate_args;
+
+static int run_flex_estimate(const void *p)
+{
+    const estimate_args *x = p;
+    float *scratch = malloc(sizeof(float) *
+                            kern_probe_scratch_floats(x->a.n_heads, x->a.head_dim, x->block_size));
+    if (!scratch)
+        return fail(KERN_CUDA_E_NOMEM, "flex_estimate: out of host memory");
+    const int rc = kern_flex_estimate_f32(NULL, &x->a, x->block_size, &x->est, scratch);
+    free(scratch);
+    return rc == KERN_SPARSE_OK ? 0 : fail(KERN_CUDA_E_ARG, "flex_estimate: shape");
+}
+
+int kern_cuda_flex_estimate_f32(const kern_attn_args *a, int block_size,
+                                const kern_flex_estimate *est)
+{
+    if (a->n_q < block_size || block_size < KERN_FLEX_MIN_BLOCK || block_size > KERN_FLEX_MAX_BLOCK)
+        return fail(KERN_CUDA_E_ARG, "flex_estimate: shape");
+    if (kern_cuda_flex_estimate_workspace(a, block_size) > t_ws_bytes)
+        return fail(KERN_CUDA_E_NOMEM, "flex_estimate: workspace");
+    const estimate_args x = {*a, block_size, *est};
+    return submit("flex_estimate", run_flex_estimate, &x, sizeof(x));
+}

@@ -1548,6 +1548,82 @@ static void case_block_sparse(void)
     }
 }
 
+static void case_flex_estimate(void)
+{
+    /* FlexPrefill's estimate: block means bit for bit (the CPU's sums in its
+     * order); probe profiles within 1e-6 absolute (each sums to 1; another
+     * order of f32 sums and expf against the CPU's exp). */
+    static const struct {
+        attn_shape s;
+        int B;
+    } cases[] = {
+        {{8, 2, 64, 300, 300, 16, 0}, 32},     /* whole prompt, paged, GQA 4 */
+        {{4, 4, 128, 200, 513, 16, 4}, 64},    /* chunk after cached positions, padded rows */
+        {{16, 1, 256, 40, 129, 32, 0}, 16},    /* head_dim 256, group 16 */
+        {{6, 2, 80, 97, 97, 0, 1}, 8},         /* contiguous rows, odd stride */
+        {{32, 8, 128, 512, 2100, 16, 0}, 128}, /* Llama-3-8B heads, B 128, 17 key tiles */
+    };
+    for (size_t c = 0; c < sizeof(cases) / sizeof(cases[0]); c++) {
+        const attn_shape *s = &cases[c].s;
+        const int B = cases[c].B;
+        kv_pool p = make_pool(s, 3);
+        const size_t qn = (size_t)s->n_q * s->n_heads * s->head_dim;
+        float *q = random_floats(qn, -1.0f, 1.0f);
+        kern_attn_args a = {q,           p.k,         p.v,        NULL,
+                            s->n_q,      s->ctx_len,  s->n_heads, s->n_kv_heads,
+                            s->head_dim, p.kv_stride, p.blocks,   s->block_size};
+        const kern_flex_estimate_len L = kern_flex_estimate_lengths(&a, B);
+        const size_t n[5] = {L.vertical, L.slash, L.kbar, L.qbar, L.qtil};
+        static const char *names[5] = {"vertical", "slash", "kbar", "qbar", "qtil"};
+        float *want[5], *dev[5];
+        for (int i = 0; i < 5; i++) {
+            want[i] = xmalloc(sizeof(float) * n[i]);
+            dev[i] = dev_nan(sizeof(float) * n[i]);
+        }
+        float *scratch =
+            xmalloc(sizeof(float) * kern_probe_scratch_floats(s->n_heads, s->head_dim, B));
+        const kern_flex_estimate host = {want[0], want[1], want[2], want[3], want[4]};
+        a.out = q; /* unused, but the CPU op checks it */
+        assert_int_equal(kern_flex_estimate_f32(NULL, &a, B, &host, scratch), KERN_SPARSE_OK);
+        const size_t kvb = sizeof(float) * (size_t)p.rows * p.kv_stride;
+        kern_attn_args d = a;
+        d.q = dev_from(q, sizeof(float) * qn);
+        d.k = dev_from(p.k, kvb);
+        d.v = d.k;
+        d.out = NULL;
+        d.blocks = p.blocks ? dev_from(p.blocks, sizeof(int32_t) * p.n_blocks) : NULL;
+        char err[256] = "";
+        const size_t ws = kern_cuda_flex_estimate_workspace(&d, B);
+        assert_true(ws > 0);
+        assert_int_equal(kern_cuda_reserve_workspace(ws, err, sizeof(err)), 0);
+        const kern_flex_estimate de = {dev[0], dev[1], dev[2], dev[3], dev[4]};
+        check(kern_cuda_flex_estimate_f32(&d, B, &de), "flex_estimate");
+        for (int i = 0; i < 5; i++) {
+            float *got = xmalloc(sizeof(float) * n[i]);
+            to_host(got, dev[i], sizeof(float) * n[i]);
+            char what[160];
+            snprintf(what, sizeof(what), "flex_estimate %s heads %d/%d dim %d rows %d ctx %d B %d",
+                     names[i], s->n_heads, s->n_kv_heads, s->head_dim, s->n_q, s->ctx_len, B);
+            const double e = expect_close(what, got, want[i], NULL, n[i], 0.0, i < 2 ? 1e-6 : 0.0);
+            if (i < 2)
+                print_message("%s: max error %.3g\n", what, e);
+            free(got);
+            kern_cuda_free(dev[i]);
+            free(want[i]);
+        }
+        /* Too few query rows for the probe: refused before anything runs. */
+        d.n_q = B - 1;
+        assert_int_equal(kern_cuda_flex_estimate_f32(&d, B, &de), KERN_CUDA_E_ARG);
+        assert_int_equal(kern_cuda_sync(err, sizeof(err)), KERN_CUDA_E_ARG);
+        kern_cuda_free((void *)d.q);
+        kern_cuda_free((void *)d.k);
+        kern_cuda_free((void *)d.blocks);
+        free_pool(&p);
+        free(scratch);
+        free(q);
+    }
+}
+
 #define CUDA_CASE(fn) fn
 #else
 #define CUDA_CASE(fn) NULL
@@ -1579,6 +1655,7 @@ static const twin_case cases[] = {
     {"test_cuda_kvq_pack_matches_cpu_pages_bit_for_bit", CUDA_CASE(case_kvq_pack_unpack)},
     {"test_cuda_attention_decode_quant_matches_cpu", CUDA_CASE(case_kvq_decode)},
     {"test_cuda_attention_block_sparse_matches_cpu", CUDA_CASE(case_block_sparse)},
+    {"test_cuda_flex_estimate_matches_cpu", CUDA_CASE(case_flex_estimate)},
     {"test_cuda_errors_are_reported_never_fatal", CUDA_CASE(case_errors)},
     {"test_cuda_graph_replays_captured_ops", CUDA_CASE(case_graph)},
     {"test_nccl_one_rank_allreduce_is_identity", CUDA_CASE(case_nccl_one_rank)},
