@@ -57,11 +57,30 @@
  * and logits run eagerly after it. Shapes that do not repeat, a capture that
  * fails, or graphs turned off (rt_model_opts.cuda_graphs_off) run eagerly.
  *
- * Attention on the GPU is dense over f32 KV: FlexPrefill and PowerAttention
- * requests run dense there (one log line per model), and their statistics
- * count every causal block as computed, as the CPU does when it falls back
- * to dense. Compressed KV formats are refused when a request asks for one
- * (rt_kvq_check: their pages are packed and read on the host).
+ * Sparse prefill: a sequence under PowerAttention (any step) or FlexPrefill (a
+ * step of more than one token) is a pool group of its own and is attended per
+ * layer as forward.c's attend() does, over the rank's heads (each rank selects
+ * for its own heads, as the CPU's ranks do), with the same block counts:
+ * - PowerAttention: the static block mask is built on the host
+ *   (kern_power_mask) once per step, for the chunk and for its last row, and
+ *   uploaded once; sparse layers run kern_cuda_attention_block_sparse_f32,
+ *   the "K of every N" dense layers dense attention.
+ * - FlexPrefill: when kern_flexprefill_path says the chunk gets a selection,
+ *   the device computes its estimate (kern_cuda_flex_estimate_f32: probe
+ *   profiles, block means; O(heads x context) floats), the rank waits for it
+ *   and copies it into its host workspace, kern_flexprefill_select_estimated
+ *   selects there with the CPU's code, and the mask goes back up for the
+ *   block-sparse kernel. gamma >= 1 needs no estimate (every causal block).
+ *   Short chunks and selections that fail take dense attention, as on the
+ *   CPU. That wait is one host round trip per layer of a flex chunk.
+ * - The last layer: the CPU attends only the rows read after it (the last
+ *   row of a sequence that wants logits), so its block counts cover that row
+ *   alone; here too, and the chunk's other rows of that layer are zeros (they
+ *   are never read).
+ * FlexPrefill decode rows are dense and stay in the graphs' groups; steps
+ * with a PowerAttention sequence run eagerly. Compressed KV formats are
+ * refused when a request asks for one (rt_kvq_check: their pages are packed
+ * and read on the host).
  */
 #include "runtime/model_internal.h"
 
@@ -132,12 +151,17 @@ typedef struct {
     dev_weight wq, wk, wv, wo, w_gate, w_up, w_down;
 } dev_layer;
 
-/* Consecutive sequences of a step that share a pool. */
+/* Consecutive sequences of a step that share a pool; a sequence attended under
+ * a sparse policy (is_sparse) is a group of its own. */
 typedef struct {
     rt_kv_pool *pool;
-    int s0, n;      /* sequences s0 .. s0 + n - 1 */
-    int n_all;      /* n plus the padding sequences of a decode graph */
-    int row0, rows; /* their token rows in the step */
+    bool sparse;                           /* one sequence, attended by sparse_attend */
+    kern_block_mask pmask, pmask_last;     /* PowerAttention: the chunk's and its last
+                                              row's masks (bits on the device) */
+    kern_sparse_stats pstats, pstats_last; /* their block counts over the rank's heads */
+    int s0, n;                             /* sequences s0 .. s0 + n - 1 */
+    int n_all;                             /* n plus the padding sequences of a decode graph */
+    int row0, rows;                        /* their token rows in the step */
     int max_q, max_ctx;
     int stride;     /* block-table entries per sequence */
     size_t q_start; /* offsets into the step's input array */
@@ -197,6 +221,20 @@ struct rt_cuda_rank {
     unsigned long n_steps;
     bool graph_warned;
     rt_graph_stats gstats;
+
+    /* Sparse prefill (sparse_attend). The host side of FlexPrefill's selection
+     * is made on first use: most servers never ask for it. */
+    rt_attn_stats *stats;  /* [max_batch_tokens]: the step's counts per sequence */
+    kern_flex_ws *flex_ws; /* host workspace for the rank's heads */
+    kern_pool *flex_pool;  /* host threads of the selection */
+    float *d_est;          /* device: the estimate */
+    size_t est_cap;        /* floats of d_est */
+    uint64_t *d_mask;      /* device: the step's PowerAttention masks, then a FlexPrefill one */
+    size_t mask_cap;       /* words of d_mask */
+    size_t mask_flex;      /* where the FlexPrefill mask goes */
+    uint64_t *h_mask;      /* host: the step's PowerAttention masks */
+    size_t h_mask_cap;
+    size_t ws_reserved; /* op workspace bytes */
 };
 
 struct rt_cuda {
@@ -223,7 +261,6 @@ struct rt_cuda {
 
     /* Set (by run_job) when tp cannot go on; every later step fails with it. */
     char broken[640];
-    bool warned_policy; /* rank 0's: the sparse-prefill fallback's line was printed */
 
     /* The step being run: written by the caller before the job, read-only in it. */
     rt_seq_batch *seqs;
@@ -576,6 +613,12 @@ static void free_all(cuda_rank *r)
     kern_cuda_free(r->meta);
     kern_cuda_host_free(r->h_meta);
     kern_cuda_host_free(r->h_logits);
+    kern_cuda_free(r->d_est);
+    kern_cuda_free(r->d_mask);
+    free(r->h_mask);
+    kern_flex_ws_destroy(r->flex_ws);
+    kern_pool_destroy(r->flex_pool);
+    free(r->stats);
     free(r->layers);
     free(r->groups);
 }
@@ -682,7 +725,8 @@ static int alloc_scratch(cuda_rank *r)
             return job_fail(r, "cuda: pinned logits buffer: %s", msg);
     }
     r->groups = calloc(T, sizeof(pool_group));
-    if (!r->groups)
+    r->stats = calloc(T, sizeof(rt_attn_stats));
+    if (!r->groups || !r->stats)
         return job_fail(r, "cuda: out of host memory");
     /* kern_cuda_matmul_q rounds activations of M > 8 rows into the workspace. */
     size_t widest = dim > qd ? dim : qd;
@@ -691,6 +735,7 @@ static int alloc_scratch(cuda_rank *r)
     ws = ws > MIN_WORKSPACE ? ws : MIN_WORKSPACE;
     if (kern_cuda_reserve_workspace(ws, msg, sizeof(msg)) != 0)
         return job_fail(r, "cuda: workspace of %zu bytes: %s", ws, msg);
+    r->ws_reserved = ws;
     return 0;
 }
 
@@ -989,6 +1034,16 @@ static int32_t slot_of(const rt_seq_batch *b, int pos)
     return b->blocks[pos / bs] * bs + pos % bs;
 }
 
+/* Whether b is attended under a sparse policy this step (a group of its own):
+ * PowerAttention always (decode rows too), FlexPrefill for more than one row
+ * (decode rows are dense under it). */
+static bool is_sparse(const rt_seq_batch *b)
+{
+    const rt_attn_policy *p = b->policy;
+    return p &&
+           (p->prefill == RT_PREFILL_POWER || (p->prefill == RT_PREFILL_FLEX && b->n_tokens > 1));
+}
+
 /* Groups the sequences by pool and writes the step's int32 inputs into
  * h_meta: tokens, positions, slots (one per row), then each group's query
  * starts, context lengths and block tables. With n_pad > 0 (a decode graph:
@@ -1001,11 +1056,13 @@ static int build_meta(cuda_rank *r, int T, int n_pad, int stride, size_t *n_meta
     int n_groups = 0;
     for (int i = 0; i < c->n_seqs; i++) {
         pool_group *g = n_groups ? &r->groups[n_groups - 1] : NULL;
-        if (!g || g->pool != seqs[i].pool) {
+        const bool sparse = is_sparse(&seqs[i]);
+        if (!g || g->pool != seqs[i].pool || sparse || g->sparse) {
             g = &r->groups[n_groups++];
             memset(g, 0, sizeof(*g));
             g->pool = seqs[i].pool;
             g->s0 = i;
+            g->sparse = sparse;
         }
         g->n++;
         g->n_all++;
@@ -1118,6 +1175,267 @@ static int allreduce(cuda_rank *r, float *buf, size_t n)
     return rc;
 }
 
+/* ---- sparse prefill ---- */
+
+static int policy_block(const rt_attn_policy *p)
+{
+    return p->prefill == RT_PREFILL_FLEX ? p->flex.block_size : p->power.block_size;
+}
+
+/* The shape of the last n_q rows of b over the rank's heads (no pointers). */
+static kern_attn_args rank_shape(const cuda_rank *r, const rt_seq_batch *b, int n_q)
+{
+    const int hd = r->c->m->hp.head_dim;
+    return (kern_attn_args){.n_q = n_q,
+                            .ctx_len = b->n_past + b->n_tokens,
+                            .n_heads = r->n_h,
+                            .n_kv_heads = r->n_kvh,
+                            .head_dim = hd,
+                            .kv_stride = r->n_kvh * hd,
+                            .block_size = b->pool->block_size};
+}
+
+/* Offsets of the estimate's five arrays in d_est (64-float aligned); their end. */
+static size_t est_layout(const kern_flex_estimate_len *L, size_t off[5])
+{
+    const size_t n[5] = {L->vertical, L->slash, L->kbar, L->qbar, L->qtil};
+    size_t at = 0;
+    for (int i = 0; i < 5; i++) {
+        off[i] = at;
+        at += (n[i] + 63) & ~(size_t)63;
+    }
+    return at;
+}
+
+/* Block counts of dense attention over n_q rows ending at ctx on a grid of B
+ * (forward.c's add_dense_blocks: dense layers count as computed). */
+static void add_dense_blocks(rt_attn_stats *st, int ctx, int n_q, int n_heads, int B)
+{
+    int64_t blocks = 0;
+    for (int q = (ctx - n_q) / B; q <= (ctx - 1) / B; q++)
+        blocks += q + 1;
+    st->computed += blocks * n_heads;
+    st->causal += blocks * n_heads;
+}
+
+/* Sizes the step's sparse-attention buffers (growing them; the previous step
+ * has finished with them) and builds and uploads its PowerAttention masks.
+ * Runs before the step's first op, so a failure fails it on this rank alone. */
+static int prepare_sparse(cuda_rank *r, int n_groups)
+{
+    rt_cuda *c = r->c;
+    size_t power_words = 0, flex_words = 0, est = 0, ws = 0;
+    bool flex = false;
+    for (int gi = 0; gi < n_groups; gi++) {
+        const pool_group *g = &r->groups[gi];
+        if (!g->sparse)
+            continue;
+        const rt_seq_batch *b = &c->seqs[g->s0];
+        const rt_attn_policy *p = b->policy;
+        const int B = policy_block(p), ctx = b->n_past + b->n_tokens;
+        if (p->prefill == RT_PREFILL_POWER) {
+            power_words +=
+                kern_block_mask_words(B, 1, ctx, b->n_tokens) + kern_block_mask_words(B, 1, ctx, 1);
+            continue;
+        }
+        flex = true;
+        const kern_attn_args a = rank_shape(r, b, b->n_tokens);
+        if (kern_flexprefill_path(&a, &p->flex) != KERN_FLEX_SPARSE)
+            continue;
+        const size_t w = kern_block_mask_words(B, r->n_h, ctx, b->n_tokens);
+        flex_words = w > flex_words ? w : flex_words;
+        if (p->flex.gamma >= 1.0f)
+            continue;
+        const kern_flex_estimate_len L = kern_flex_estimate_lengths(&a, B);
+        size_t off[5];
+        const size_t e = est_layout(&L, off), need = kern_cuda_flex_estimate_workspace(&a, B);
+        est = e > est ? e : est;
+        ws = need > ws ? need : ws;
+    }
+    char msg[256];
+    if (power_words + flex_words > r->mask_cap) {
+        kern_cuda_free(r->d_mask);
+        r->mask_cap = 0;
+        r->d_mask = dev_alloc(r, sizeof(uint64_t) * (power_words + flex_words), "sparse masks");
+        if (!r->d_mask)
+            return -1;
+        r->mask_cap = power_words + flex_words;
+    }
+    if (power_words > r->h_mask_cap) {
+        free(r->h_mask);
+        r->h_mask_cap = 0;
+        if (!(r->h_mask = malloc(sizeof(uint64_t) * power_words)))
+            return job_fail(r, "cuda: out of host memory for sparse masks");
+        r->h_mask_cap = power_words;
+    }
+    if (est > r->est_cap) {
+        kern_cuda_free(r->d_est);
+        r->est_cap = 0;
+        if (!(r->d_est = dev_alloc(r, sizeof(float) * est, "the FlexPrefill estimate")))
+            return -1;
+        r->est_cap = est;
+    }
+    if (ws > r->ws_reserved) {
+        if (kern_cuda_reserve_workspace(ws, msg, sizeof(msg)) != 0)
+            return job_fail(r, "cuda: workspace of %zu bytes for FlexPrefill: %s", ws, msg);
+        r->ws_reserved = ws;
+    }
+    if (flex && !r->flex_ws) {
+        const rt_model *m = c->m;
+        int threads = kern_pool_size(m->ranks[0].pool) / c->n_ranks;
+        threads = threads > 1 ? threads : 1;
+        r->flex_pool = kern_pool_create(threads);
+        r->flex_ws = r->flex_pool ? kern_flex_ws_create(m->n_ctx, r->n_h, r->n_kvh, m->hp.head_dim,
+                                                        RT_FLEX_MIN_BLOCK, threads)
+                                  : NULL;
+        if (!r->flex_ws) {
+            kern_pool_destroy(r->flex_pool);
+            r->flex_pool = NULL;
+            return job_fail(r, "cuda: out of host memory for the FlexPrefill workspace");
+        }
+    }
+    /* PowerAttention: the chunk's mask and its last row's, for every layer. */
+    size_t off = 0;
+    for (int gi = 0; gi < n_groups; gi++) {
+        pool_group *g = &r->groups[gi];
+        const rt_seq_batch *b = &c->seqs[g->s0];
+        if (!g->sparse || b->policy->prefill != RT_PREFILL_POWER)
+            continue;
+        const kern_power_params *pp = &b->policy->power;
+        const int ctx = b->n_past + b->n_tokens;
+        for (int last = 0; last < 2; last++) {
+            const int nq = last ? 1 : b->n_tokens;
+            const size_t w = kern_block_mask_words(pp->block_size, 1, ctx, nq);
+            kern_block_mask *mk = last ? &g->pmask_last : &g->pmask;
+            if (kern_block_mask_init(mk, r->h_mask + off, w, pp->block_size, 1, ctx, nq) != 0 ||
+                kern_power_mask(pp, mk) != 0)
+                return job_fail(r,
+                                "forward (cuda): sequence %d: PowerAttention mask (block size "
+                                "%d, window %d)",
+                                g->s0, pp->block_size, pp->window_blocks);
+            kern_block_mask_stats(mk, r->n_h, last ? &g->pstats_last : &g->pstats);
+            mk->bits = r->d_mask + off;
+            off += w;
+        }
+    }
+    r->mask_flex = off;
+    if (off && kern_cuda_h2d(r->d_mask, r->h_mask, sizeof(uint64_t) * off, KERN_CUDA_COMPUTE))
+        return device_sync(r, "cuda: PowerAttention masks") ? -1
+                                                            : job_fail(r, "cuda: mask copy failed");
+    return 0;
+}
+
+/* FlexPrefill over the rows of *a: the estimate on the device, the selection
+ * on the host, the block-sparse kernel with its mask; dense where forward.c's
+ * attend() is dense. */
+static int flex_attend(cuda_rank *r, const kern_flex_params *fp, const kern_attn_args *a,
+                       rt_attn_stats *st)
+{
+    const int B = fp->block_size;
+    kern_flex_estimate host;
+    bool dense = kern_flexprefill_path(a, fp) != KERN_FLEX_SPARSE ||
+                 kern_flex_ws_estimate(r->flex_ws, a, B, &host) != KERN_SPARSE_OK;
+    if (!dense && fp->gamma < 1.0f) {
+        const kern_flex_estimate_len L = kern_flex_estimate_lengths(a, B);
+        size_t off[5];
+        est_layout(&L, off);
+        float *e = r->d_est;
+        const kern_flex_estimate dev = {e + off[0], e + off[1], e + off[2], e + off[3], e + off[4]};
+        int rc = kern_cuda_flex_estimate_f32(a, B, &dev);
+        const size_t n[5] = {L.vertical, L.slash, L.kbar, L.qbar, L.qtil};
+        float *const to[5] = {host.vertical, host.slash, host.kbar, host.qbar, host.qtil};
+        for (int i = 0; i < 5; i++)
+            keep(&rc, kern_cuda_d2h(to[i], e + off[i], sizeof(float) * n[i], KERN_CUDA_COMPUTE));
+        /* The selection needs the estimate now: the only wait inside a layer.
+         * Its failure may be an earlier op's: recorded here with its message. */
+        if (device_sync(r, "forward (cuda): FlexPrefill estimate") != 0)
+            return rc ? rc : KERN_CUDA_E_RUNTIME;
+        if (rc)
+            return rc;
+    }
+    kern_block_mask mk;
+    kern_flex_result res;
+    if (!dense)
+        dense = kern_flexprefill_select_estimated(r->flex_pool, a, fp, r->flex_ws, &mk, &res) !=
+                    KERN_SPARSE_OK ||
+                res.path != KERN_FLEX_SPARSE;
+    if (dense) {
+        add_dense_blocks(st, a->ctx_len, a->n_q, a->n_heads, B);
+        st->dense_chunks++;
+        return kern_cuda_attention_f32(a);
+    }
+    const size_t words = (size_t)mk.n_lists * (size_t)mk.n_qblocks * (size_t)mk.words;
+    int rc = kern_cuda_h2d(r->d_mask + r->mask_flex, mk.bits, sizeof(uint64_t) * words,
+                           KERN_CUDA_COMPUTE);
+    mk.bits = r->d_mask + r->mask_flex;
+    keep(&rc, kern_cuda_attention_block_sparse_f32(a, &mk));
+    st->computed += res.blocks.computed;
+    st->causal += res.blocks.causal;
+    st->sparse_chunks++;
+    return rc;
+}
+
+/* Attention of a sparse group's sequence in layer l (its K and V are stored),
+ * as forward.c's attend() computes it for the rank's heads, counts included.
+ * In the last layer only the last row of a sequence that wants logits is
+ * attended (forward.c's last_layer_rows); its other rows get zeros. */
+static int sparse_attend(cuda_rank *r, int l, const pool_group *g, float *kc, float *vc)
+{
+    const rt_cuda *c = r->c;
+    const rt_hparams *hp = &c->m->hp;
+    const rt_seq_batch *b = &c->seqs[g->s0];
+    const rt_attn_policy *p = b->policy;
+    rt_attn_stats *st = &r->stats[g->s0];
+    const bool last = l == hp->n_layers - 1;
+    const int n = b->n_tokens, nq = last ? (b->logits ? 1 : 0) : n;
+    const size_t qd = (size_t)r->n_h * hp->head_dim;
+    float *att = r->att + (size_t)g->row0 * qd;
+    int rc = 0;
+    if (nq < n)
+        keep(&rc,
+             kern_cuda_memset(att, 0, sizeof(float) * (size_t)(n - nq) * qd, KERN_CUDA_COMPUTE));
+    if (nq == 0)
+        return rc;
+    kern_attn_args a = rank_shape(r, b, nq);
+    a.q = r->q + ((size_t)g->row0 + (size_t)(n - nq)) * qd;
+    a.k = kc;
+    a.v = vc;
+    a.out = att + (size_t)(n - nq) * qd;
+    a.blocks = r->in + g->blocks;
+    if (p->prefill == RT_PREFILL_FLEX) {
+        keep(&rc, flex_attend(r, &p->flex, &a, st));
+        return rc;
+    }
+    if (kern_power_layer_is_dense(l, p->power_dense_count, p->power_period)) {
+        add_dense_blocks(st, a.ctx_len, nq, r->n_h, p->power.block_size);
+        st->dense_chunks++;
+        keep(&rc, kern_cuda_attention_f32(&a));
+        return rc;
+    }
+    const kern_sparse_stats *ps = nq == n ? &g->pstats : &g->pstats_last;
+    st->computed += ps->computed;
+    st->causal += ps->causal;
+    st->sparse_chunks++;
+    keep(&rc, kern_cuda_attention_block_sparse_f32(&a, nq == n ? &g->pmask : &g->pmask_last));
+    return rc;
+}
+
+/* The counts forward.c's attend() adds for a sequence that is not in a
+ * sparse group but has a policy (FlexPrefill decode rows: dense in every
+ * layer that attends them). */
+static void count_dense_layers(const cuda_rank *r, const rt_seq_batch *b, rt_attn_stats *st)
+{
+    const rt_hparams *hp = &r->c->m->hp;
+    const int B = policy_block(b->policy), ctx = b->n_past + b->n_tokens;
+    for (int l = 0; l < hp->n_layers; l++) {
+        const int nq = l == hp->n_layers - 1 ? (b->logits ? 1 : 0) : b->n_tokens;
+        if (nq == 0)
+            continue;
+        add_dense_blocks(st, ctx, nq, r->n_h, B);
+        st->dense_chunks++;
+    }
+}
+
 /* One layer over the step's T rows. Every op is enqueued even after one
  * failed, so the rank takes part in both all-reduces whatever happens. */
 static int layer_forward(cuda_rank *r, int l, int T, int n_groups)
@@ -1147,6 +1465,10 @@ static int layer_forward(cuda_rank *r, int l, int T, int n_groups)
         keep(&rc,
              kern_cuda_kv_store_f32(kc, vc, kvd, r->k + (size_t)g->row0 * kvd,
                                     r->v + (size_t)g->row0 * kvd, kvd, slots + g->row0, g->rows));
+        if (g->sparse) {
+            keep(&rc, sparse_attend(r, l, g, kc, vc));
+            continue;
+        }
         const kern_cuda_attn_varlen a = {
             .q = r->q + (size_t)g->row0 * qd,
             .k = kc,
@@ -1243,7 +1565,7 @@ static void plan_graph(cuda_rank *r, int *n_pad, int *stride)
     int max_blocks = 1;
     for (int i = 0; i < c->n_seqs; i++) {
         const rt_seq_batch *b = &c->seqs[i];
-        if (b->n_tokens != 1 || b->pool != c->seqs[0].pool)
+        if (b->n_tokens != 1 || b->pool != c->seqs[0].pool || is_sparse(b))
             return;
         if (b->n_blocks > max_blocks)
             max_blocks = b->n_blocks;
@@ -1400,26 +1722,6 @@ static int logits_out(cuda_rank *r)
     return 0;
 }
 
-/* Dense block counts of a sequence whose policy asked for sparse prefill (as
- * forward.c's fallback counts them: every causal block on the policy's grid). */
-static void count_dense(const rt_hparams *hp, rt_seq_batch *b)
-{
-    const rt_attn_policy *p = b->policy;
-    if (!p || p->prefill == RT_PREFILL_DENSE || !b->stats)
-        return;
-    const int B = p->prefill == RT_PREFILL_FLEX ? p->flex.block_size : p->power.block_size;
-    if (B <= 0)
-        return;
-    const int ctx = b->n_past + b->n_tokens;
-    const int q0 = b->n_past / B, q1 = (ctx - 1) / B;
-    int64_t blocks = 0;
-    for (int q = q0; q <= q1; q++)
-        blocks += q + 1;
-    b->stats->computed += blocks * hp->n_heads * hp->n_layers;
-    b->stats->causal += blocks * hp->n_heads * hp->n_layers;
-    b->stats->dense_chunks += hp->n_layers; /* one dense chunk per layer, as on the CPU */
-}
-
 /* What the device cannot run; every rank finds the same. */
 static int check_step(cuda_rank *r, int *T)
 {
@@ -1434,12 +1736,6 @@ static int check_step(cuda_rank *r, int *T)
         for (int j = 0; j < b->n_blocks; j++)
             if (b->blocks[j] < 0)
                 return job_fail(r, "forward (cuda): sequence %d: block %d is released", i, j);
-        const rt_attn_policy *p = b->policy;
-        if (r->rank == 0 && p && p->prefill != RT_PREFILL_DENSE && !c->warned_policy) {
-            c->warned_policy = true;
-            fprintf(stderr, "sieve: cuda: FlexPrefill and PowerAttention run dense on the GPU "
-                            "(sparse prefill kernels are CPU-only for now)\n");
-        }
         if (b->kvq) /* refused at admission (rt_kvq_check); never reaches here */
             return job_fail(r,
                             "forward (cuda): sequence %d: compressed KV caches run on the CPU "
@@ -1454,9 +1750,12 @@ static int job_step(cuda_rank *r, void *arg)
     rt_cuda *c = r->c;
     int T = 0, n_pad = 0, stride = 0, n_groups = -1;
     size_t n_meta = 0;
+    memset(r->stats, 0, sizeof(rt_attn_stats) * (size_t)c->n_seqs);
     if (check_step(r, &T) == 0) {
         plan_graph(r, &n_pad, &stride);
         n_groups = build_meta(r, T, n_pad, stride, &n_meta);
+        if (n_groups >= 0 && prepare_sparse(r, n_groups) != 0)
+            n_groups = -1;
     }
     /* Past this point every rank enqueues every all-reduce of the step. */
     if (!ranks_agree(r, n_groups >= 0))
@@ -1478,12 +1777,14 @@ static int job_step(cuda_rank *r, void *arg)
     }
     if (rc != 0)
         return step_fail(r, rc, what);
+    for (int i = 0; i < c->n_seqs; i++)
+        if (c->seqs[i].policy && c->seqs[i].policy->prefill != RT_PREFILL_DENSE &&
+            !is_sparse(&c->seqs[i]))
+            count_dense_layers(r, &c->seqs[i], &r->stats[i]);
     if (r->rank != 0)
         return device_sync(r, "forward (cuda)");
     if (logits_out(r) != 0 || device_sync(r, "forward (cuda)") != 0)
         return -1;
-    for (int i = 0; i < c->n_seqs; i++)
-        count_dense(&c->m->hp, &c->seqs[i]);
     return 0;
 }
 
@@ -1501,9 +1802,21 @@ int rt_cuda_forward(rt_model *m, rt_seq_batch *seqs, int n_seqs, char *err, size
     c->n_seqs = n_seqs;
     if (run_job(c, job_step, NULL, err, errlen) != 0)
         return -1;
-    for (int i = 0; i < n_seqs; i++)
+    /* Blocks summed over the ranks' heads; chunks once (every rank takes the
+     * same paths), as forward.c's merge_stats. */
+    for (int i = 0; i < n_seqs; i++) {
         if (seqs[i].kv)
             seqs[i].kv->len += seqs[i].n_tokens;
+        rt_attn_stats *st = seqs[i].stats;
+        if (!st)
+            continue;
+        for (int k = 0; k < c->n_ranks; k++) {
+            st->computed += c->ranks[k].stats[i].computed;
+            st->causal += c->ranks[k].stats[i].causal;
+        }
+        st->dense_chunks += c->ranks[0].stats[i].dense_chunks;
+        st->sparse_chunks += c->ranks[0].stats[i].sparse_chunks;
+    }
     return 0;
 }
 

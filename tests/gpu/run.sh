@@ -4,7 +4,8 @@
 # every CUDA kernel against its CPU twin (test_cuda_twins) and the threads all-reduce
 # (test_collective), the whole forward pass on the GPU (test_cuda_forward: the golden greedy
 # tokens, logits against the CPU forward pass, mixed paged batches, decode steps replayed
-# from CUDA graphs against eager ones, and the staged qwen2, scaled-RoPE and Q4_K models;
+# from CUDA graphs against eager ones, FlexPrefill and PowerAttention prefill against the
+# CPU's tokens, logits and block counts, and the staged qwen2, scaled-RoPE and Q4_K models;
 # with two GPUs or more also tensor parallelism over NCCL against tp 1 and the golden
 # tokens, which one GPU cannot run: it says so and skips), decode tok/s with CUDA graphs
 # and without (bench_decode_cuda: batch 1, 16 and 64 on stories260K and a staged model,

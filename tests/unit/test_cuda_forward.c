@@ -25,7 +25,12 @@
  * parallelism over 2 and 4 GPUs gives tp 1's greedy tokens, and the golden
  * ones, on every golden prompt, its logits within 1e-4 of tp 1's, and the
  * paged mixed batches above also hold under tp 2; a split that does not
- * divide the heads is refused. SIEVE_CUDA_FORWARD_MODELS (GGUF paths
+ * divide the heads is refused. Sparse prefill (FlexPrefill at several gammas,
+ * chunked and whole, per-head and GQA-union sets; PowerAttention with dense
+ * and sparse layers, decode included) gives the CPU's greedy tokens, its
+ * logits within SPARSE_LOGIT_TOL and its block and chunk counts, on the
+ * golden prompts and a 1500-token one, with tp 1 and 2; FlexPrefill with
+ * gamma 1 and tau 0 gives dense attention's tokens. SIEVE_CUDA_FORWARD_MODELS (GGUF paths
  * separated by ':', e.g. the qwen2, scaled-RoPE and Q4_K models
  * tests/gpu/run.sh stages) adds a CPU-vs-GPU logits comparison per model.
  *
@@ -57,6 +62,10 @@
  * power of two, which may change how a product blocks its rows (f32 rounding
  * only; a graph that replays stale inputs is off by whole units). */
 #define GRAPH_LOGIT_TOL 1e-6
+/* Sparse prefill, f32 weights: the same blocks on both sides (the emulated
+ * device selects from the CPU's estimate; a GPU's profiles may differ in the
+ * last bits), attention summed in another order. */
+#define SPARSE_LOGIT_TOL 1e-4
 
 #ifdef SIEVE_CUDA_EMULATED
 void kern_cuda_emulator_fail_after(int n); /* cuda_emulator.c */
@@ -840,6 +849,217 @@ static void test_cuda_extra_models_follow_the_cpu(void **state)
     assert_true(n_models > 0);
 }
 
+/* ---- sparse prefill ---- */
+
+enum { SP_PROMPT = 1500, SP_GEN = 8, SP_CHUNK = 512 };
+
+/* A prompt of SP_PROMPT tokens: a story's tokens repeated after BOS. */
+static void long_prompt(rt_model *m, int32_t *out)
+{
+    static const char text[] =
+        " Once upon a time, there was a little girl named Lily. She loved to play outside in the "
+        "park with her friends. One day, she saw a big red ball under a tree. Tom said, \"Let's "
+        "play!\" They ran and laughed until the sun went down.";
+    int32_t *ids;
+    size_t n;
+    assert_int_equal(rt_tokenize(rt_model_tokenizer(m), text, strlen(text), false, false, &ids, &n),
+                     0);
+    out[0] = 1;
+    for (int i = 1; i < SP_PROMPT; i++)
+        out[i] = ids[(size_t)(i - 1) % n];
+    free(ids);
+}
+
+/* Prefill in chunks of `chunk` under pol, then n_gen greedy tokens; the
+ * logits of each step go to lg (n_gen rows), the counts to st. */
+static void policy_run(rt_model *m, const rt_attn_policy *pol, const int32_t *prompt, int np,
+                       int chunk, int n_gen, int32_t *out, float *lg, rt_attn_stats *st)
+{
+    const int V = rt_model_hparams(m)->n_vocab;
+    rt_kv *kv = rt_kv_create(m, np + n_gen);
+    assert_non_null(kv);
+    memset(st, 0, sizeof(*st));
+    char err[512];
+    for (int i = 0; i < np; i += chunk) {
+        const int n = np - i < chunk ? np - i : chunk;
+        rt_seq_batch b = {.kv = kv,
+                          .tokens = prompt + i,
+                          .n_tokens = n,
+                          .logits = i + n == np ? lg : NULL,
+                          .policy = pol,
+                          .stats = st};
+        if (rt_forward(m, &b, 1, err, sizeof(err)) != 0)
+            fail_msg("prefill at %d: %s", i, err);
+    }
+    for (int t = 0; t < n_gen; t++) {
+        out[t] = rt_argmax(lg + (size_t)t * V, V);
+        if (t + 1 == n_gen)
+            break;
+        rt_seq_batch d = {.kv = kv,
+                          .tokens = &out[t],
+                          .n_tokens = 1,
+                          .logits = lg + (size_t)(t + 1) * V,
+                          .policy = pol,
+                          .stats = st};
+        if (rt_forward(m, &d, 1, err, sizeof(err)) != 0)
+            fail_msg("decode %d: %s", t, err);
+    }
+    rt_kv_destroy(kv);
+}
+
+static rt_attn_policy flex_policy(float gamma, float tau, int B, int min_budget, int gqa_union)
+{
+    rt_attn_policy p = {.prefill = RT_PREFILL_FLEX};
+    kern_flex_params_default(&p.flex);
+    p.flex.gamma = gamma;
+    p.flex.tau = tau;
+    p.flex.block_size = B;
+    p.flex.min_budget = min_budget;
+    p.flex.gqa_union = gqa_union;
+    return p;
+}
+
+static rt_attn_policy power_policy(int B, int W, int dense_count, int period)
+{
+    rt_attn_policy p = {.prefill = RT_PREFILL_POWER,
+                        .power = {.block_size = B, .window_blocks = W},
+                        .power_dense_count = dense_count,
+                        .power_period = period};
+    return p;
+}
+
+/* Every policy on the CPU and on the (emulated) GPU with tp ranks: the long
+ * prompt whole and in chunks, and the golden prompts; tokens, logits and
+ * counts compared. */
+static void sparse_matches_cpu(int tp)
+{
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *cpu = load(path, RT_BACKEND_CPU, true, 2048);
+    rt_model *gpu = load_tp(path, RT_BACKEND_CUDA, true, 2048, tp, true);
+    const int V = rt_model_hparams(cpu)->n_vocab;
+    int32_t *lp = malloc(sizeof(int32_t) * SP_PROMPT);
+    long_prompt(cpu, lp);
+    const rt_attn_policy pols[] = {
+        flex_policy(0.9f, 0.1f, 32, 64, 0), flex_policy(0.95f, 0.1f, 32, 64, 0),
+        flex_policy(0.7f, 0.3f, 16, 32, 0), flex_policy(0.8f, 0.1f, 64, 0, 1),
+        flex_policy(0.5f, 1.0f, 32, 64, 0), power_policy(32, 2, 2, 7),
+        power_policy(16, 1, 1, 3),          power_policy(64, 4, 0, 1),
+    };
+    json_t *golden = tu_load_json("golden/stories260K-greedy.json");
+    assert_non_null(golden);
+    float *lc = malloc(sizeof(float) * SP_GEN * (size_t)V);
+    float *lg = malloc(sizeof(float) * SP_GEN * (size_t)V);
+    double worst = 0.0;
+    int sparse_runs = 0;
+    for (size_t k = 0; k < sizeof(pols) / sizeof(pols[0]); k++) {
+        const rt_attn_policy *pol = &pols[k];
+        const json_t *cases = json_object_get(golden, "cases");
+        const int n_prompts = 2 + (int)json_array_size(cases);
+        for (int pi = 0; pi < n_prompts; pi++) {
+            int32_t gp[256];
+            const int32_t *prompt = lp;
+            int np = SP_PROMPT, chunk = pi == 0 ? SP_PROMPT : SP_CHUNK;
+            if (pi >= 2) {
+                np = json_ids(
+                    json_object_get(json_array_get(cases, (size_t)pi - 2), "prompt_token_ids"), gp,
+                    256);
+                prompt = gp;
+                chunk = np;
+            }
+            int32_t tc[SP_GEN], tg[SP_GEN];
+            rt_attn_stats sc, sg;
+            policy_run(cpu, pol, prompt, np, chunk, SP_GEN, tc, lc, &sc);
+            policy_run(gpu, pol, prompt, np, chunk, SP_GEN, tg, lg, &sg);
+            for (int t = 0; t < SP_GEN; t++) {
+                const double e = logit_error(lg + (size_t)t * V, lc + (size_t)t * V, V);
+                worst = fmax(worst, e);
+                if (tg[t] != tc[t] || e > SPARSE_LOGIT_TOL)
+                    fail_msg("tp %d, policy %zu, prompt %d (%d tokens, chunks of %d): step %d: "
+                             "token %d on the GPU, %d on the CPU, logit error %.3g",
+                             tp, k, pi, np, chunk, t, tg[t], tc[t], e);
+            }
+            if (sg.computed != sc.computed || sg.causal != sc.causal ||
+                sg.dense_chunks != sc.dense_chunks || sg.sparse_chunks != sc.sparse_chunks)
+                fail_msg("tp %d, policy %zu, prompt %d: GPU counts %lld/%lld blocks, %lld dense "
+                         "%lld sparse chunks; CPU %lld/%lld, %lld, %lld",
+                         tp, k, pi, (long long)sg.computed, (long long)sg.causal,
+                         (long long)sg.dense_chunks, (long long)sg.sparse_chunks,
+                         (long long)sc.computed, (long long)sc.causal, (long long)sc.dense_chunks,
+                         (long long)sc.sparse_chunks);
+            if (pi < 2) {
+                print_message("tp %d, policy %zu (%s), %d tokens in chunks of %d: density %.3f, "
+                              "%lld sparse + %lld dense chunks, same on both\n",
+                              tp, k, pol->prefill == RT_PREFILL_FLEX ? "flex" : "power", np, chunk,
+                              (double)sc.computed / (double)sc.causal, (long long)sc.sparse_chunks,
+                              (long long)sc.dense_chunks);
+                assert_true(sc.sparse_chunks > 0);
+                assert_true(sc.computed < sc.causal);
+                sparse_runs++;
+            }
+        }
+    }
+    print_message("tp %d: %d sparse runs and the golden prompts under each policy: worst logit "
+                  "error %.3g (tolerance %.0e)\n",
+                  tp, sparse_runs, worst, SPARSE_LOGIT_TOL);
+    json_decref(golden);
+    free(lc);
+    free(lg);
+    free(lp);
+    rt_model_destroy(gpu);
+    rt_model_destroy(cpu);
+}
+
+static void test_cuda_sparse_prefill_matches_the_cpu(void **state)
+{
+    (void)state;
+    if (!skip_without_gpu())
+        sparse_matches_cpu(1);
+}
+
+static void test_cuda_tp2_sparse_prefill_matches_the_cpu(void **state)
+{
+    (void)state;
+    if (!skip_without_gpus(2))
+        sparse_matches_cpu(2);
+}
+
+/* FlexPrefill keeping every block (gamma 1, tau 0) gives dense attention's
+ * tokens and logits on the GPU, counting every causal block as computed. */
+static void test_cuda_flex_gamma1_equals_dense(void **state)
+{
+    (void)state;
+    if (skip_without_gpu())
+        return;
+    const char *path = tu_shared_path("models/stories260K.gguf");
+    rt_model *gpu = load(path, RT_BACKEND_CUDA, true, 2048);
+    const int V = rt_model_hparams(gpu)->n_vocab;
+    int32_t *lp = malloc(sizeof(int32_t) * SP_PROMPT);
+    long_prompt(gpu, lp);
+    float *ld = malloc(sizeof(float) * SP_GEN * (size_t)V);
+    float *lf = malloc(sizeof(float) * SP_GEN * (size_t)V);
+    const rt_attn_policy dense = {.prefill = RT_PREFILL_DENSE};
+    const rt_attn_policy keep_all = flex_policy(1.0f, 0.0f, 32, 64, 0);
+    double worst = 0.0;
+    for (int chunk = SP_CHUNK; chunk <= SP_PROMPT; chunk += SP_PROMPT - SP_CHUNK) {
+        int32_t td[SP_GEN], tf[SP_GEN];
+        rt_attn_stats sd, sf;
+        policy_run(gpu, &dense, lp, SP_PROMPT, chunk, SP_GEN, td, ld, &sd);
+        policy_run(gpu, &keep_all, lp, SP_PROMPT, chunk, SP_GEN, tf, lf, &sf);
+        for (int t = 0; t < SP_GEN; t++) {
+            assert_int_equal(tf[t], td[t]);
+            worst = fmax(worst, logit_error(lf + (size_t)t * V, ld + (size_t)t * V, V));
+        }
+        assert_true(sf.sparse_chunks > 0);
+        assert_true(sf.computed == sf.causal);
+    }
+    print_message("flex gamma 1, tau 0 on the GPU: dense's tokens; worst logit gap %.3g\n", worst);
+    assert_true(worst <= SPARSE_LOGIT_TOL);
+    free(ld);
+    free(lf);
+    free(lp);
+    rt_model_destroy(gpu);
+}
+
 int main(void)
 {
     n_gpus = rt_backend_cuda_built() ? rt_backend_cuda_device_count() : 0;
@@ -857,6 +1077,9 @@ int main(void)
         cmocka_unit_test(test_cuda_tp2_decode_graphs_match_eager),
         cmocka_unit_test(test_cuda_step_error_fails_the_step_only),
         cmocka_unit_test(test_cuda_device_error_fails_one_step),
+        cmocka_unit_test(test_cuda_sparse_prefill_matches_the_cpu),
+        cmocka_unit_test(test_cuda_tp2_sparse_prefill_matches_the_cpu),
+        cmocka_unit_test(test_cuda_flex_gamma1_equals_dense),
         cmocka_unit_test(test_cuda_extra_models_follow_the_cpu),
     };
     return cmocka_run_group_tests(tests, NULL, NULL);
