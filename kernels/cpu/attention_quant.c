@@ -13,6 +13,7 @@
  * denominator. Ordered slots are causal per row; set pages are visible to all.
  */
 #include "kernels/kernels.h"
+#include "kernels/cpu/simd.h"
 
 #include <math.h>
 #include <stdarg.h>
@@ -451,10 +452,60 @@ typedef struct {
     float *colsum;
     const kern_kvq_geom *g;
     const kern_kvq_probe_args *a;
+    float *scores; /* [n_kv_heads][cap] */
+    int cap;
 } sal_job;
 
+/* d[i] = scale * q . k(t0 + i) for i < n (one kv head's slice of each key). */
+static void probe_scores(float *d, const float *q, const kern_kvq_src *k, int kvh, int hd, int t0,
+                         int n, float scale)
+{
+    for (int i = 0; i < n; i++) {
+        const float *kr = key_row(k, t0 + i) + (size_t)kvh * hd;
+#ifdef KERN_HAVE_AVX2
+        if (hd % 16 == 0) {
+            __m256 a0 = _mm256_setzero_ps(), a1 = _mm256_setzero_ps();
+            for (int e = 0; e < hd; e += 16) {
+                a0 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(kr + e), a0);
+                a1 = _mm256_fmadd_ps(_mm256_loadu_ps(q + e + 8), _mm256_loadu_ps(kr + e + 8), a1);
+            }
+            d[i] = kern_hsum(_mm256_add_ps(a0, a1)) * scale;
+            continue;
+        }
+#endif
+        d[i] = dot(q, kr, hd) * scale;
+    }
+}
+
+/* Adds exp(d[i] - c) to out[i] (out == NULL: only sums them); returns the sum. */
+static double exp_shift(float *out, const float *d, int n, float c)
+{
+    double sum = 0.0;
+    int i = 0;
+#ifdef KERN_HAVE_AVX2
+    const __m256 vc = _mm256_set1_ps(c);
+    __m256 acc = _mm256_setzero_ps();
+    for (; i + 8 <= n; i += 8) {
+        const __m256 e = kern_exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(d + i), vc));
+        if (out)
+            _mm256_storeu_ps(out + i, _mm256_add_ps(_mm256_loadu_ps(out + i), e));
+        acc = _mm256_add_ps(acc, e);
+    }
+    sum = kern_hsum(acc);
+#endif
+    for (; i < n; i++) {
+        const float e = expf(d[i] - c);
+        if (out)
+            out[i] += e;
+        sum += e;
+    }
+    return sum;
+}
+
 /* One kv head: every row and query head of its group adds exp(s - lse) to the
- * column sums of the window keys it can see. */
+ * column sums of the window keys it can see. Each score is computed once:
+ * without a given lse the row's scores over all its keys are kept for the
+ * max, the sum and the window. */
 static void sal_task(void *ctx, int kvh, int n_tasks)
 {
     (void)n_tasks;
@@ -463,31 +514,28 @@ static void sal_task(void *ctx, int kvh, int n_tasks)
     const int hd = j->g->head_dim, group = a->n_heads / j->g->n_kv_heads;
     const float scale = 1.0f / sqrtf((float)hd);
     float *cs = j->colsum + (size_t)kvh * a->n_keys;
+    float *d = j->scores + (size_t)kvh * (size_t)j->cap;
     for (int r = 0; r < a->n_q; r++) {
         const int qp = a->q_pos[r];
+        const int last = a->key_first + a->n_keys - 1 < qp ? a->key_first + a->n_keys - 1 : qp;
+        const int n_win = last - a->key_first + 1;
         for (int gg = 0; gg < group; gg++) {
             const int h = kvh * group + gg;
             const float *q = a->q + ((size_t)r * a->n_heads + h) * hd;
-            float lse;
             if (a->lse) {
-                lse = a->lse[(size_t)r * a->n_heads + h];
-            } else {
-                float mx = -INFINITY;
-                for (int t = 0; t <= qp; t++) {
-                    const float d = dot(q, key_row(a->k, t) + (size_t)kvh * hd, hd) * scale;
-                    mx = d > mx ? d : mx;
-                }
-                double sum = 0.0;
-                for (int t = 0; t <= qp; t++)
-                    sum +=
-                        exp((double)dot(q, key_row(a->k, t) + (size_t)kvh * hd, hd) * scale - mx);
-                lse = (float)(mx + log(sum));
+                if (n_win <= 0)
+                    continue;
+                probe_scores(d, q, a->k, kvh, hd, a->key_first, n_win, scale);
+                exp_shift(cs, d, n_win, a->lse[(size_t)r * a->n_heads + h]);
+                continue;
             }
-            const int last = a->key_first + a->n_keys - 1 < qp ? a->key_first + a->n_keys - 1 : qp;
-            for (int t = a->key_first; t <= last; t++) {
-                const float d = dot(q, key_row(a->k, t) + (size_t)kvh * hd, hd) * scale;
-                cs[t - a->key_first] += expf(d - lse);
-            }
+            probe_scores(d, q, a->k, kvh, hd, 0, qp + 1, scale);
+            float mx = -INFINITY;
+            for (int t = 0; t <= qp; t++)
+                mx = d[t] > mx ? d[t] : mx;
+            const float lse = mx + (float)log(exp_shift(NULL, d, qp + 1, mx));
+            if (n_win > 0)
+                exp_shift(cs, d + a->key_first, n_win, lse);
         }
     }
 }
@@ -520,10 +568,19 @@ int kern_kvq_saliency_accumulate(kern_pool *pool, float *colsum, const kern_kvq_
             return fail(err, errlen, "saliency row %d needs keys [%d, %d], source has [%d, %d)", r,
                         need_lo, need_hi, k->first, k->first + k->len);
     }
-    sal_job j = {colsum, g, a};
+    int cap = 1;
+    for (int r = 0; r < a->n_q; r++) {
+        const int need = a->lse ? a->n_keys : a->q_pos[r] + 1;
+        cap = need > cap ? need : cap;
+    }
+    float *scores = malloc(sizeof(float) * (size_t)cap * (size_t)g->n_kv_heads);
+    if (!scores)
+        return fail(err, errlen, "out of memory for the saliency scores");
+    sal_job j = {colsum, g, a, scores, cap};
     long long work = 0;
     for (int r = 0; r < a->n_q; r++)
         work += (long long)(a->lse ? a->n_keys : 3 * (a->q_pos[r] + 1)) * a->n_heads * g->head_dim;
     kern_pool_run(work >= PARALLEL_MIN_WORK ? pool : NULL, sal_task, &j, g->n_kv_heads);
+    free(scores);
     return 0;
 }
