@@ -28,7 +28,8 @@
  * divide the heads is refused. Sparse prefill (FlexPrefill at several gammas,
  * chunked and whole, per-head and GQA-union sets; PowerAttention with dense
  * and sparse layers, decode included) gives the CPU's greedy tokens, its
- * logits within SPARSE_LOGIT_TOL and its block and chunk counts, on the
+ * logits within SPARSE_LOGIT_TOL and its block and chunk counts (a real
+ * GPU's FlexPrefill blocks within 1%: its profiles round differently), on the
  * golden prompts and a 1500-token one, with tp 1 and 2; FlexPrefill with
  * gamma 1 and tau 0 gives dense attention's tokens. SIEVE_CUDA_FORWARD_MODELS (GGUF paths
  * separated by ':', e.g. the qwen2, scaled-RoPE and Q4_K models
@@ -928,6 +929,21 @@ static rt_attn_policy power_policy(int B, int W, int dense_count, int period)
     return p;
 }
 
+/* Computed blocks: equal, except FlexPrefill's on a real GPU, whose probe
+ * profiles differ from the CPU's in the last bits and may tip a budget at its
+ * threshold (within 1%). */
+static bool counts_agree(const rt_attn_policy *pol, const rt_attn_stats *g, const rt_attn_stats *c)
+{
+#ifdef SIEVE_CUDA_EMULATED
+    (void)pol;
+    return g->computed == c->computed;
+#else
+    if (pol->prefill != RT_PREFILL_FLEX)
+        return g->computed == c->computed;
+    return fabs((double)(g->computed - c->computed)) <= 0.01 * (double)c->computed;
+#endif
+}
+
 /* Every policy on the CPU and on the (emulated) GPU with tp ranks: the long
  * prompt whole and in chunks, and the golden prompts; tokens, logits and
  * counts compared. */
@@ -978,7 +994,7 @@ static void sparse_matches_cpu(int tp)
                              "token %d on the GPU, %d on the CPU, logit error %.3g",
                              tp, k, pi, np, chunk, t, tg[t], tc[t], e);
             }
-            if (sg.computed != sc.computed || sg.causal != sc.causal ||
+            if (!counts_agree(pol, &sg, &sc) || sg.causal != sc.causal ||
                 sg.dense_chunks != sc.dense_chunks || sg.sparse_chunks != sc.sparse_chunks)
                 fail_msg("tp %d, policy %zu, prompt %d: GPU counts %lld/%lld blocks, %lld dense "
                          "%lld sparse chunks; CPU %lld/%lld, %lld, %lld",
