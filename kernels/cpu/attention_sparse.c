@@ -7,13 +7,13 @@
  * query heads of its group, group of consecutive query blocks); tasks run head
  * by head so that the two threads read the same K/V. A task walks its query
  * blocks in streams: one head's sub-tile of TILE_ROWS positions, with its
- * queries transposed (qt[d][row], pre-scaled by 1/sqrt(D)), its output
- * accumulator transposed (ot[d][row]) and a running max m and sum l per row, so
- * all softmax arithmetic is vectorized across rows. Up to MAX_STREAMS streams
- * share each key tile: its K/V rows (found through the page table) are copied
- * once into contiguous buffers, where the micro-kernels broadcast single
- * elements from L1 (cache rows kv_stride apart would compete for a few L1
- * sets). The key blocks of a group are the union of its streams' mask rows,
+ * queries transposed (qt[d][row], pre-scaled), its output accumulator
+ * transposed (ot[d][row]) and a running max m and sum l per row, so all softmax
+ * arithmetic is vectorized across rows. Up to MAX_STREAMS streams share each
+ * key tile: its K/V rows (found through the page table) are copied once into
+ * contiguous buffers (head dims up to 164), where the micro-kernels broadcast
+ * single elements from L1 (cache rows kv_stride apart would compete for a few
+ * L1 sets). The key blocks of a group are the union of its streams' mask rows,
  * visited in ascending order; each tile of up to TILE_KEYS keys is computed
  * only for the streams whose own row holds its block, and only up to the
  * stream's last position, so a diagonal tile costs its unmasked part.
@@ -525,11 +525,11 @@ static void bs_load_tile(const kern_attn_args *a, int kvh, int k0, int nk, float
 }
 
 /* Streams (all of kv head kvh) against the key blocks of the union of their
- * mask rows. Each key tile is loaded once for all the
- * streams; a stream computes only the keys up to its last position (the rest
- * of a diagonal tile is masked for all its rows, and a fully masked tile
- * would leave m, l and ot unchanged), so the result of a row does not depend on
- * which streams share the call. kbuf/vbuf: room for TILE_KEYS keys, or NULL. */
+ * mask rows. Each key tile is loaded once for all the streams; a stream
+ * computes only the keys up to its last position (the rest of a diagonal tile
+ * is masked for all its rows, and a fully masked tile would leave m, l and ot
+ * unchanged), so the result of a row does not depend on which streams share
+ * the call. kbuf/vbuf: room for TILE_KEYS keys, or NULL. */
 __attribute__((noinline)) static void bs_streams(const bs_job *j, int kvh, bs_stream *sm, int ns,
                                                  float *kbuf, float *vbuf)
 {
