@@ -1243,8 +1243,8 @@ int kern_quant_row(int type, const float *src, void *dst, size_t n)
 /* ---- activation scratch (per calling thread) --------------------------- */
 
 typedef struct {
-    void *buf;
-    size_t cap;
+    void *buf[2]; /* 0: prepared activations, 1: dequantized weight rows */
+    size_t cap[2];
 } scratch;
 
 static pthread_once_t scratch_once = PTHREAD_ONCE_INIT;
@@ -1253,8 +1253,10 @@ static pthread_key_t scratch_key;
 static void scratch_destroy(void *p)
 {
     scratch *s = p;
-    if (s)
-        free(s->buf);
+    if (s) {
+        free(s->buf[0]);
+        free(s->buf[1]);
+    }
     free(s);
 }
 
@@ -1263,7 +1265,7 @@ static void scratch_key_init(void)
     pthread_key_create(&scratch_key, scratch_destroy);
 }
 
-static void *scratch_get(size_t n)
+static void *scratch_slot(int slot, size_t n)
 {
     pthread_once(&scratch_once, scratch_key_init);
     scratch *s = pthread_getspecific(scratch_key);
@@ -1274,16 +1276,21 @@ static void *scratch_get(size_t n)
             return NULL;
         }
     }
-    if (s->cap < n) {
+    if (s->cap[slot] < n) {
         const size_t cap = (n + 63) / 64 * 64;
         void *b = aligned_alloc(64, cap);
         if (!b)
             return NULL;
-        free(s->buf);
-        s->buf = b;
-        s->cap = cap;
+        free(s->buf[slot]);
+        s->buf[slot] = b;
+        s->cap[slot] = cap;
     }
-    return s->buf;
+    return s->buf[slot];
+}
+
+static void *scratch_get(size_t n)
+{
+    return scratch_slot(0, n);
 }
 
 void kern_quant_scratch_free(void)
@@ -1380,6 +1387,58 @@ static int check_args(const type_traits *t, const float *y, int ldy, const float
     return 0;
 }
 
+/* From this many rows of x (a prefill chunk) the product is compute-bound:
+ * weight rows are dequantized to f32, a tile at a time, and multiplied by
+ * OpenBLAS's sgemm, which runs near the machine's peak, while the fused dot
+ * kernels (built to stream weights for a few rows) do not. The tile keeps
+ * the scratch bounded for any matrix. */
+#define DEQ_GEMM_MIN_M 64
+#define DEQ_TILE_FLOATS (1 << 20)
+
+typedef struct {
+    dequant_fn dequant;
+    const char *w;
+    size_t w_stride;
+    float *out;
+    int K, nb, n, rows_per_task;
+} deq_job;
+
+static void deq_task(void *ctx, int t, int n_tasks)
+{
+    (void)n_tasks;
+    const deq_job *j = ctx;
+    const int r0 = t * j->rows_per_task;
+    const int r1 = r0 + j->rows_per_task < j->n ? r0 + j->rows_per_task : j->n;
+    for (int r = r0; r < r1; r++)
+        j->dequant(j->w + (size_t)r * j->w_stride, j->out + (size_t)r * (size_t)j->K,
+                   (size_t)j->nb);
+}
+
+static int matmul_dequant_gemm(kern_pool *pool, const type_traits *t, float *y, int ldy,
+                               const float *x, int ldx, const char *w, int M, int N, int K)
+{
+    int tile = DEQ_TILE_FLOATS / K / 16 * 16;
+    tile = tile < 16 ? 16 : tile > N ? N : tile;
+    float *wf = scratch_slot(1, sizeof(float) * (size_t)tile * (size_t)K);
+    if (!wf)
+        return KERN_QE_NOMEM;
+    const int threads = kern_pool_size(pool);
+    for (int n0 = 0; n0 < N; n0 += tile) {
+        const int n = N - n0 < tile ? N - n0 : tile;
+        deq_job j = {.dequant = t->dequant,
+                     .w = w + (size_t)n0 * (t->block_bytes * ((size_t)K / t->block_size)),
+                     .w_stride = t->block_bytes * ((size_t)K / t->block_size),
+                     .out = wf,
+                     .K = K,
+                     .nb = (int)((size_t)K / t->block_size),
+                     .n = n,
+                     .rows_per_task = (n + threads * 2 - 1) / (threads * 2)};
+        kern_pool_run(pool, deq_task, &j, (n + j.rows_per_task - 1) / j.rows_per_task);
+        kern_matmul_f32(pool, y + n0, ldy, x, ldx, wf, M, n, K);
+    }
+    return 0;
+}
+
 int kern_matmul_q(kern_pool *pool, int type, float *y, int ldy, const float *x, int ldx,
                   const void *w, int M, int N, int K)
 {
@@ -1393,6 +1452,8 @@ int kern_matmul_q(kern_pool *pool, int type, float *y, int ldy, const float *x, 
         kern_matmul_f32(pool, y, ldy, x, ldx, w, M, N, K);
         return 0;
     }
+    if (M >= DEQ_GEMM_MIN_M && t->dequant)
+        return matmul_dequant_gemm(pool, t, y, ldy, x, ldx, w, M, N, K);
     const kern_isa isa = kern_quant_isa();
     const int threads = kern_pool_size(pool);
     mm_job j = {.dot = t->dot[isa] ? t->dot[isa] : t->dot[KERN_ISA_SCALAR],

@@ -569,6 +569,17 @@ static void check_product(int type, kern_pool *pool, mm_shape s)
             y[(size_t)m * ldy + n] = ys[(size_t)m * ldy + n] = NAN;
     reference_product(type, x, ldx, w, M, N, K, ref, ldy, abs_sum);
     kern_matmul_ref(y32, ldy, x, ldx, wf, M, N, K);
+    if (M >= 64) {
+        /* A prefill-sized product dequantizes the weights and multiplies in
+         * f32 (no activation quantization): its reference is the f64 product
+         * with the dequantized weights. */
+        float *wd = xmalloc(sizeof(float) * (size_t)N * K);
+        for (int n = 0; n < N; n++)
+            assert_int_equal(
+                kern_dequant_row(type, w + (size_t)n * row, wd + (size_t)n * K, (size_t)K), 0);
+        kern_matmul_ref(ref, ldy, x, ldx, wd, M, N, K);
+        free(wd);
+    }
 
     kern_quant_set_isa(kern_quant_isa_detected());
     assert_int_equal(kern_matmul_q(pool, type, y, ldy, x, ldx, w, M, N, K), 0);
@@ -611,8 +622,8 @@ static void check_product(int type, kern_pool *pool, mm_shape s)
 
 /* Shapes: N never a multiple of the pool's row split; K a multiple of 256 for
  * the K-quants (else of 32; F16/BF16 get an odd K); M = 1 (above and below the
- * threading threshold), 3 and 17 (tiles of 4 with remainders), with row
- * strides larger than the rows. */
+ * threading threshold), 3 and 17 (tiles of 4 with remainders) and 70 (the
+ * dequantize-then-sgemm path), with row strides larger than the rows. */
 static void check_product_shapes(int type)
 {
     const int kq = kern_type_block_size(type) == KERN_QK_K;
@@ -623,6 +634,7 @@ static void check_product_shapes(int type)
         {1, 37, K2 + odd, K2 + odd, 37},      /* matvec below the threshold */
         {3, 67, K2 + odd, K2 + odd + 5, 70},  /* one partial tile */
         {17, 45, K1 + odd, K1 + odd + 1, 47}, /* four tiles and one row */
+        {70, 45, K2 + odd, K2 + odd + 3, 46}, /* prefill: dequantized tiles, sgemm */
     };
     for (size_t i = 0; i < sizeof(shapes) / sizeof(shapes[0]); i++)
         check_product(type, pool4, shapes[i]);
@@ -648,6 +660,8 @@ static void test_quant_matmul_q8_0(void **state)
     (void)state;
     rng_seed(23);
     check_product_shapes(KERN_TYPE_Q8_0);
+    /* More weight rows than one dequantized tile (2048 rows of K = 512). */
+    check_product(KERN_TYPE_Q8_0, pool4, (mm_shape){70, 2100, 512, 512, 2101});
 }
 
 static void test_quant_matmul_q4_0(void **state)
