@@ -17,8 +17,10 @@
 
 /* Below this many multiply-adds a product runs on the caller: waking the
  * workers (and keeping them spinning) costs more than the arithmetic, and on
- * a small machine the spare core is better left to the HTTP loop. */
-#define PARALLEL_MIN_MACS (1 << 20)
+ * a small machine the spare core is better left to the HTTP loop. A decode
+ * matvec is memory-bound: from 1 MiB of f32 weights (a 512x512 matrix) one
+ * core's bandwidth is the limit, so it is split. */
+#define PARALLEL_MIN_MACS (1 << 18)
 #define ROWS_PER_TASK_MIN 16
 
 static inline float dot_f32(const float *a, const float *b, int n)
