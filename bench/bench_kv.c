@@ -58,7 +58,6 @@ typedef struct {
     sched_bm *bm; /* the budget's blocks */
     sched_slab *slab;
     rt_kv_pool *pool;
-    const rt_kv_policy *pol;
     double block_bytes;
 } budget_t;
 
@@ -67,11 +66,7 @@ static void seq_free(seq *s, budget_t *B)
     for (int i = 0; i < s->n_fp; i++)
         if (s->fp[i] >= 0 && s->own[i])
             sched_bm_give(B->bm, s->fp[i]);
-    for (int c = 0; c < rt_kvq_n_classes(s->kvq); c++) {
-        const int32_t *ids;
-        const int n = rt_kvq_class_pages(s->kvq, c, &ids);
-        sched_slab_give(B->slab, ids, n);
-    }
+    sched_slab_give_kvq(B->slab, s->kvq);
     rt_kvq_destroy(s->kvq);
     free(s->fp);
     free(s->own);
@@ -90,27 +85,8 @@ static int reserve(seq *s, int n, int bs, budget_t *B)
             s->own[s->n_fp] = true;
             s->fp[s->n_fp++] = id;
         }
-    if (s->kvq) {
-        int need[RT_KVQ_MAX_CLASSES];
-        if (rt_kvq_pages_needed(s->kvq, s->n_tokens, n, need) < 0)
-            return -1;
-        for (int c = 0; c < RT_KVQ_MAX_CLASSES; c++) {
-            int fmt, n_sub;
-            int32_t ids[64];
-            if (need[c] > 0 && rt_kvq_class_geom(B->pool, B->pol, c, &fmt, &n_sub, NULL) != 0)
-                return -1;
-            for (int left = need[c]; left > 0;) {
-                const int k = left < 64 ? left : 64;
-                if (sched_slab_take(B->slab, fmt, n_sub, k, ids) != 0)
-                    return -1;
-                if (rt_kvq_add_pages(s->kvq, c, ids, k) != 0) {
-                    sched_slab_give(B->slab, ids, k);
-                    return -1;
-                }
-                left -= k;
-            }
-        }
-    }
+    if (s->kvq && sched_slab_feed_kvq(B->slab, s->kvq, s->n_tokens, n) != 0)
+        return -1;
     return 0;
 }
 
@@ -275,7 +251,6 @@ int main(int argc, char **argv)
          * after them), handed out by a block manager and the page slab. */
         budget_t B = {.bm = sched_bm_create(budget, bs, false),
                       .pool = pool,
-                      .pol = &pol,
                       .block_bytes = (double)bs * (double)fp_tok};
         B.slab = B.bm ? sched_slab_create(B.bm) : NULL;
         if (!B.slab) {

@@ -496,6 +496,15 @@ int rt_kvq_class_pages(const rt_kvq *q, int c, const int32_t **ids)
     return q->cls[c].n_pages;
 }
 
+int rt_kvq_class_format(const rt_kvq *q, int c, int *fmt, int *n_sub)
+{
+    if (!q || c < 0 || c >= q->n_classes)
+        return -1;
+    *fmt = (int)q->cls[c].fmt;
+    *n_sub = q->cls[c].pg.n_sub;
+    return 0;
+}
+
 int rt_kvq_n_classes(const rt_kvq *q)
 {
     return q ? q->n_classes : 0;

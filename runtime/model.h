@@ -212,6 +212,8 @@ int rt_kvq_add_pages(rt_kvq *q, int c, const int32_t *ids, int n);
 /* The pages class c holds (to give back when the sequence ends). */
 int rt_kvq_class_pages(const rt_kvq *q, int c, const int32_t **ids);
 int rt_kvq_n_classes(const rt_kvq *q);
+/* Class c's page format and pages per block, as rt_kvq_class_geom gives them. */
+int rt_kvq_class_format(const rt_kvq *q, int c, int *fmt, int *n_sub);
 /* Pool bytes of the pages held. */
 double rt_kvq_bytes_held(const rt_kvq *q);
 /* Whether the next step (n_new tokens) writes its rows to fp blocks. */

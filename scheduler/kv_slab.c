@@ -171,6 +171,39 @@ int sched_slab_take(sched_slab *s, int fmt, int n_sub, int n, int32_t *ids)
     return 0;
 }
 
+int sched_slab_feed_kvq(sched_slab *s, rt_kvq *q, int n_past, int n)
+{
+    int need[RT_KVQ_MAX_CLASSES];
+    if (!s || !q || rt_kvq_pages_needed(q, n_past, n, need) < 0)
+        return -1;
+    for (int c = 0; c < RT_KVQ_MAX_CLASSES; c++) {
+        int fmt, n_sub;
+        int32_t ids[64];
+        if (need[c] > 0 && rt_kvq_class_format(q, c, &fmt, &n_sub) != 0)
+            return -1;
+        for (int left = need[c]; left > 0;) {
+            const int k = left < 64 ? left : 64;
+            if (sched_slab_take(s, fmt, n_sub, k, ids) != 0)
+                return -1;
+            if (rt_kvq_add_pages(q, c, ids, k) != 0) {
+                sched_slab_give(s, ids, k);
+                return -1;
+            }
+            left -= k;
+        }
+    }
+    return 0;
+}
+
+void sched_slab_give_kvq(sched_slab *s, const rt_kvq *q)
+{
+    for (int c = 0; c < rt_kvq_n_classes(q); c++) {
+        const int32_t *ids;
+        const int n = rt_kvq_class_pages(q, c, &ids);
+        sched_slab_give(s, ids, n);
+    }
+}
+
 int sched_slab_blocks(const sched_slab *s)
 {
     return s ? s->blocks : 0;

@@ -18,6 +18,7 @@
 
 #include <stdint.h>
 
+#include "runtime/model.h"
 #include "scheduler/block_manager.h"
 
 #define SCHED_SLAB_SUB 16 /* most pages per block; page id = block * 16 + index */
@@ -37,6 +38,13 @@ int sched_slab_take(sched_slab *s, int fmt, int n_sub, int n, int32_t *ids);
 
 /* Gives back n pages; unknown or already free pages are ignored. */
 void sched_slab_give(sched_slab *s, const int32_t *ids, int n);
+
+/* Hands compressed cache q the pages its step of n tokens at n_past needs,
+ * class by class. 0, or -1 when blocks are short or q refuses (pages already
+ * handed stay with q: it will need them). */
+int sched_slab_feed_kvq(sched_slab *s, rt_kvq *q, int n_past, int n);
+/* Gives back every page q holds (before destroying q). */
+void sched_slab_give_kvq(sched_slab *s, const rt_kvq *q);
 
 /* Fresh blocks that taking n pages of fmt would need now. */
 int sched_slab_blocks_needed(const sched_slab *s, int fmt, int n_sub, int n);

@@ -401,11 +401,7 @@ static void running_remove(sched_engine *e, sched_request *r)
 static void drop_kv(sched_engine *e, sched_request *r)
 {
     sched_bm_release(e->bm, &r->bt);
-    for (int c = 0; c < rt_kvq_n_classes(r->kvq); c++) {
-        const int32_t *ids;
-        const int n = rt_kvq_class_pages(r->kvq, c, &ids);
-        sched_slab_give(e->slab, ids, n);
-    }
+    sched_slab_give_kvq(e->slab, r->kvq);
     rt_kvq_destroy(r->kvq);
     r->kvq = NULL;
 }
@@ -665,31 +661,7 @@ static void admit(sched_engine *e)
  * taken for other classes stay with r: it will need them). */
 static bool reserve_pages(sched_engine *e, sched_request *r, int n)
 {
-    if (!r->kvq)
-        return true;
-    int need[RT_KVQ_MAX_CLASSES];
-    const int total = rt_kvq_pages_needed(r->kvq, r->n_computed, n, need);
-    if (total < 0)
-        return false;
-    for (int c = 0; c < RT_KVQ_MAX_CLASSES && total > 0; c++) {
-        if (need[c] == 0)
-            continue;
-        int fmt, n_sub;
-        int32_t ids[64];
-        if (rt_kvq_class_geom(e->pool, &r->p.kv, c, &fmt, &n_sub, NULL) != 0)
-            return false;
-        for (int left = need[c]; left > 0;) {
-            const int k = left < 64 ? left : 64;
-            if (sched_slab_take(e->slab, fmt, n_sub, k, ids) != 0)
-                return false;
-            if (rt_kvq_add_pages(r->kvq, c, ids, k) != 0) {
-                sched_slab_give(e->slab, ids, k);
-                return false;
-            }
-            left -= k;
-        }
-    }
-    return true;
+    return !r->kvq || sched_slab_feed_kvq(e->slab, r->kvq, r->n_computed, n) == 0;
 }
 
 static bool reserve_slots(sched_engine *e, sched_request *r, int n)

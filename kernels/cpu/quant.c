@@ -1423,14 +1423,15 @@ static int matmul_dequant_gemm(kern_pool *pool, const type_traits *t, float *y, 
     if (!wf)
         return KERN_QE_NOMEM;
     const int threads = kern_pool_size(pool);
+    const size_t nb = (size_t)K / t->block_size, w_stride = nb * t->block_bytes;
     for (int n0 = 0; n0 < N; n0 += tile) {
         const int n = N - n0 < tile ? N - n0 : tile;
         deq_job j = {.dequant = t->dequant,
-                     .w = w + (size_t)n0 * (t->block_bytes * ((size_t)K / t->block_size)),
-                     .w_stride = t->block_bytes * ((size_t)K / t->block_size),
+                     .w = w + (size_t)n0 * w_stride,
+                     .w_stride = w_stride,
                      .out = wf,
                      .K = K,
-                     .nb = (int)((size_t)K / t->block_size),
+                     .nb = (int)nb,
                      .n = n,
                      .rows_per_task = (n + threads * 2 - 1) / (threads * 2)};
         kern_pool_run(pool, deq_task, &j, (n + j.rows_per_task - 1) / j.rows_per_task);
