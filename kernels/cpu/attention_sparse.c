@@ -524,6 +524,20 @@ static void bs_load_tile(const kern_attn_args *a, int kvh, int k0, int nk, float
     }
 }
 
+/* Asks for keys [k0, k1) of kv head kvh to be brought into the caches. */
+static void bs_prefetch_tile(const kern_attn_args *a, int kvh, int k0, int k1)
+{
+    const size_t kv_off = (size_t)kvh * a->head_dim, bytes = sizeof(float) * (size_t)a->head_dim;
+    for (int i = k0; i < k1; i++) {
+        const size_t row = kern_attn_row(a, i) * (size_t)a->kv_stride + kv_off;
+        const char *k = (const char *)(a->k + row), *v = (const char *)(a->v + row);
+        for (size_t b = 0; b < bytes; b += 64) {
+            __builtin_prefetch(k + b, 0, 3);
+            __builtin_prefetch(v + b, 0, 3);
+        }
+    }
+}
+
 /* Streams (all of kv head kvh) against the key blocks of the union of their
  * mask rows. Each key tile is loaded once for all the streams; a stream
  * computes only the keys up to its last position (the rest of a diagonal tile
@@ -552,6 +566,20 @@ __attribute__((noinline)) static void bs_streams(const bs_job *j, int kvh, bs_st
             for (int k0 = c * B; k0 < kend; k0 += TILE_KEYS) {
                 const int nk = kend - k0 < TILE_KEYS ? kend - k0 : TILE_KEYS;
                 bs_load_tile(a, kvh, k0, nk, kbuf, vbuf, kp, vp);
+                if (kbuf) {
+                    /* The next tile of this block, or the first of the next
+                     * block in this mask word: its rows are kv_stride apart,
+                     * which the hardware prefetcher does not follow. */
+                    int n0 = k0 + nk, n1 = kend;
+                    if (n0 >= kend && any) {
+                        const int c2 = 64 * w + __builtin_ctzll(any);
+                        n0 = c2 * B;
+                        n1 = (c2 + 1) * B <= pmax + 1 ? (c2 + 1) * B : pmax + 1;
+                    }
+                    if (n1 - n0 > TILE_KEYS)
+                        n1 = n0 + TILE_KEYS;
+                    bs_prefetch_tile(a, kvh, n0, n1);
+                }
                 for (int s = 0; s < ns; s++) {
                     bs_stream *x = &sm[s];
                     const int last = x->p0 + x->np - 1;
