@@ -955,7 +955,6 @@ int main(int argc, char **argv)
         return 1;
     }
     g_pool = kern_pool_create(threads > 0 ? threads : 1);
-    kern_set_blas_threads(threads > 0 ? threads : 1);
     printf("bench_cuda: %s (cc %d.%d, %d SMs, %.0f GiB), CPU twin on %d threads\n", info.name,
            info.cc_major, info.cc_minor, info.n_sm, (double)info.total_mem / (1 << 30), threads);
     printf("%-22s %-34s %12s %10s %-7s %12s %9s\n", "op", "shape", "gpu us", "rate", "", "cpu us",

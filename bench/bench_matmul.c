@@ -301,7 +301,6 @@ int main(int argc, char **argv)
         return 2;
     }
     kern_pool *pool = kern_pool_create(threads);
-    kern_set_blas_threads(threads);
     triad_job tj = {.n = (size_t)32 << 20};
     tj.a = xalloc(tj.n * 4);
     tj.b = xalloc(tj.n * 4);

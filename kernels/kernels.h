@@ -90,9 +90,6 @@ typedef struct {
 int kern_matvec_group_f32(kern_pool *pool, const float *x, int ldx, int M, int K,
                           const kern_mv_out *outs, int n_outs);
 
-/* Threads OpenBLAS may use inside kern_matmul_f32 (process-wide setting). */
-void kern_set_blas_threads(int n);
-
 /* The scalar reference of kern_matmul_f32, accumulating in double. */
 void kern_matmul_ref(float *y, int ldy, const float *x, int ldx, const float *w, int M, int N,
                      int K);

@@ -350,7 +350,6 @@ int rt_model_load(rt_model **out, const char *path, const rt_model_opts *opts, c
         goto fail;
     /* Each rank gets an equal share of the compute threads (at least one). */
     const int rank_threads = threads / tp > 1 ? threads / tp : 1;
-    kern_set_blas_threads(rank_threads);
     /* On CUDA the ranks are the backend's (forward_cuda.c): the host keeps one. */
     const bool cuda = opts && opts->backend == RT_BACKEND_CUDA;
     if (rt_tp_init(m, cuda ? 1 : tp, rank_threads, err, errlen) != 0)
