@@ -69,6 +69,14 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
  * [:, c0, c0 + K) of a wider matrix (tensor parallelism's wo and w_down). */
 void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
                          const float *w, int ldw, int M, int N, int K);
+/* y += x W^T, otherwise as kern_matmul_f32_ldw: a projection added straight
+ * into the residual stream (no product buffer, no separate add pass, and
+ * sgemm skips zeroing its output). For decode-sized products (up to 32 rows)
+ * the sums equal y + kern_matmul_f32_ldw's bit for bit; sgemm adds its
+ * partial sums over K to y one block at a time, so there they differ by
+ * rounding. */
+void kern_matmul_f32_acc(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const float *w, int ldw, int M, int N, int K);
 
 /* One output of kern_matvec_group_f32: y (row stride ldy) = x W^T with W of
  * N rows ldw floats apart. */

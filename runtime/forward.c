@@ -76,6 +76,22 @@ static void allreduce(rt_model *m, rt_rank *rk, float *buf, size_t n)
         rank_fail(rk, "all-reduce", why);
 }
 
+/* res += x W^T, all ranks' parts summed: the attention output and FFN down
+ * projections into the residual stream. One rank with an F32 weight adds the
+ * product straight into res; otherwise it goes through buf. */
+static void matmul_residual(rt_model *m, rt_rank *rk, float *res, float *buf, const float *x,
+                            int ldx, const rt_weight *w, int M, int N, int K)
+{
+    if (!m->comm && w->type == KERN_TYPE_F32) {
+        kern_matmul_f32_acc(rk->pool, res, N, x, ldx, w->data, (int)(w->row_bytes / sizeof(float)),
+                            M, N, K);
+        return;
+    }
+    matmul(rk, buf, N, x, ldx, w, M, N, K);
+    allreduce(m, rk, buf, (size_t)M * (size_t)N);
+    kern_add_f32(res, buf, (size_t)M * N);
+}
+
 /* Row `id` of the embedding table as f32. */
 static void embed(const rt_model *m, int32_t id, float *out)
 {
@@ -387,9 +403,7 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             if (Tq == 0)
                 break;
         }
-        matmul(rk, s->proj, dim, s->att, qd, &L->wo, Tq, dim, qd);
-        allreduce(m, rk, s->proj, (size_t)Tq * (size_t)dim);
-        kern_add_f32(s->x, s->proj, (size_t)Tq * dim);
+        matmul_residual(m, rk, s->x, s->proj, s->att, qd, &L->wo, Tq, dim, qd);
 
         kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, Tq, dim, hp->norm_eps);
         {
@@ -399,9 +413,7 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             matmul_group(rk, s->xb, dim, Tq, dim, 2, ys, ld, ws, ld);
         }
         kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)Tq * ffn);
-        matmul(rk, s->proj, dim, s->gate, ffn, &L->w_down, Tq, dim, ffn);
-        allreduce(m, rk, s->proj, (size_t)Tq * (size_t)dim);
-        kern_add_f32(s->x, s->proj, (size_t)Tq * dim);
+        matmul_residual(m, rk, s->x, s->proj, s->gate, ffn, &L->w_down, Tq, dim, ffn);
     }
 }
 

@@ -14,6 +14,7 @@
 
 #include <cblas.h>
 #include <pthread.h>
+#include <stdbool.h>
 
 #include "kernels/cpu/simd.h"
 
@@ -39,6 +40,7 @@ typedef struct {
     const float *x;
     const float *w;
     int M, N, K, ldx, ldy, ldw, rows_per_task;
+    bool acc; /* y += x W^T instead of y = */
 } matvec_job;
 
 /* Rows [r0, r1) of W against every row of x: each weight row is read once
@@ -47,7 +49,7 @@ typedef struct {
 /* Eight rows of W (ldw floats apart) against one x: x is loaded once for the
  * eight dot products, and the eight sums leave in one store. K is a multiple
  * of 8. */
-static inline void dot8_rows(float *y, const float *x, const float *w, int K, int ldw)
+static inline void dot8_rows(float *y, const float *x, const float *w, int K, int ldw, bool acc)
 {
     __m256 a0 = _mm256_setzero_ps(), a1 = a0, a2 = a0, a3 = a0, a4 = a0, a5 = a0, a6 = a0, a7 = a0;
     const size_t k8 = (size_t)ldw;
@@ -62,14 +64,15 @@ static inline void dot8_rows(float *y, const float *x, const float *w, int K, in
         a6 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 6 * k8 + k), a6);
         a7 = _mm256_fmadd_ps(xv, _mm256_loadu_ps(w + 7 * k8 + k), a7);
     }
-    _mm256_storeu_ps(y, kern_hsum8(a0, a1, a2, a3, a4, a5, a6, a7));
+    const __m256 s = kern_hsum8(a0, a1, a2, a3, a4, a5, a6, a7);
+    _mm256_storeu_ps(y, acc ? _mm256_add_ps(_mm256_loadu_ps(y), s) : s);
 }
 
 /* Four rows of W against two rows of x (batched decode): six loads feed eight
  * FMAs instead of nine loads for eight, and the eight sums leave in one
  * reduction. y0, y1: the four outputs of each x row. */
 static inline void dot4x2(float *y0, float *y1, const float *x0, const float *x1, const float *w,
-                          int K, int ldw, const float *pf)
+                          int K, int ldw, const float *pf, bool acc)
 {
     __m256 a00 = _mm256_setzero_ps(), a01 = a00, a02 = a00, a03 = a00;
     __m256 a10 = a00, a11 = a00, a12 = a00, a13 = a00;
@@ -94,8 +97,13 @@ static inline void dot4x2(float *y0, float *y1, const float *x0, const float *x1
         a13 = _mm256_fmadd_ps(v, w3, a13);
     }
     const __m256 s = kern_hsum8(a00, a01, a02, a03, a10, a11, a12, a13);
-    _mm_storeu_ps(y0, _mm256_castps256_ps128(s));
-    _mm_storeu_ps(y1, _mm256_extractf128_ps(s, 1));
+    __m128 s0 = _mm256_castps256_ps128(s), s1 = _mm256_extractf128_ps(s, 1);
+    if (acc) {
+        s0 = _mm_add_ps(_mm_loadu_ps(y0), s0);
+        s1 = _mm_add_ps(_mm_loadu_ps(y1), s1);
+    }
+    _mm_storeu_ps(y0, s0);
+    _mm_storeu_ps(y1, s1);
 }
 #endif
 
@@ -118,19 +126,22 @@ static void matvec_rows(const matvec_job *j, int r0, int r1)
                     dot4x2(j->y + (size_t)m * j->ldy + r + h,
                            j->y + (size_t)(m + 1) * j->ldy + r + h, j->x + (size_t)m * j->ldx,
                            j->x + (size_t)(m + 1) * j->ldx, wr + (size_t)h * j->ldw, j->K, j->ldw,
-                           pf);
+                           pf, j->acc);
                 }
             for (; m < j->M; m++)
                 dot8_rows(j->y + (size_t)m * j->ldy + r, j->x + (size_t)m * j->ldx, wr, j->K,
-                          j->ldw);
+                          j->ldw, j->acc);
         }
         r0 = r; /* the last rows, fewer than eight, go through the plain loop */
     }
 #endif
     for (int r = r0; r < r1; r++) {
         const float *wr = j->w + (size_t)r * j->ldw;
-        for (int m = 0; m < j->M; m++)
-            j->y[(size_t)m * j->ldy + r] = dot_f32(j->x + (size_t)m * j->ldx, wr, j->K);
+        for (int m = 0; m < j->M; m++) {
+            const float d = dot_f32(j->x + (size_t)m * j->ldx, wr, j->K);
+            float *o = j->y + (size_t)m * j->ldy + r;
+            *o = j->acc ? *o + d : d;
+        }
     }
 }
 
@@ -186,6 +197,7 @@ typedef struct {
     float *y;
     const float *x, *w;
     int M, N, K, ldx, ldy, ldw, per;
+    float beta; /* 1: y += x W^T */
 } gemm_job;
 
 static void gemm_task(void *ctx, int t, int n_tasks)
@@ -194,7 +206,7 @@ static void gemm_task(void *ctx, int t, int n_tasks)
     const gemm_job *g = ctx;
     const int n0 = t * g->per, n1 = n0 + g->per < g->N ? n0 + g->per : g->N;
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->M, n1 - n0, g->K, 1.0f, g->x, g->ldx,
-                g->w + (size_t)n0 * g->ldw, g->ldw, 0.0f, g->y + n0, g->ldy);
+                g->w + (size_t)n0 * g->ldw, g->ldw, g->beta, g->y + n0, g->ldy);
 }
 
 void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx, const float *w,
@@ -203,13 +215,13 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
     kern_matmul_f32_ldw(pool, y, ldy, x, ldx, w, K, M, N, K);
 }
 
-void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
-                         const float *w, int ldw, int M, int N, int K)
+static void matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx, const float *w,
+                       int ldw, int M, int N, int K, bool acc)
 {
     if (M <= 0 || N <= 0 || K <= 0)
         return;
     if (M <= SMALL_M || (long)M * N * K <= SMALL_GEMM_MACS) {
-        matvec_job j = {y, x, w, M, N, K, ldx, ldy, ldw, N};
+        matvec_job j = {y, x, w, M, N, K, ldx, ldy, ldw, N, acc};
         int n_tasks = 1;
         const int threads = kern_pool_size(pool);
         if ((long)M * N * K >= PARALLEL_MIN_MACS && threads > 1) {
@@ -228,10 +240,22 @@ void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int
     /* One slice of W's rows per thread, in multiples of 16 (OpenBLAS's
      * register blocking): each thread packs its own slice and all of x. */
     const int threads = kern_pool_size(pool);
-    gemm_job g = {y, x, w, M, N, K, ldx, ldy, ldw, N};
+    gemm_job g = {y, x, w, M, N, K, ldx, ldy, ldw, N, acc ? 1.0f : 0.0f};
     if (threads > 1 && N >= 32)
         g.per = ((N + threads - 1) / threads + 15) / 16 * 16;
     kern_pool_run(pool, gemm_task, &g, (N + g.per - 1) / g.per);
+}
+
+void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const float *w, int ldw, int M, int N, int K)
+{
+    matmul_f32(pool, y, ldy, x, ldx, w, ldw, M, N, K, false);
+}
+
+void kern_matmul_f32_acc(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
+                         const float *w, int ldw, int M, int N, int K)
+{
+    matmul_f32(pool, y, ldy, x, ldx, w, ldw, M, N, K, true);
 }
 
 int kern_matvec_group_f32(kern_pool *pool, const float *x, int ldx, int M, int K,
@@ -255,7 +279,7 @@ int kern_matvec_group_f32(kern_pool *pool, const float *x, int ldx, int M, int K
     for (int i = 0; i < n_outs; i++) {
         const kern_mv_out *o = &outs[i];
         const int N = o->N > 0 ? o->N : 0;
-        g.jobs[i] = (matvec_job){o->y, x, o->w, M, N, K, ldx, o->ldy, o->ldw, per};
+        g.jobs[i] = (matvec_job){o->y, x, o->w, M, N, K, ldx, o->ldy, o->ldw, per, false};
         g.first_task[i] = tasks;
         tasks += (N + per - 1) / per;
     }

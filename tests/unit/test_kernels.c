@@ -168,6 +168,72 @@ static void test_matmul_gemm_with_row_strides_matches_ref(void **state)
     check_matmul(pool4, 5, 40, 64, 72, 48); /* odd rows of x: pairs, then one alone */
     check_matmul(NULL, 16, 64, 64, 64, 64); /* a 16-sequence decode batch of stories260K */
     check_matmul(NULL, 64, 96, 288, 300, 100);
+    /* sgemm split over the pool's threads: slices of 16-row multiples, the
+     * last one shorter. */
+    check_matmul(pool4, 64, 96, 288, 300, 100);
+    kern_pool *pool2 = kern_pool_create(2);
+    assert_non_null(pool2);
+    check_matmul(pool2, 40, 1001, 70, 70, 1003);
+    kern_pool_destroy(pool2);
+}
+
+/* y += x W^T: a decode-sized product adds exactly what kern_matmul_f32_ldw
+ * computes (the same sums, one more rounding); an sgemm-sized one is within
+ * check_matmul's tolerance of y0 + the reference. W's rows are ldw apart. */
+static void check_matmul_acc(kern_pool *pool, int M, int N, int K, int ldw)
+{
+    const int ldx = K + 3, ldy = N + 5;
+    float *x = random_floats((size_t)M * ldx, -1.0f, 1.0f);
+    float *w = random_floats((size_t)N * ldw, -1.0f, 1.0f);
+    float *y0 = random_floats((size_t)M * ldy, -4.0f, 4.0f);
+    float *y = alloc_floats((size_t)M * ldy), *p = alloc_floats((size_t)M * ldy);
+    float *wc = alloc_floats((size_t)N * K), *ref = alloc_floats((size_t)M * ldy);
+    memcpy(y, y0, sizeof(float) * (size_t)M * ldy);
+    kern_matmul_f32_acc(pool, y, ldy, x, ldx, w, ldw, M, N, K);
+    kern_matmul_f32_ldw(pool, p, ldy, x, ldx, w, ldw, M, N, K);
+    for (int n = 0; n < N; n++)
+        memcpy(wc + (size_t)n * K, w + (size_t)n * ldw, sizeof(float) * (size_t)K);
+    kern_matmul_ref(ref, ldy, x, ldx, wc, M, N, K);
+    const double tol = 1e-5 * sqrt((double)K);
+    for (int m = 0; m < M; m++) {
+        for (int n = 0; n < N; n++) {
+            const size_t i = (size_t)m * ldy + n;
+            if (M <= 32) {
+                if (y[i] != y0[i] + p[i])
+                    fail_msg("acc M=%d N=%d K=%d: y[%d,%d]=%.9g, y0 + product = %.9g", M, N, K, m,
+                             n, y[i], y0[i] + p[i]);
+                continue;
+            }
+            const double r = (double)y0[i] + ref[i], e = fabs(y[i] - r) / fmax(1.0, fabs(r));
+            if (!(e <= tol))
+                fail_msg("acc M=%d N=%d K=%d: y[%d,%d]=%g ref=%g (rel err %g > %g)", M, N, K, m, n,
+                         y[i], r, e, tol);
+        }
+        for (int n = N; n < ldy; n++) /* untouched between rows */
+            assert_true(y[(size_t)m * ldy + n] == y0[(size_t)m * ldy + n]);
+    }
+    free(x);
+    free(w);
+    free(y0);
+    free(y);
+    free(p);
+    free(wc);
+    free(ref);
+}
+
+static void test_matmul_acc_adds_to_y(void **state)
+{
+    (void)state;
+    rng_seed(4);
+    kern_pool *pool2 = kern_pool_create(2);
+    assert_non_null(pool2);
+    check_matmul_acc(NULL, 1, 37, 24, 24);      /* inline, scalar tail rows */
+    check_matmul_acc(pool4, 1, 1024, 512, 600); /* split matvec, a column slice of W */
+    check_matmul_acc(pool4, 5, 40, 64, 72);     /* row pairs, then one alone */
+    check_matmul_acc(pool2, 32, 64, 64, 64);
+    check_matmul_acc(pool2, 70, 300, 96, 128); /* sgemm with beta 1 */
+    check_matmul_acc(NULL, 64, 48, 200, 200);
+    kern_pool_destroy(pool2);
 }
 
 static void test_matmul_zero_sizes_write_nothing(void **state)
@@ -670,6 +736,7 @@ int main(void)
         cmocka_unit_test(test_matmul_matvec_below_parallel_threshold_matches_ref),
         cmocka_unit_test(test_matmul_matvec_above_parallel_threshold_matches_ref),
         cmocka_unit_test(test_matmul_gemm_with_row_strides_matches_ref),
+        cmocka_unit_test(test_matmul_acc_adds_to_y),
         cmocka_unit_test(test_matmul_zero_sizes_write_nothing),
         cmocka_unit_test(test_attention_decode_matches_ref_for_every_context_up_to_300),
         cmocka_unit_test(test_attention_prefill_matches_ref),
