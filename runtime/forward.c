@@ -258,6 +258,60 @@ static void rope(const rt_model *m, float *x, const int32_t *pos, int T, int n_h
         kern_rope_f32(x, pos, T, n_heads, hp->head_dim, hp->rope_dim, hp->rope_base);
 }
 
+/* Row-wise elementwise work of a prompt chunk, split over the rank's pool
+ * (each row's result is the same whichever thread computes it). A decode
+ * step's few rows stay on the caller: a dispatch would cost more. */
+enum { ROWS_RMSNORM, ROWS_SWIGLU, ROWS_ROPE };
+#define ROWS_PARALLEL_MIN 16
+
+typedef struct {
+    const rt_model *m;
+    int op, n, n_heads; /* n: floats per row */
+    float *out;
+    const float *x, *y; /* rmsnorm: x, weights; swiglu: gate, up */
+    const int32_t *pos;
+    int rows;
+} rows_job;
+
+static void rows_run(const rows_job *j, int r0, int r1)
+{
+    const size_t off = (size_t)r0 * (size_t)j->n;
+    switch (j->op) {
+    case ROWS_RMSNORM:
+        kern_rmsnorm_f32(j->out + off, j->x + off, j->y, r1 - r0, j->n, j->m->hp.norm_eps);
+        break;
+    case ROWS_SWIGLU:
+        kern_swiglu_f32(j->out + off, j->x + off, j->y + off, (size_t)(r1 - r0) * (size_t)j->n);
+        break;
+    default:
+        rope(j->m, j->out + off, j->pos + r0, r1 - r0, j->n_heads);
+        break;
+    }
+}
+
+static void rows_task(void *ctx, int t, int n_tasks)
+{
+    const rows_job *j = ctx;
+    rows_run(j, (int)((long)j->rows * t / n_tasks), (int)((long)j->rows * (t + 1) / n_tasks));
+}
+
+static void par_rows(rt_rank *rk, const rows_job *j)
+{
+    const int threads = kern_pool_size(rk->pool);
+    if (j->rows < ROWS_PARALLEL_MIN || threads < 2)
+        rows_run(j, 0, j->rows);
+    else
+        kern_pool_run(rk->pool, rows_task, (void *)j, threads);
+}
+
+static void par_rmsnorm(const rt_model *m, rt_rank *rk, float *out, const float *x, const float *w,
+                        int rows)
+{
+    const rows_job j = {
+        .m = m, .op = ROWS_RMSNORM, .n = m->hp.dim, .out = out, .x = x, .y = w, .rows = rows};
+    par_rows(rk, &j);
+}
+
 /* Query rows of sequence b in the last layer. Only the last row of a sequence
  * that wants logits is read after it; every other row needs its K and V alone
  * (they go to the cache). A sequence with a compressed cache keeps every row:
@@ -288,7 +342,7 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
     for (int l = 0; l < hp->n_layers; l++) {
         const rt_layer *L = &rk->layers[l];
         const bool last = l == hp->n_layers - 1;
-        kern_rmsnorm_f32(s->xb, s->x, L->attn_norm, T, dim, hp->norm_eps);
+        par_rmsnorm(m, rk, s->xb, s->x, L->attn_norm, T);
         /* The last layer carries only the rows read after it past K and V
          * (a prompt chunk without logits: none), gathered in order. */
         int Tq = T;
@@ -333,8 +387,24 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
             }
         }
-        rope(m, s->q, qpos, Tq, rk->n_h);
-        rope(m, s->k, m->pos, T, rk->n_kvh);
+        {
+            const rows_job jq = {.m = m,
+                                 .op = ROWS_ROPE,
+                                 .n = qd,
+                                 .n_heads = rk->n_h,
+                                 .out = s->q,
+                                 .pos = qpos,
+                                 .rows = Tq};
+            const rows_job jk = {.m = m,
+                                 .op = ROWS_ROPE,
+                                 .n = kvd,
+                                 .n_heads = rk->n_kvh,
+                                 .out = s->k,
+                                 .pos = m->pos,
+                                 .rows = T};
+            par_rows(rk, &jq);
+            par_rows(rk, &jk);
+        }
 
         int row = 0, qrow = 0;
         for (int i = 0; i < n_seqs; i++) {
@@ -405,14 +475,23 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
         }
         matmul_residual(m, rk, s->x, s->proj, s->att, qd, &L->wo, Tq, dim, qd);
 
-        kern_rmsnorm_f32(s->xb, s->x, L->ffn_norm, Tq, dim, hp->norm_eps);
+        par_rmsnorm(m, rk, s->xb, s->x, L->ffn_norm, Tq);
         {
             float *const ys[2] = {s->gate, s->up};
             const int ld[2] = {ffn, ffn};
             const rt_weight *const ws[2] = {&L->w_gate, &L->w_up};
             matmul_group(rk, s->xb, dim, Tq, dim, 2, ys, ld, ws, ld);
         }
-        kern_swiglu_f32(s->gate, s->gate, s->up, (size_t)Tq * ffn);
+        {
+            const rows_job j = {.m = m,
+                                .op = ROWS_SWIGLU,
+                                .n = ffn,
+                                .out = s->gate,
+                                .x = s->gate,
+                                .y = s->up,
+                                .rows = Tq};
+            par_rows(rk, &j);
+        }
         matmul_residual(m, rk, s->x, s->proj, s->gate, ffn, &L->w_down, Tq, dim, ffn);
     }
 }
