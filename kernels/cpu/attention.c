@@ -5,7 +5,8 @@
  * one group share the task so each K/V row is loaded once per group. Each
  * query row keeps a running max, denominator and output accumulator while it
  * walks the keys in chunks (online softmax), so memory use is independent of
- * the context length.
+ * the context length. A single row over a long context (a decode step) splits
+ * its keys instead, see attention_split.
  */
 #include "kernels/kernels.h"
 #include "kernels/cpu/simd.h"
@@ -178,9 +179,171 @@ static void attn_task(void *ctx, int t, int n_tasks)
         attend_row(j->a, kvh, r);
 }
 
+/* ---- one query row over a long context: keys split over the pool ----
+ *
+ * A decode step's row reads every cached K/V row once. Split by heads (above),
+ * each task reads its head's 256 bytes out of every 3 KB row (on the 768-dim
+ * model): scattered reads that ran at half the machine's bandwidth. Here a task
+ * takes a contiguous range of SPLIT_KEYS keys for all heads, reading whole rows
+ * in order, and keeps a running max, sum and accumulator per head; the caller
+ * merges the ranges. The ranges depend only on the context length, so the
+ * result does not depend on the thread count. */
+#define SPLIT_MIN_CTX 768
+#define SPLIT_KEYS 256
+#define SPLIT_CHUNK 32 /* keys scored before their softmax step */
+#define SPLIT_MAX_HEADS 128
+
+typedef struct {
+    const kern_attn_args *a;
+    float scale;
+    float *part; /* per range and head: acc[head_dim], m, l */
+} split_job;
+
+/* Scores of keys rows[0..n) for head h's query q, times scale, into s. */
+static void split_scores(const float *q, const float *const *rows, int n, int hd, float scale,
+                         float *s)
+{
+    int i = 0;
+#ifdef KERN_HAVE_AVX2
+    if (hd % 8 == 0)
+        for (; i + 8 <= n; i += 8) {
+            __m256 d[8];
+            for (int u = 0; u < 8; u++) {
+                const float *k = rows[i + u];
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+                for (int e = 8; e < hd; e += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), acc);
+                d[u] = acc;
+            }
+            _mm256_storeu_ps(
+                s + i, _mm256_mul_ps(kern_hsum8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
+                                     _mm256_set1_ps(scale)));
+        }
+#endif
+    for (; i < n; i++) {
+        float d = 0.0f;
+        for (int e = 0; e < hd; e++)
+            d += q[e] * rows[i][e];
+        s[i] = d * scale;
+    }
+}
+
+static void split_task(void *ctx, int t, int n_tasks)
+{
+    const split_job *j = ctx;
+    const kern_attn_args *a = j->a;
+    const int hd = a->head_dim, H = a->n_heads, group = H / a->n_kv_heads;
+    const int k0 = (int)((long)a->ctx_len * t / n_tasks);
+    const int k1 = (int)((long)a->ctx_len * (t + 1) / n_tasks);
+    const size_t ps = (size_t)hd + 2;
+    float *part = j->part + (size_t)t * (size_t)H * ps;
+    float s[SPLIT_MAX_HEADS][SPLIT_CHUNK];
+    const float *kr[SPLIT_CHUNK], *vr[SPLIT_CHUNK], *kh[SPLIT_CHUNK];
+    for (int h = 0; h < H; h++) {
+        memset(part + (size_t)h * ps, 0, sizeof(float) * (size_t)hd);
+        part[(size_t)h * ps + hd] = -INFINITY;
+        part[(size_t)h * ps + hd + 1] = 0.0f;
+    }
+    for (int c0 = k0; c0 < k1; c0 += SPLIT_CHUNK) {
+        const int n = k1 - c0 < SPLIT_CHUNK ? k1 - c0 : SPLIT_CHUNK;
+        for (int i = 0; i < n; i++) {
+            const size_t row = kern_attn_row(a, c0 + i) * (size_t)a->kv_stride;
+            kr[i] = a->k + row;
+            vr[i] = a->v + row;
+        }
+        /* Scores, eight keys at a time for every head: the rows are read
+         * whole, one after another. */
+        for (int i0 = 0; i0 < n; i0 += 8) {
+            const int m = n - i0 < 8 ? n - i0 : 8;
+            for (int h = 0; h < H; h++) {
+                const size_t off = (size_t)(h / group) * hd;
+                for (int u = 0; u < m; u++)
+                    kh[u] = kr[i0 + u] + off;
+                split_scores(a->q + (size_t)h * hd, kh, m, hd, j->scale, s[h] + i0);
+            }
+        }
+        for (int h = 0; h < H; h++) {
+            float *acc = part + (size_t)h * ps, *mh = acc + hd, *lh = acc + hd + 1;
+            float mx = -INFINITY;
+            for (int i = 0; i < n; i++)
+                mx = s[h][i] > mx ? s[h][i] : mx;
+            const float m_new = mx > *mh ? mx : *mh;
+            const float corr = expf(*mh - m_new); /* 0 on the first chunk */
+            int i = 0;
+#ifdef KERN_HAVE_AVX2
+            for (; i + 8 <= n; i += 8)
+                _mm256_storeu_ps(s[h] + i, kern_exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(s[h] + i),
+                                                                         _mm256_set1_ps(m_new))));
+#endif
+            for (; i < n; i++)
+                s[h][i] = expf(s[h][i] - m_new);
+            float sum = 0.0f;
+            for (i = 0; i < n; i++)
+                sum += s[h][i];
+            *lh = *lh * corr + sum;
+            *mh = m_new;
+            if (corr != 1.0f)
+                for (int e = 0; e < hd; e++)
+                    acc[e] *= corr;
+        }
+        /* The weighted values, row after row. */
+        for (int i = 0; i < n; i++)
+            for (int h = 0; h < H; h++) {
+                float *acc = part + (size_t)h * ps;
+                const float *v = vr[i] + (size_t)(h / group) * hd, p = s[h][i];
+                int e = 0;
+#ifdef KERN_HAVE_AVX2
+                const __m256 p8 = _mm256_set1_ps(p);
+                for (; e + 8 <= hd; e += 8)
+                    _mm256_storeu_ps(acc + e, _mm256_fmadd_ps(p8, _mm256_loadu_ps(v + e),
+                                                              _mm256_loadu_ps(acc + e)));
+#endif
+                for (; e < hd; e++)
+                    acc[e] += p * v[e];
+            }
+    }
+}
+
+/* Returns 0 when done, -1 when the row is not one this path takes. */
+static int attention_split(kern_pool *pool, const kern_attn_args *a)
+{
+    if (a->n_q != 1 || a->ctx_len < SPLIT_MIN_CTX || a->n_heads > SPLIT_MAX_HEADS)
+        return -1;
+    const int hd = a->head_dim, H = a->n_heads;
+    const int n_split = (a->ctx_len + SPLIT_KEYS - 1) / SPLIT_KEYS;
+    const size_t ps = (size_t)hd + 2;
+    split_job j = {a, 1.0f / sqrtf((float)hd), malloc(sizeof(float) * (size_t)n_split * H * ps)};
+    if (!j.part)
+        return -1;
+    kern_pool_run(pool, split_task, &j, n_split);
+    for (int h = 0; h < H; h++) {
+        float mx = -INFINITY;
+        for (int t = 0; t < n_split; t++) {
+            const float m = j.part[((size_t)t * H + h) * ps + hd];
+            mx = m > mx ? m : mx;
+        }
+        float acc[MAX_HEAD_DIM] = {0}, l = 0.0f;
+        for (int t = 0; t < n_split; t++) {
+            const float *p = j.part + ((size_t)t * H + h) * ps;
+            const float w = expf(p[hd] - mx);
+            l += p[hd + 1] * w;
+            for (int e = 0; e < hd; e++)
+                acc[e] += p[e] * w;
+        }
+        float *o = a->out + (size_t)h * hd;
+        const float inv = 1.0f / l;
+        for (int e = 0; e < hd; e++)
+            o[e] = acc[e] * inv;
+    }
+    free(j.part);
+    return 0;
+}
+
 void kern_attention_f32(kern_pool *pool, const kern_attn_args *a)
 {
     if (a->n_q <= 0)
+        return;
+    if (attention_split(pool, a) == 0)
         return;
     attn_job j = {a, a->n_q, 1};
     const long work = (long)a->n_q * a->ctx_len * a->n_heads * a->head_dim;

@@ -251,6 +251,7 @@ static void test_matmul_zero_sizes_write_nothing(void **state)
 
 typedef struct {
     int n_q, ctx_len, n_heads, n_kv_heads, head_dim, kv_pad;
+    int block_size; /* > 0: paged, the blocks in reverse order */
 } attn_case;
 
 /* Runs kern_attention_f32 and kern_attention_ref on random q, k, v and returns
@@ -261,16 +262,25 @@ static double attention_error(kern_pool *pool, attn_case c)
     const int qw = c.n_heads * c.head_dim;
     const int kv_stride = c.n_kv_heads * c.head_dim + c.kv_pad;
     const size_t nq = (size_t)c.n_q * qw;
-    const size_t nkv = (size_t)(c.ctx_len + 2) * kv_stride;
+    const int bs = c.block_size > 0 ? c.block_size : 1;
+    const int n_blocks = (c.ctx_len + bs - 1) / bs;
+    const size_t nkv = (size_t)(n_blocks * bs + 2) * kv_stride;
     float *q = random_floats(nq, -1.0f, 1.0f);
     float *k = alloc_floats(nkv), *v = alloc_floats(nkv);
+    int32_t *blocks = malloc(sizeof(int32_t) * (size_t)n_blocks);
+    assert_non_null(blocks);
+    for (int b = 0; b < n_blocks; b++)
+        blocks[b] = n_blocks - 1 - b;
     fill(k, nkv, NAN);
     fill(v, nkv, NAN);
-    for (int j = 0; j < c.ctx_len; j++)
+    for (int j = 0; j < c.ctx_len; j++) {
+        const size_t row =
+            c.block_size > 0 ? (size_t)blocks[j / bs] * bs + (size_t)(j % bs) : (size_t)j;
         for (int i = 0; i < c.n_kv_heads * c.head_dim; i++) {
-            k[(size_t)j * kv_stride + i] = rnd(-1.0f, 1.0f);
-            v[(size_t)j * kv_stride + i] = rnd(-1.0f, 1.0f);
+            k[row * kv_stride + i] = rnd(-1.0f, 1.0f);
+            v[row * kv_stride + i] = rnd(-1.0f, 1.0f);
         }
+    }
     float *out = alloc_floats(nq + 4), *ref = alloc_floats(nq);
     fill(out, nq, NAN);
     fill(out + nq, 4, GUARD);
@@ -284,7 +294,9 @@ static double attention_error(kern_pool *pool, attn_case c)
                         .n_heads = c.n_heads,
                         .n_kv_heads = c.n_kv_heads,
                         .head_dim = c.head_dim,
-                        .kv_stride = kv_stride};
+                        .kv_stride = kv_stride,
+                        .blocks = c.block_size > 0 ? blocks : NULL,
+                        .block_size = c.block_size};
     kern_attention_f32(pool, &a);
     a.out = ref;
     kern_attention_ref(&a);
@@ -299,6 +311,7 @@ static double attention_error(kern_pool *pool, attn_case c)
     free(q);
     free(k);
     free(v);
+    free(blocks);
     free(out);
     free(ref);
     return worst;
@@ -321,8 +334,24 @@ static void test_attention_decode_matches_ref_for_every_context_up_to_300(void *
     /* Crosses the 128-key chunk boundary (127, 128, 129, 256, 257) and, with
      * 8 heads of 64, the parallel threshold (ctx >= 128). */
     for (int ctx = 1; ctx <= 300; ctx++) {
-        check_attention(pool4, (attn_case){1, ctx, 8, 2, 64, 0});
-        check_attention(NULL, (attn_case){1, ctx, 4, 4, 8, 3});
+        check_attention(pool4, (attn_case){1, ctx, 8, 2, 64, 0, 0});
+        check_attention(NULL, (attn_case){1, ctx, 4, 4, 8, 3, 0});
+    }
+}
+
+/* From 768 keys a single row splits its keys into ranges of 256 over the
+ * pool (every head per range, merged after): contiguous and paged caches,
+ * grouped heads, padded rows, one thread or four, ranges of unequal size. */
+static void test_attention_decode_long_context_matches_ref(void **state)
+{
+    (void)state;
+    rng_seed(14);
+    const int ctxs[] = {767, 768, 769, 1000, 1499, 2053};
+    for (size_t i = 0; i < sizeof(ctxs) / sizeof(ctxs[0]); i++) {
+        check_attention(pool4, (attn_case){1, ctxs[i], 8, 2, 64, 0, 0});
+        check_attention(NULL, (attn_case){1, ctxs[i], 12, 12, 64, 0, 16});
+        check_attention(pool4, (attn_case){1, ctxs[i], 4, 4, 8, 3, 32});
+        check_attention(pool4, (attn_case){1, ctxs[i], 6, 3, 12, 5, 0}); /* head dim not x8 */
     }
 }
 
@@ -330,18 +359,18 @@ static void test_attention_prefill_matches_ref(void **state)
 {
     (void)state;
     rng_seed(11);
-    check_attention(pool4, (attn_case){200, 200, 8, 2, 64, 0});
-    check_attention(NULL, (attn_case){200, 200, 8, 2, 64, 0});
-    check_attention(pool4, (attn_case){200, 200, 4, 4, 8, 0});
+    check_attention(pool4, (attn_case){200, 200, 8, 2, 64, 0, 0});
+    check_attention(NULL, (attn_case){200, 200, 8, 2, 64, 0, 0});
+    check_attention(pool4, (attn_case){200, 200, 4, 4, 8, 0, 0});
 }
 
 static void test_attention_chunked_prefill_at_end_of_context_matches_ref(void **state)
 {
     (void)state;
     rng_seed(12);
-    check_attention(pool4, (attn_case){50, 300, 8, 2, 64, 0});
-    check_attention(NULL, (attn_case){50, 300, 8, 2, 64, 0});
-    check_attention(pool4, (attn_case){50, 300, 8, 8, 8, 5});
+    check_attention(pool4, (attn_case){50, 300, 8, 2, 64, 0, 0});
+    check_attention(NULL, (attn_case){50, 300, 8, 2, 64, 0, 0});
+    check_attention(pool4, (attn_case){50, 300, 8, 8, 8, 5, 0});
 }
 
 static void test_attention_grouped_query_heads_match_ref(void **state)
@@ -351,9 +380,9 @@ static void test_attention_grouped_query_heads_match_ref(void **state)
     const int kv_heads[3] = {1, 2, 8};
     for (int i = 0; i < 3; i++)
         for (int hd = 8; hd <= 64; hd *= 8) {
-            check_attention(pool4, (attn_case){17, 150, 8, kv_heads[i], hd, 0});
-            check_attention(NULL, (attn_case){17, 150, 8, kv_heads[i], hd, 0});
-            check_attention(pool4, (attn_case){1, 150, 8, kv_heads[i], hd, 0});
+            check_attention(pool4, (attn_case){17, 150, 8, kv_heads[i], hd, 0, 0});
+            check_attention(NULL, (attn_case){17, 150, 8, kv_heads[i], hd, 0, 0});
+            check_attention(pool4, (attn_case){1, 150, 8, kv_heads[i], hd, 0, 0});
         }
 }
 
@@ -362,9 +391,9 @@ static void test_attention_kv_stride_wider_than_kv_heads_matches_ref(void **stat
     (void)state;
     rng_seed(14);
     /* Padding between K/V rows is NaN: any read of it shows in the output. */
-    check_attention(pool4, (attn_case){1, 200, 8, 2, 64, 64});
-    check_attention(pool4, (attn_case){40, 200, 8, 2, 64, 7});
-    check_attention(NULL, (attn_case){40, 200, 8, 8, 8, 1});
+    check_attention(pool4, (attn_case){1, 200, 8, 2, 64, 64, 0});
+    check_attention(pool4, (attn_case){40, 200, 8, 2, 64, 7, 0});
+    check_attention(NULL, (attn_case){40, 200, 8, 8, 8, 1, 0});
 }
 
 static void test_attention_first_query_sees_only_the_first_key(void **state)
@@ -739,6 +768,7 @@ int main(void)
         cmocka_unit_test(test_matmul_acc_adds_to_y),
         cmocka_unit_test(test_matmul_zero_sizes_write_nothing),
         cmocka_unit_test(test_attention_decode_matches_ref_for_every_context_up_to_300),
+        cmocka_unit_test(test_attention_decode_long_context_matches_ref),
         cmocka_unit_test(test_attention_prefill_matches_ref),
         cmocka_unit_test(test_attention_chunked_prefill_at_end_of_context_matches_ref),
         cmocka_unit_test(test_attention_grouped_query_heads_match_ref),
