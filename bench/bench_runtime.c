@@ -8,7 +8,11 @@
  *
  *   bench_runtime [--model PATH] [--threads N] [--prompt-tokens N]
  *                 [--gen-tokens N] [--runs N] [--batch N] [--seqs N] [--tp N]
+ *                 [--long-decode 1]
  *
+ * --long-decode 1 also times the generation right after the long prompt
+ * (context n_prompt .. n_prompt + gen), where attention reads the prompt's K/V
+ * at every step.
  * --tp N splits the model over N tensor-parallel ranks (rt_model_opts.tp),
  * each with max(1, threads / N) compute threads.
  */
@@ -58,6 +62,7 @@ int main(int argc, char **argv)
     snprintf(model_path, sizeof(model_path), "%s/models/stories260K.gguf",
              shared ? shared : "../shared");
     int threads = 0, n_prompt = 1499, n_gen = 128, runs = 5, batch = 512, seqs = 16, tp = 1;
+    int long_decode = 0;
     for (int i = 1; i + 1 < argc; i += 2) {
         if (!strcmp(argv[i], "--model"))
             snprintf(model_path, sizeof(model_path), "%s", argv[i + 1]);
@@ -75,6 +80,8 @@ int main(int argc, char **argv)
             seqs = atoi(argv[i + 1]);
         else if (!strcmp(argv[i], "--tp"))
             tp = atoi(argv[i + 1]);
+        else if (!strcmp(argv[i], "--long-decode"))
+            long_decode = atoi(argv[i + 1]);
         else {
             fprintf(stderr, "unknown option %s\n", argv[i]);
             return 2;
@@ -98,10 +105,10 @@ int main(int argc, char **argv)
     const int n_vocab = rt_model_hparams(m)->n_vocab;
     float *logits = malloc(sizeof(float) * (size_t)n_vocab);
     int32_t *prompt = make_prompt(rt_model_tokenizer(m), n_prompt);
-    double prefill[100], decode[100];
+    double prefill[100], decode[100], decode_long[100];
     for (int r = 0; r < runs; r++) {
         /* Prefill: chunks of max_batch_tokens, as the engine runs them. */
-        rt_kv *kv = rt_kv_create(m, n_prompt);
+        rt_kv *kv = rt_kv_create(m, n_prompt + (long_decode ? n_gen : 0));
         double t0 = sched_now();
         for (int i = 0; i < n_prompt; i += batch) {
             int n = n_prompt - i < batch ? n_prompt - i : batch;
@@ -115,6 +122,17 @@ int main(int argc, char **argv)
             }
         }
         prefill[r] = n_prompt / (sched_now() - t0);
+        if (long_decode) {
+            /* Decode right after the long prompt: every step's attention
+             * reads the whole prompt's K/V. */
+            t0 = sched_now();
+            for (int t = 0; t < n_gen; t++) {
+                int32_t tok = rt_argmax(logits, n_vocab);
+                rt_seq_batch b = {.kv = kv, .tokens = &tok, .n_tokens = 1, .logits = logits};
+                rt_forward(m, &b, 1, err, sizeof(err));
+            }
+            decode_long[r] = n_gen / (sched_now() - t0);
+        }
         rt_kv_destroy(kv);
 
         /* Decode: 16-token prompt, then n_gen greedy tokens one at a time. */
@@ -138,6 +156,9 @@ int main(int argc, char **argv)
     printf("prefill          %d tokens: %.0f tok/s (%.3f s)\n", n_prompt, median(prefill, runs),
            n_prompt / median(prefill, runs));
     printf("decode           %d tokens: %.0f tok/s\n", n_gen, median(decode, runs));
+    if (long_decode)
+        printf("decode after prompt %d tokens at context %d-%d: %.0f tok/s\n", n_gen, n_prompt,
+               n_prompt + n_gen, median(decode_long, runs));
     /* Batched decode: `seqs` sequences of 16-token prompts decoding together in
      * one step each, as the engine runs concurrent requests. */
     if (seqs > 1) {
