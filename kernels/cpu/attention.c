@@ -27,6 +27,38 @@ typedef struct {
     int n_row_blocks;
 } attn_job;
 
+/* s[i] = scale * (q . rows[i]) for i < n: eight keys at a time, their dot
+ * products reduced together. */
+static void key_scores(const float *q, const float *const *rows, int n, int hd, float scale,
+                       float *s)
+{
+    int i = 0;
+#ifdef KERN_HAVE_AVX2
+    if (hd % 8 == 0)
+        for (; i + 8 <= n; i += 8) {
+            __m256 d[8];
+            for (int u = 0; u < 8; u++) {
+                const float *k = rows[i + u];
+                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
+                for (int e = 8; e < hd; e += 8)
+                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), acc);
+                d[u] = acc;
+            }
+            _mm256_storeu_ps(
+                s + i, _mm256_mul_ps(kern_hsum8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
+                                     _mm256_set1_ps(scale)));
+        }
+#endif
+    for (; i < n; i++) {
+        const float *k = rows[i];
+        float d = 0.0f;
+#pragma omp simd reduction(+ : d)
+        for (int e = 0; e < hd; e++)
+            d += q[e] * k[e];
+        s[i] = d * scale;
+    }
+}
+
 static void attend_row(const kern_attn_args *a, int kvh, int r)
 {
     const int hd = a->head_dim;
@@ -45,6 +77,7 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
     /* Where key j lives, walked block by block instead of dividing per key;
      * computed once per chunk and shared by K, V and every head of the group. */
     size_t off[KEY_CHUNK];
+    const float *krows[KEY_CHUNK];
     const int bs = a->blocks ? a->block_size : pos + 1;
     int blk = 0, in_blk = 0;
     for (int j0 = 0; j0 <= pos; j0 += KEY_CHUNK) {
@@ -53,6 +86,7 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
             const size_t row =
                 a->blocks ? (size_t)a->blocks[blk] * (size_t)bs + (size_t)in_blk : (size_t)j;
             off[j - j0] = row * (size_t)a->kv_stride + (size_t)kvh * hd;
+            krows[j - j0] = a->k + off[j - j0];
             if (++in_blk == bs) {
                 in_blk = 0;
                 blk++;
@@ -61,35 +95,7 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
         for (int g = 0; g < group; g++) {
             const float *q = qrow + (size_t)(kvh * group + g) * hd;
             float cmax = -INFINITY;
-            int j = j0;
-#ifdef KERN_HAVE_AVX2
-            /* Eight keys at a time: their eight dot products reduce together. */
-            if (hd % 8 == 0) {
-                const __m256 vscale = _mm256_set1_ps(scale);
-                for (; j + 8 <= j1; j += 8) {
-                    __m256 acc8[8];
-                    for (int u = 0; u < 8; u++) {
-                        const float *k = a->k + off[j - j0 + u];
-                        __m256 d = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
-                        for (int i = 8; i < hd; i += 8)
-                            d = _mm256_fmadd_ps(_mm256_loadu_ps(q + i), _mm256_loadu_ps(k + i), d);
-                        acc8[u] = d;
-                    }
-                    const __m256 d8 = _mm256_mul_ps(kern_hsum8(acc8[0], acc8[1], acc8[2], acc8[3],
-                                                               acc8[4], acc8[5], acc8[6], acc8[7]),
-                                                    vscale);
-                    _mm256_storeu_ps(&s[g][j - j0], d8);
-                }
-            }
-#endif
-            for (; j < j1; j++) {
-                const float *k = a->k + off[j - j0];
-                float d = 0.0f;
-#pragma omp simd reduction(+ : d)
-                for (int i = 0; i < hd; i++)
-                    d += q[i] * k[i];
-                s[g][j - j0] = d * scale;
-            }
+            key_scores(q, krows, j1 - j0, hd, scale, s[g]);
 #pragma omp simd reduction(max : cmax)
             for (int jj = 0; jj < j1 - j0; jj++)
                 cmax = s[g][jj] > cmax ? s[g][jj] : cmax;
@@ -199,35 +205,6 @@ typedef struct {
     float *part; /* per range and head: acc[head_dim], m, l */
 } split_job;
 
-/* Scores of keys rows[0..n) for head h's query q, times scale, into s. */
-static void split_scores(const float *q, const float *const *rows, int n, int hd, float scale,
-                         float *s)
-{
-    int i = 0;
-#ifdef KERN_HAVE_AVX2
-    if (hd % 8 == 0)
-        for (; i + 8 <= n; i += 8) {
-            __m256 d[8];
-            for (int u = 0; u < 8; u++) {
-                const float *k = rows[i + u];
-                __m256 acc = _mm256_mul_ps(_mm256_loadu_ps(q), _mm256_loadu_ps(k));
-                for (int e = 8; e < hd; e += 8)
-                    acc = _mm256_fmadd_ps(_mm256_loadu_ps(q + e), _mm256_loadu_ps(k + e), acc);
-                d[u] = acc;
-            }
-            _mm256_storeu_ps(
-                s + i, _mm256_mul_ps(kern_hsum8(d[0], d[1], d[2], d[3], d[4], d[5], d[6], d[7]),
-                                     _mm256_set1_ps(scale)));
-        }
-#endif
-    for (; i < n; i++) {
-        float d = 0.0f;
-        for (int e = 0; e < hd; e++)
-            d += q[e] * rows[i][e];
-        s[i] = d * scale;
-    }
-}
-
 static void split_task(void *ctx, int t, int n_tasks)
 {
     const split_job *j = ctx;
@@ -259,7 +236,7 @@ static void split_task(void *ctx, int t, int n_tasks)
                 const size_t off = (size_t)(h / group) * hd;
                 for (int u = 0; u < m; u++)
                     kh[u] = kr[i0 + u] + off;
-                split_scores(a->q + (size_t)h * hd, kh, m, hd, j->scale, s[h] + i0);
+                key_scores(a->q + (size_t)h * hd, kh, m, hd, j->scale, s[h] + i0);
             }
         }
         for (int h = 0; h < H; h++) {
