@@ -312,6 +312,29 @@ static void par_rmsnorm(const rt_model *m, rt_rank *rk, float *out, const float 
     par_rows(rk, &j);
 }
 
+/* gate = silu(gate) * up over rows of n. */
+static void par_swiglu(const rt_model *m, rt_rank *rk, float *gate, const float *up, int rows,
+                       int n)
+{
+    const rows_job j = {
+        .m = m, .op = ROWS_SWIGLU, .n = n, .out = gate, .x = gate, .y = up, .rows = rows};
+    par_rows(rk, &j);
+}
+
+/* RoPE in place on rows of n_heads heads. */
+static void par_rope(const rt_model *m, rt_rank *rk, float *x, const int32_t *pos, int rows,
+                     int n_heads)
+{
+    const rows_job j = {.m = m,
+                        .op = ROWS_ROPE,
+                        .n = n_heads * m->hp.head_dim,
+                        .n_heads = n_heads,
+                        .out = x,
+                        .pos = pos,
+                        .rows = rows};
+    par_rows(rk, &j);
+}
+
 /* Query rows of sequence b in the last layer. Only the last row of a sequence
  * that wants logits is read after it; every other row needs its K and V alone
  * (they go to the cache). A sequence with a compressed cache keeps every row:
@@ -387,24 +410,8 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
                 kern_add_f32(s->v + (size_t)t * kvd, L->bv, (size_t)kvd);
             }
         }
-        {
-            const rows_job jq = {.m = m,
-                                 .op = ROWS_ROPE,
-                                 .n = qd,
-                                 .n_heads = rk->n_h,
-                                 .out = s->q,
-                                 .pos = qpos,
-                                 .rows = Tq};
-            const rows_job jk = {.m = m,
-                                 .op = ROWS_ROPE,
-                                 .n = kvd,
-                                 .n_heads = rk->n_kvh,
-                                 .out = s->k,
-                                 .pos = m->pos,
-                                 .rows = T};
-            par_rows(rk, &jq);
-            par_rows(rk, &jk);
-        }
+        par_rope(m, rk, s->q, qpos, Tq, rk->n_h);
+        par_rope(m, rk, s->k, m->pos, T, rk->n_kvh);
 
         int row = 0, qrow = 0;
         for (int i = 0; i < n_seqs; i++) {
@@ -482,16 +489,7 @@ void rt_forward_rank(rt_model *m, rt_rank *rk)
             const rt_weight *const ws[2] = {&L->w_gate, &L->w_up};
             matmul_group(rk, s->xb, dim, Tq, dim, 2, ys, ld, ws, ld);
         }
-        {
-            const rows_job j = {.m = m,
-                                .op = ROWS_SWIGLU,
-                                .n = ffn,
-                                .out = s->gate,
-                                .x = s->gate,
-                                .y = s->up,
-                                .rows = Tq};
-            par_rows(rk, &j);
-        }
+        par_swiglu(m, rk, s->gate, s->up, Tq, ffn);
         matmul_residual(m, rk, s->x, s->proj, s->gate, ffn, &L->w_down, Tq, dim, ffn);
     }
 }
