@@ -70,8 +70,8 @@ void kern_matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int ldx
 void kern_matmul_f32_ldw(kern_pool *pool, float *y, int ldy, const float *x, int ldx,
                          const float *w, int ldw, int M, int N, int K);
 /* y += x W^T, otherwise as kern_matmul_f32_ldw: a projection added straight
- * into the residual stream (no product buffer, no separate add pass, and
- * sgemm skips zeroing its output). For decode-sized products (up to 32 rows)
+ * into the residual stream (no product buffer, no separate add pass, no
+ * zeroing of the output before sgemm accumulates). For decode-sized products (up to 32 rows)
  * the sums equal y + kern_matmul_f32_ldw's bit for bit; sgemm adds its
  * partial sums over K to y one block at a time, so there they differ by
  * rounding. */

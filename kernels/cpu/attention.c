@@ -59,6 +59,37 @@ static void key_scores(const float *q, const float *const *rows, int n, int hd, 
     }
 }
 
+/* One chunk's step of the online softmax: scores s[0..n) become the weights
+ * exp(s - m_new), and the running max *m, sum *l and accumulator acc[0..hd)
+ * move to m_new = max(*m, max s) (rescaled by exp(*m - m_new), 0 on the first
+ * chunk). */
+static void softmax_chunk(float *s, int n, float *m, float *l, float *acc, int hd)
+{
+    float cmax = -INFINITY;
+#pragma omp simd reduction(max : cmax)
+    for (int i = 0; i < n; i++)
+        cmax = s[i] > cmax ? s[i] : cmax;
+    const float m_new = cmax > *m ? cmax : *m;
+    const float corr = expf(*m - m_new);
+    int i = 0;
+#ifdef KERN_HAVE_AVX2
+    const __m256 vm = _mm256_set1_ps(m_new);
+    for (; i + 8 <= n; i += 8)
+        _mm256_storeu_ps(s + i, kern_exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(s + i), vm)));
+#endif
+    for (; i < n; i++)
+        s[i] = expf(s[i] - m_new);
+    float sum = 0.0f;
+#pragma omp simd reduction(+ : sum)
+    for (i = 0; i < n; i++)
+        sum += s[i];
+    *l = *l * corr + sum;
+    *m = m_new;
+    if (corr != 1.0f)
+        for (int e = 0; e < hd; e++)
+            acc[e] *= corr;
+}
+
 static void attend_row(const kern_attn_args *a, int kvh, int r)
 {
     const int hd = a->head_dim;
@@ -94,31 +125,8 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
         }
         for (int g = 0; g < group; g++) {
             const float *q = qrow + (size_t)(kvh * group + g) * hd;
-            float cmax = -INFINITY;
             key_scores(q, krows, j1 - j0, hd, scale, s[g]);
-#pragma omp simd reduction(max : cmax)
-            for (int jj = 0; jj < j1 - j0; jj++)
-                cmax = s[g][jj] > cmax ? s[g][jj] : cmax;
-            const float m_new = cmax > m[g] ? cmax : m[g];
-            const float corr = expf(m[g] - m_new); /* 0 on the first chunk */
-            l[g] *= corr;
-            for (int i = 0; i < hd; i++)
-                acc[g][i] *= corr;
-            /* The chunk's softmax weights, in place of its scores. */
-            int jx = 0;
-#ifdef KERN_HAVE_AVX2
-            const __m256 vm = _mm256_set1_ps(m_new);
-            for (; jx + 8 <= j1 - j0; jx += 8)
-                _mm256_storeu_ps(&s[g][jx],
-                                 kern_exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(&s[g][jx]), vm)));
-#endif
-            for (; jx < j1 - j0; jx++)
-                s[g][jx] = expf(s[g][jx] - m_new);
-            float lsum = 0.0f;
-#pragma omp simd reduction(+ : lsum)
-            for (int jj = 0; jj < j1 - j0; jj++)
-                lsum += s[g][jj];
-            l[g] += lsum;
+            softmax_chunk(s[g], j1 - j0, &m[g], &l[g], acc[g], hd);
             int jv = j0;
 #ifdef KERN_HAVE_AVX2
             /* Head dims that are whole vectors: the accumulator stays in registers for
@@ -161,7 +169,6 @@ static void attend_row(const kern_attn_args *a, int kvh, int r)
                 for (int i = 0; i < hd; i++)
                     acc[g][i] += p * v[i];
             }
-            m[g] = m_new;
         }
     }
     float *orow = a->out + (size_t)r * a->n_heads * hd;
@@ -240,28 +247,8 @@ static void split_task(void *ctx, int t, int n_tasks)
             }
         }
         for (int h = 0; h < H; h++) {
-            float *acc = part + (size_t)h * ps, *mh = acc + hd, *lh = acc + hd + 1;
-            float mx = -INFINITY;
-            for (int i = 0; i < n; i++)
-                mx = s[h][i] > mx ? s[h][i] : mx;
-            const float m_new = mx > *mh ? mx : *mh;
-            const float corr = expf(*mh - m_new); /* 0 on the first chunk */
-            int i = 0;
-#ifdef KERN_HAVE_AVX2
-            for (; i + 8 <= n; i += 8)
-                _mm256_storeu_ps(s[h] + i, kern_exp256_neg(_mm256_sub_ps(_mm256_loadu_ps(s[h] + i),
-                                                                         _mm256_set1_ps(m_new))));
-#endif
-            for (; i < n; i++)
-                s[h][i] = expf(s[h][i] - m_new);
-            float sum = 0.0f;
-            for (i = 0; i < n; i++)
-                sum += s[h][i];
-            *lh = *lh * corr + sum;
-            *mh = m_new;
-            if (corr != 1.0f)
-                for (int e = 0; e < hd; e++)
-                    acc[e] *= corr;
+            float *acc = part + (size_t)h * ps;
+            softmax_chunk(s[h], n, acc + hd, acc + hd + 1, acc, hd);
         }
         /* The weighted values, row after row. */
         for (int i = 0; i < n; i++)

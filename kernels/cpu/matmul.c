@@ -198,7 +198,7 @@ typedef struct {
     float *y;
     const float *x, *w;
     int M, N, K, ldx, ldy, ldw, per;
-    float beta; /* 1: y += x W^T */
+    bool acc; /* y += x W^T instead of y = */
 } gemm_job;
 
 static void gemm_task(void *ctx, int t, int n_tasks)
@@ -209,7 +209,7 @@ static void gemm_task(void *ctx, int t, int n_tasks)
     /* Zeroing the slice here and accumulating costs less than OpenBLAS's own
      * pass for beta 0 (sgemm_beta, ~1.5% of a prefill's samples; with memset
      * the 1499-token f32 prefill is 0.3-1.7% faster, four alternations). */
-    if (g->beta == 0.0f)
+    if (!g->acc)
         for (int m = 0; m < g->M; m++)
             memset(g->y + (size_t)m * g->ldy + n0, 0, sizeof(float) * (size_t)(n1 - n0));
     cblas_sgemm(CblasRowMajor, CblasNoTrans, CblasTrans, g->M, n1 - n0, g->K, 1.0f, g->x, g->ldx,
@@ -247,7 +247,7 @@ static void matmul_f32(kern_pool *pool, float *y, int ldy, const float *x, int l
     /* One slice of W's rows per thread, in multiples of 16 (OpenBLAS's
      * register blocking): each thread packs its own slice and all of x. */
     const int threads = kern_pool_size(pool);
-    gemm_job g = {y, x, w, M, N, K, ldx, ldy, ldw, N, acc ? 1.0f : 0.0f};
+    gemm_job g = {y, x, w, M, N, K, ldx, ldy, ldw, N, acc};
     if (threads > 1 && N >= 32)
         g.per = ((N + threads - 1) / threads + 15) / 16 * 16;
     kern_pool_run(pool, gemm_task, &g, (N + g.per - 1) / g.per);
